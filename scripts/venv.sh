@@ -1,0 +1,13 @@
+# Sourced by the scripts below: make ./.venv with the tested versions, once.
+# The pinned torch is the CPU build where it is installable; see constraints.txt.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import lit_rlhf, pytest" 2>/dev/null \
+   || [ constraints.txt -nt .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -c constraints.txt torch
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+  touch .venv/.installed
+fi
+export PATH="$PWD/.venv/bin:$PATH"

@@ -1,0 +1,3 @@
+from lit_rlhf.cli import main
+
+main()

@@ -1,0 +1,36 @@
+"""Shared fixtures: everything offline, tiny and CPU-only."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep the demo cache (corpus + tokenizer) out of the user's home and shared by the session;
+# subprocesses (DDP, CLI) inherit it.
+os.environ.setdefault("LIT_RLHF_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "lit_rlhf"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_LLAMA = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="session")
+def demo():
+    from lit_rlhf.demo import prepare_demo
+
+    return prepare_demo()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(demo):
+    from lit_rlhf.models import load_tokenizer
+
+    return load_tokenizer(str(demo.tokenizer_dir))

@@ -1,0 +1,50 @@
+"""Callbacks: throughput and what else observes training without steering it."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+
+class TokenThroughput(L.Callback):
+    """Logs ``train/tokens_per_s``: input tokens per wall-clock second, all ranks together.
+
+    Measured between consecutive batch ends, so it includes data loading and the optimizer
+    step, and averaged over ``window`` steps to smooth out noise.
+    """
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._times: list[float] = []
+        self._tokens: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._times, self._tokens = [time.perf_counter()], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._times.append(time.perf_counter())
+        self._tokens.append(int(batch["input_ids"].numel()) * trainer.world_size)
+        self._times, self._tokens = self._times[-self.window - 1 :], self._tokens[-self.window :]
+        elapsed = self._times[-1] - self._times[0]
+        if elapsed > 0:
+            pl_module.log("train/tokens_per_s", sum(self._tokens) / elapsed, rank_zero_only=True)
+
+
+def check_finite(name: str, value: torch.Tensor, step: int) -> None:
+    """Stop the run on a NaN/inf loss before it reaches the weights.
+
+    Raising (rather than ``trainer.should_stop``) matters: a graceful stop would still run
+    validation and save a checkpoint of the broken model; an exception leaves the last good
+    checkpoint as the newest one. Costs one device-to-host sync per step.
+    """
+    if not torch.isfinite(value).all():
+        raise NonFiniteLossError(
+            f"{name} is {value.detach().float().flatten()[0].item()} at step {step}: stopping; "
+            "the last good checkpoint is kept (lower the learning rate or check the data)"
+        )
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or reward became NaN or infinite."""

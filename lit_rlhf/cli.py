@@ -1,0 +1,104 @@
+"""The command line: one LightningCLI for every stage, chosen by the config's class paths.
+
+    python train.py fit -c configs/sft/base.yaml -c configs/sft/demo.yaml
+    lit-rlhf fit -c configs/sft/gpt-neox-20b-imdb.yaml --trainer.devices=8
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from lit_rlhf.callbacks import NonFiniteLossError
+
+
+def _default_precision() -> str:
+    # bf16 mixed precision wherever the GPU supports it; CPUs default to full fp32.
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+class LitRLHFCLI(LightningCLI):
+    """LightningCLI with the data <-> model links every stage needs."""
+
+    def before_instantiate_classes(self) -> None:
+        # The module checks the data's chunk length against the model's positions at
+        # construction, before any weights load.
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        model_args, data_args = config.model.init_args, config.data.init_args
+        if "seq_length" in model_args and "seq_length" in data_args and model_args.seq_length is None:
+            model_args.seq_length = data_args.seq_length
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The datamodule tokenizes with the model's tokenizer (one source of truth).
+        if getattr(self.datamodule, "tokenizer", "absent") is None:
+            self.datamodule.tokenizer = self.model.tokenizer
+
+
+def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
+    """The config files ``path`` builds on (its ``config:`` key, relative to it), then itself."""
+    import yaml
+
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"config include cycle: {' -> '.join(map(str, (*seen, path)))}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    base = (yaml.safe_load(path.read_text()) or {}).get("config")
+    bases = [base] if isinstance(base, str) else list(base or [])
+    files = [f for b in bases for f in _includes(path.parent / b, (*seen, path))]
+    return [*files, str(path)]
+
+
+def expand_config_includes(args: list[str]) -> list[str]:
+    """``-c recipe.yaml`` whose file says ``config: base.yaml`` -> ``-c base.yaml -c recipe.yaml``.
+
+    Recipes are a base plus a small overlay. jsonargparse honours a nested ``config:`` key
+    only outside subcommands, so the CLI expands it here, before parsing.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        # Not a file: an inline YAML string, or a typo that jsonargparse reports.
+        files = _includes(Path(value)) if Path(value).is_file() else [value]
+        for path in files:
+            out += ["--config", path]
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``python train.py`` and the ``lit-rlhf`` console script."""
+    try:
+        args = expand_config_includes(sys.argv[1:] if args is None else list(args))
+        LitRLHFCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={"precision": _default_precision()},
+            # Re-running into the same log dir must not crash on an existing config.yaml.
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except (NonFiniteLossError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("LIT_RLHF_DEBUG"):
+            raise
+        # Bad input and diverged runs end with one readable line, not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2 if not isinstance(err, NonFiniteLossError) else 1)

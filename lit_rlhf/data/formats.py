@@ -1,0 +1,94 @@
+"""Reading rows with `datasets` and turning them into training text.
+
+Sources: a hub dataset name, or local json/jsonl/csv/parquet/txt files or a directory of
+them — the same code path, so local files of a hub dataset's schema test the real loader.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_rows(
+    path: str,
+    *,
+    split: str = "train",
+    name: str | None = None,
+    data_files: str | list[str] | dict | None = None,
+    streaming: bool = False,
+    revision: str | None = None,
+):
+    """Load one split as a ``datasets.Dataset`` (or ``IterableDataset`` when streaming).
+
+    Args:
+        path: hub dataset name, a local data file, or a local directory of data files.
+        split: split name; local single files only have ``train``.
+        data_files: passed to ``load_dataset`` for hub/builder datasets.
+    """
+    import datasets
+
+    local = Path(path)
+    if local.suffix in _BUILDERS or path.startswith((".", "/", "~")):
+        local = local.expanduser()
+        if not local.exists():
+            raise FileNotFoundError(f"data file not found: {path}")
+    if local.is_file():
+        if local.suffix not in _BUILDERS:
+            raise ValueError(f"{path}: unknown data file type {local.suffix!r}; use one of {sorted(_BUILDERS)}")
+        builder = _BUILDERS[local.suffix]
+        return datasets.load_dataset(builder, data_files={split: str(local)}, split=split, streaming=streaming)
+    return datasets.load_dataset(
+        path, name, split=split, data_files=data_files, streaming=streaming, revision=revision
+    )
+
+
+class TextFormatter:
+    """Turns a row into training text, or into a ``(prompt, completion)`` pair.
+
+    ``template`` is a ``str.format`` pattern over the row's fields, e.g. the Stack Exchange
+    paired schema ``"Question: {question}\\n\\nAnswer: {response_j}"``. Without a template the
+    text is ``row[text_field]``. With ``completion_template`` the row becomes a pair and only
+    the completion is trained on.
+    """
+
+    def __init__(
+        self, text_field: str = "text", template: str | None = None, completion_template: str | None = None
+    ) -> None:
+        if completion_template is not None and template is None:
+            raise ValueError("completion_template needs a (prompt) template")
+        self.text_field = text_field
+        self.template = template
+        self.completion_template = completion_template
+
+    @property
+    def fields(self) -> list[str]:
+        """The row fields this formatter reads."""
+        if self.template is None:
+            return [self.text_field]
+        names = []
+        for pattern in (self.template, self.completion_template or ""):
+            names += [f for _, f, _, _ in string.Formatter().parse(pattern) if f and f not in names]
+        return names
+
+    @property
+    def completion_only(self) -> bool:
+        return self.completion_template is not None
+
+    def check_columns(self, columns, source: str) -> None:
+        """Raise a one-line error naming the fields ``source`` lacks."""
+        if columns is None:  # some streaming datasets do not know their columns up front
+            return
+        missing = [f for f in self.fields if f not in columns]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {missing}; columns are {list(columns)}")
+
+    def __call__(self, row: dict) -> str | tuple[str, str]:
+        if self.template is None:
+            return row[self.text_field]
+        prompt = self.template.format(**row)
+        if self.completion_template is None:
+            return prompt
+        return prompt, self.completion_template.format(**row)

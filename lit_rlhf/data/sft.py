@@ -1,0 +1,137 @@
+"""SFTDataModule: rows from `datasets` -> packed, constant-length chunks."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lit_rlhf.data.formats import TextFormatter, load_rows
+from lit_rlhf.data.packing import ConstantLengthDataset, pack_collate
+
+DEMO = "demo"
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Packed causal-LM data for SFT.
+
+    Every batch is ``{"input_ids", "labels", "position_ids"}`` of shape (batch_size,
+    seq_length): documents joined by EOS, no padding, position ids restarting per document
+    so attention stays inside each document.
+    """
+
+    def __init__(
+        self,
+        path: str = DEMO,
+        seq_length: int = 512,
+        batch_size: int = 8,
+        text_field: str = "text",
+        template: str | None = None,
+        completion_template: str | None = None,
+        name: str | None = None,
+        data_files: str | list[str] | dict | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        val_size: int = 500,
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+        seed: int = 0,
+        revision: str | None = None,
+        tokenizer=None,
+    ) -> None:
+        """
+        Args:
+            path: ``"demo"`` (offline demo reviews), a hub dataset name, or local
+                json/jsonl/csv/parquet/txt file(s) or directory.
+            seq_length: tokens per packed chunk.
+            batch_size: chunks per batch, per device.
+            text_field: row field with the text, when no template is given.
+            template: ``str.format`` pattern over row fields, e.g.
+                ``"Question: {question}\\n\\nAnswer: {response_j}"``.
+            completion_template: with ``template`` as the prompt, the part trained on
+                (completion-only loss: prompt tokens get no loss).
+            name: hub dataset config name.
+            data_files: ``data_files`` for ``load_dataset`` (hub or builder datasets).
+            train_split: split to train on.
+            val_split: split to validate on; None carves ``val_size`` rows off the train split.
+            val_size: rows held out for validation when ``val_split`` is None.
+            streaming: stream the train split (infinite packing; set ``trainer.max_steps``).
+            shuffle_buffer: chunks shuffled through a buffer of this size (0: off).
+            num_workers: dataloader workers per device.
+            seed: shuffling and split seed.
+            revision: hub dataset revision.
+            tokenizer: the model's tokenizer; linked from the module by the CLI.
+        """
+        super().__init__()
+        if seq_length < 2:
+            raise ValueError(f"data.seq_length must be >= 2, got {seq_length}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.formatter = TextFormatter(text_field, template, completion_template)
+        self.train_set: ConstantLengthDataset | None = None
+        self.val_set: ConstantLengthDataset | None = None
+
+    def _splits(self):
+        hp = self.hparams
+        if hp.path == DEMO:
+            from lit_rlhf.demo import prepare_demo
+
+            demo = prepare_demo()
+            return load_rows(str(demo.train_file)), load_rows(str(demo.val_file)), str(demo.root)
+        kwargs = dict(name=hp.name, data_files=hp.data_files, revision=hp.revision)
+        train = load_rows(hp.path, split=hp.train_split, streaming=hp.streaming, **kwargs)
+        if hp.val_split is not None:
+            val = load_rows(hp.path, split=hp.val_split, **kwargs)
+        elif hp.streaming:
+            val = train.take(hp.val_size)
+            train = train.skip(hp.val_size)
+        else:
+            if len(train) <= hp.val_size:
+                raise ValueError(
+                    f"{hp.path}: {len(train)} rows, not enough to hold out val_size={hp.val_size}"
+                )
+            parts = train.train_test_split(test_size=hp.val_size, seed=hp.seed)
+            train, val = parts["train"], parts["test"]
+        return train, val, hp.path
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("SFTDataModule needs a tokenizer (the CLI links it from the model)")
+        hp = self.hparams
+        train, val, source = self._splits()
+        for rows, split in ((train, "train"), (val, "val")):
+            self.formatter.check_columns(rows.column_names, f"{source} [{split}]")
+        common = dict(
+            tokenizer=self.tokenizer,
+            seq_length=hp.seq_length,
+            format_fn=self.formatter,
+            completion_only=self.formatter.completion_only,
+        )
+        self.train_set = ConstantLengthDataset(
+            train, infinite=hp.streaming, shuffle_buffer=hp.shuffle_buffer, seed=hp.seed, **common
+        )
+        self.val_set = ConstantLengthDataset(val, **common)
+        # Finite mode: one tokenization pass now, so bad rows and too-short data fail here,
+        # before any model weights load, and len() is exact for the LR schedule.
+        if not hp.streaming:
+            len(self.train_set)
+        len(self.val_set)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def _loader(self, dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=pack_collate,
+            persistent_workers=False,
+        )

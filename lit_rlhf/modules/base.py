@@ -1,0 +1,69 @@
+"""What every stage's LightningModule shares: loading, trainable-only checkpoints, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_rlhf.models import (
+    ModelConfig,
+    load_model,
+    load_tokenizer,
+    save_pretrained_atomic,
+    trainable_parameters,
+)
+from lit_rlhf.optim import OptimConfig, build_optimizer
+
+
+class HFModule(L.LightningModule):
+    """A LightningModule around one transformers model built from a :class:`ModelConfig`.
+
+    The tokenizer loads at construction (cheap, and the datamodule needs it); the weights
+    load in :meth:`configure_model`, once the Trainer knows each rank's device, because
+    quantized weights cannot be moved after loading.
+    """
+
+    task = "causal_lm"
+
+    def __init__(self, lm: ModelConfig, optim: OptimConfig | None = None) -> None:
+        super().__init__()
+        self.lm_config = lm
+        self.optim_config = optim or OptimConfig()
+        self.tokenizer = load_tokenizer(lm.tokenizer, trust_remote_code=lm.trust_remote_code)
+        self.model = None
+        # With adapters, checkpoints hold only trainable weights (see on_save_checkpoint).
+        self.strict_loading = lm.lora is None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.model = load_model(self.lm_config, self.tokenizer, task=self.task, device=device)
+        trainable, total = trainable_parameters(self.model)
+        rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters")
+
+    def configure_optimizers(self):
+        return build_optimizer(
+            self.parameters(), self.optim_config, int(self.trainer.estimated_stepping_batches)
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A LoRA checkpoint of a 20B base should be megabytes, not the frozen 20B weights.
+        if self.lm_config.lora is not None:
+            keep = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @property
+    def export_dir(self) -> Path:
+        """``<log dir>/adapter`` for LoRA runs, ``<log dir>/model`` for full fine-tuning."""
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return root / ("adapter" if self.lm_config.lora is not None else "model")
+
+    def on_train_end(self) -> None:
+        path = self.export_dir  # trainer.log_dir is a collective under DDP: every rank asks
+        if self.trainer.is_global_zero:
+            # peft writes the adapter in its standard format (PeftModel.from_pretrained loads it).
+            save_pretrained_atomic(self.model, path, self.tokenizer)
+            rank_zero_info(f"saved {path}")

@@ -1,0 +1,79 @@
+"""SFTModule: causal-LM fine-tuning on packed chunks."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MeanMetric
+
+from lit_rlhf.callbacks import check_finite
+from lit_rlhf.losses import causal_lm_loss
+from lit_rlhf.models import ModelConfig, max_positions
+from lit_rlhf.modules.base import HFModule
+from lit_rlhf.optim import OptimConfig
+
+
+class SFTModule(HFModule):
+    """Supervised fine-tuning of a causal LM (full or LoRA, optionally quantized).
+
+    Batches are ``{"input_ids", "labels", "position_ids"}`` of shape (B, T) from
+    :class:`~lit_rlhf.data.SFTDataModule`. Logs ``train/loss``, ``val/loss``, ``val/ppl``
+    and ``val/token_acc``; the adapter (or full model) is saved at the end of fit.
+    """
+
+    def __init__(
+        self, lm: ModelConfig, optim: OptimConfig | None = None, seq_length: int | None = None
+    ) -> None:
+        """
+        Args:
+            lm: the model to fine-tune.
+            optim: optimizer and schedule.
+            seq_length: chunk length of the data; checked against the model's positions
+                before any weights load (the CLI links it from ``data.seq_length``).
+        """
+        super().__init__(lm, optim)
+        self.save_hyperparameters()
+        if seq_length is not None:
+            limit = max_positions(lm.architecture(self.tokenizer))
+            if limit is not None and seq_length > limit:
+                raise ValueError(
+                    f"data.seq_length={seq_length} exceeds the model's {limit} positions ({lm.name_or_path or lm.arch})"
+                )
+        self.val_loss = MeanMetric()
+        self.val_acc = MeanMetric()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits.
+
+        With ``attention_mask=None`` and no cache, transformers reads document boundaries
+        from ``position_ids`` (where they do not increase by 1) and keeps attention inside
+        each packed document.
+        """
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        stats = causal_lm_loss(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
+        check_finite("train/loss", stats.loss, self.global_step)
+        self.log("train/loss", stats.loss, prog_bar=True)
+        return stats.loss
+
+    def on_train_epoch_start(self) -> None:
+        # Iterable datasets get no sampler.set_epoch from Lightning: reshuffle here.
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        stats = causal_lm_loss(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
+        n = stats.n_tokens.clamp(min=1).float()
+        # Token-weighted means, reduced across ranks by torchmetrics.
+        self.val_loss.update(stats.loss.detach(), weight=n)
+        self.val_acc.update(stats.n_correct.float() / n, weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict(
+            {"val/loss": loss, "val/ppl": loss.exp(), "val/token_acc": self.val_acc.compute()},
+            prog_bar=True,
+        )
+        self.val_loss.reset()
+        self.val_acc.reset()

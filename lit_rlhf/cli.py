@@ -85,7 +85,11 @@ def expand_config_includes(args: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python train.py`` and the ``lit-rlhf`` console script."""
     try:
-        args = expand_config_includes(sys.argv[1:] if args is None else list(args))
+        if args is None:
+            # LightningCLI reads sys.argv (and warns when given both it and `args`).
+            sys.argv[1:] = expand_config_includes(sys.argv[1:])
+        else:
+            args = expand_config_includes(list(args))
         LitRLHFCLI(
             L.LightningModule,
             L.LightningDataModule,

@@ -1,0 +1,7 @@
+"""Data: packing, formats and datamodules."""
+
+from lit_rlhf.data.packing import ConstantLengthDataset
+from lit_rlhf.data.preference import PreferenceDataModule
+from lit_rlhf.data.sft import SFTDataModule
+
+__all__ = ["ConstantLengthDataset", "PreferenceDataModule", "SFTDataModule"]

@@ -1,0 +1,6 @@
+"""The LightningModules of the RLHF stages."""
+
+from lit_rlhf.modules.reward import RewardModule
+from lit_rlhf.modules.sft import SFTModule
+
+__all__ = ["RewardModule", "SFTModule"]

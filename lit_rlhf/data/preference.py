@@ -1,0 +1,317 @@
+"""Preference pairs for reward modelling: schemas, tokenization, length-grouped batches.
+
+Supported schemas (``schema="auto"`` picks by columns):
+
+* ``explicit``: ``{prompt, chosen, rejected}``; the texts scored are prompt + chosen and
+  prompt + rejected;
+* ``implicit``: ``{chosen, rejected}`` holding whole conversations (Anthropic HH style);
+* ``stack_exchange``: ``{question, response_j, response_k}`` with ``response_j`` preferred,
+  formatted ``"Question: {question}\\n\\nAnswer: {response}"``.
+
+A batch of B pairs is one tensor of 2B sequences, chosen first then rejected, so the reward
+model scores both sides in one forward pass (two passes break DDP with gradient
+checkpointing: parameters would be "marked ready twice").
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lit_rlhf.data.formats import load_rows
+
+Schema = Literal["auto", "explicit", "implicit", "stack_exchange"]
+SCHEMA_FIELDS = {
+    "explicit": ("prompt", "chosen", "rejected"),
+    "stack_exchange": ("question", "response_j", "response_k"),
+    "implicit": ("chosen", "rejected"),
+}
+STACK_EXCHANGE_TEMPLATE = "Question: {question}\n\nAnswer: {response}"
+DEMO = "demo"
+
+
+def detect_schema(columns, source: str) -> str:
+    """The first schema (most specific first) whose fields are all among ``columns``."""
+    for schema, fields in SCHEMA_FIELDS.items():
+        if all(f in columns for f in fields):
+            return schema
+    expected = "; ".join(f"{s}: {list(f)}" for s, f in SCHEMA_FIELDS.items())
+    raise ValueError(f"{source}: columns {list(columns)} match no preference schema ({expected})")
+
+
+def pair_texts(row: dict, schema: str) -> tuple[str, str]:
+    """(chosen text, rejected text) of one row."""
+    if schema == "explicit":
+        return row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]
+    if schema == "implicit":
+        return row["chosen"], row["rejected"]
+    q = row["question"]
+    return (
+        STACK_EXCHANGE_TEMPLATE.format(question=q, response=row["response_j"]),
+        STACK_EXCHANGE_TEMPLATE.format(question=q, response=row["response_k"]),
+    )
+
+
+def row_problem(row: dict, schema: str) -> str | None:
+    """Why a row cannot be a training pair, or None if it can."""
+    for field in SCHEMA_FIELDS[schema]:
+        value = row[field]
+        if not isinstance(value, str):
+            return f"field {field!r} is {type(value).__name__}, not a string"
+        if field != "prompt" and not value.strip():
+            return f"field {field!r} is empty"
+    chosen, rejected = pair_texts(row, schema)
+    if chosen == rejected:
+        return "chosen and rejected are identical"
+    return None
+
+
+class PairDataset(Dataset):
+    """Tokenized pairs; ``self.stats`` counts what was kept, truncated, dropped, skipped."""
+
+    def __init__(
+        self,
+        rows,
+        tokenizer,
+        *,
+        schema: Schema = "auto",
+        max_length: int = 512,
+        too_long: Literal["drop", "truncate"] = "drop",
+        on_bad_row: Literal["error", "skip"] = "error",
+        margin_field: str | None = None,
+        source: str = "data",
+    ) -> None:
+        columns = rows.column_names
+        self.schema = detect_schema(columns, source) if schema == "auto" else schema
+        missing = [f for f in SCHEMA_FIELDS[self.schema] + ((margin_field,) if margin_field else ()) if f not in columns]
+        if missing:
+            raise ValueError(f"{source}: missing column(s) {missing} for schema {self.schema!r}; columns are {list(columns)}")
+        self.pairs: list[tuple[list[int], list[int], float]] = []
+        self.stats = {"pairs": 0, "truncated": 0, "dropped_too_long": 0, "skipped_bad": 0}
+        good_rows, texts = [], []
+        for i, row in enumerate(rows):
+            problem = row_problem(row, self.schema)
+            if problem is not None:
+                if on_bad_row == "error":
+                    raise ValueError(f"{source} row {i}: {problem} (set on_bad_row: skip to skip such rows)")
+                self.stats["skipped_bad"] += 1
+                continue
+            good_rows.append(row)
+            texts.extend(pair_texts(row, self.schema))
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        for k, row in enumerate(good_rows):
+            chosen, rejected = ids[2 * k], ids[2 * k + 1]
+            if max(len(chosen), len(rejected)) > max_length:
+                if too_long == "drop":
+                    self.stats["dropped_too_long"] += 1
+                    continue
+                chosen, rejected = chosen[:max_length], rejected[:max_length]
+                self.stats["truncated"] += 1
+                if chosen == rejected:  # truncation cut away the only difference
+                    self.stats["dropped_too_long"] += 1
+                    continue
+            margin = float(row[margin_field]) if margin_field else 0.0
+            self.pairs.append((chosen, rejected, margin))
+        self.stats["pairs"] = len(self.pairs)
+        if not self.pairs:
+            raise ValueError(f"{source}: no usable preference pairs ({self.stats})")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        # The batch sampler hands over a whole batch of indices at once (see PairBatches).
+        return [self.pairs[i] for i in index]
+
+    def lengths(self) -> list[int]:
+        return [max(len(c), len(r)) for c, r, _ in self.pairs]
+
+
+class PairBatches(Sampler[list[int]]):
+    """Batches of pair indices with similar lengths, so little of each batch is padding.
+
+    Indices are shuffled, cut into mega-batches of ``batch_size * group`` pairs, each sorted
+    by length and cut into batches; batch order is shuffled again. Under DDP each rank takes
+    every ``world_size``-th batch and all ranks get the same number of batches.
+
+    It is handed to the DataLoader as ``sampler`` (with ``batch_size=None``) rather than
+    ``batch_sampler``: Lightning then leaves it alone instead of swapping in a
+    DistributedSampler, which would undo the grouping.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, group: int = 50):
+        self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
+        self.seed, self.group, self.epoch = seed, group, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rank_world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        mega = self.batch_size * self.group
+        batches = []
+        for start in range(0, len(order), mega):
+            block = sorted(order[start : start + mega], key=lambda i: self.lengths[i])
+            batches += [block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        rank, world = self._rank_world()
+        batches = self._batches()
+        per_rank = len(batches) // world if world > 1 else len(batches)
+        return iter(batches[rank::world][:per_rank])
+
+    def __len__(self) -> int:
+        n = math.ceil(len(self.lengths) / self.batch_size) if self.lengths else 0
+        _, world = self._rank_world()
+        return n // world if world > 1 else n
+
+
+def collate_pairs(pairs: list[tuple[list[int], list[int], float]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad B pairs into one batch of 2B sequences.
+
+    Returns:
+        input_ids, attention_mask: (2B, T), rows 0..B-1 chosen, B..2B-1 rejected.
+        margin: (B,) float.
+    """
+    seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, : len(s)] = 1
+    margin = torch.tensor([m for _, _, m in pairs], dtype=torch.float)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+
+
+class _Collate:
+    """Picklable collate for DataLoader workers."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, pairs):
+        return collate_pairs(pairs, self.pad_id)
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs from the demo, the hub or local files, batched for one forward pass."""
+
+    def __init__(
+        self,
+        path: str = DEMO,
+        schema: Schema = "auto",
+        max_length: int = 512,
+        too_long: Literal["drop", "truncate"] = "drop",
+        on_bad_row: Literal["error", "skip"] = "error",
+        margin_field: str | None = None,
+        batch_size: int = 4,
+        name: str | None = None,
+        data_files: str | list[str] | dict | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        val_size: int = 500,
+        max_train_pairs: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        revision: str | None = None,
+        tokenizer=None,
+    ) -> None:
+        """
+        Args:
+            path: ``"demo"`` (offline pairs labelled by the demo judge), a hub dataset name,
+                or local json/jsonl/csv/parquet file(s) or directory.
+            schema: ``explicit``, ``implicit``, ``stack_exchange``, or ``auto`` (by columns).
+            max_length: longest tokenized side of a pair.
+            too_long: ``drop`` pairs with a side over ``max_length``, or ``truncate`` them.
+            on_bad_row: ``error`` on an empty/non-string/identical pair, naming the row, or
+                ``skip`` it (counted and logged).
+            margin_field: column with a per-pair margin for the loss; None for no margin.
+            batch_size: pairs per batch per device (2x sequences per forward pass).
+            name: hub dataset config name.
+            data_files: ``data_files`` for ``load_dataset`` (e.g. ``data/reward/*.parquet``).
+            train_split: split to train on.
+            val_split: split to validate on; None holds out ``val_size`` train rows.
+            val_size: rows held out when ``val_split`` is None.
+            max_train_pairs: use at most this many training rows (quick experiments).
+            num_workers: dataloader workers per device.
+            seed: split and shuffling seed.
+            revision: hub dataset revision.
+            tokenizer: the model's tokenizer; linked from the module by the CLI.
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2, got {max_length}")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.train_set: PairDataset | None = None
+        self.val_set: PairDataset | None = None
+
+    def _splits(self):
+        hp = self.hparams
+        if hp.path == DEMO:
+            from lit_rlhf.demo import prepare_demo
+
+            demo = prepare_demo()
+            return load_rows(str(demo.pairs_train_file)), load_rows(str(demo.pairs_val_file)), "demo pairs"
+        kwargs = dict(name=hp.name, data_files=hp.data_files, revision=hp.revision)
+        train = load_rows(hp.path, split=hp.train_split, **kwargs)
+        if hp.val_split is not None:
+            return train, load_rows(hp.path, split=hp.val_split, **kwargs), hp.path
+        if len(train) <= hp.val_size:
+            raise ValueError(f"{hp.path}: {len(train)} rows, not enough to hold out val_size={hp.val_size}")
+        parts = train.train_test_split(test_size=hp.val_size, seed=hp.seed)
+        return parts["train"], parts["test"], hp.path
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("PreferenceDataModule needs a tokenizer (the CLI links it from the model)")
+        hp = self.hparams
+        train, val, source = self._splits()
+        if hp.max_train_pairs is not None:
+            train = train.select(range(min(hp.max_train_pairs, len(train))))
+        common = dict(schema=hp.schema, max_length=hp.max_length, too_long=hp.too_long,
+                      on_bad_row=hp.on_bad_row, margin_field=hp.margin_field)
+        self.train_set = PairDataset(train, self.tokenizer, source=f"{source} [train]", **common)
+        self.val_set = PairDataset(val, self.tokenizer, source=f"{source} [val]", **common)
+        for split, ds in (("train", self.train_set), ("val", self.val_set)):
+            rank_zero_info(f"{source} [{split}] schema={ds.schema}: {ds.stats}")
+        if self.trainer is not None and self.trainer.logger is not None:
+            self.trainer.logger.log_metrics(
+                {f"data/{split}_{k}": v for split, ds in (("train", self.train_set), ("val", self.val_set))
+                 for k, v in ds.stats.items()}, step=0
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def _loader(self, dataset: PairDataset, shuffle: bool) -> DataLoader:
+        sampler = PairBatches(dataset.lengths(), self.hparams.batch_size, shuffle, self.hparams.seed)
+        # Lightning calls sampler.set_epoch(epoch) each epoch, reshuffling the batches.
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.hparams.num_workers,
+                          collate_fn=_Collate(self.tokenizer.pad_token_id))

@@ -1,0 +1,114 @@
+"""RewardModule: a scalar reward model trained on preference pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_rlhf.callbacks import check_finite
+from lit_rlhf.export import merge_adapter
+from lit_rlhf.losses import pairwise_loss
+from lit_rlhf.metrics import PairMetrics
+from lit_rlhf.models import ModelConfig, save_pretrained_atomic
+from lit_rlhf.modules.base import HFModule
+from lit_rlhf.optim import OptimConfig
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B, T) positions counting real tokens only.
+
+    Left-padded rows then get the same positions as unpadded ones; padded slots get 0.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class RewardModule(HFModule):
+    """Reward model: a one-output sequence classifier scored at the last non-pad token.
+
+    Batches are ``{"input_ids", "attention_mask": (2B, T), "margin": (B,)}`` from
+    :class:`~lit_rlhf.data.PreferenceDataModule`: chosen rows first, rejected after, all
+    scored in one forward pass. Logs loss, accuracy, margin and reward mean/std for train and
+    val; at the end of fit exports a merged HF model to ``<log dir>/export``.
+    """
+
+    task = "seq_cls"
+
+    def __init__(self, lm: ModelConfig, optim: OptimConfig | None = None, center_coef: float = 0.0) -> None:
+        """
+        Args:
+            lm: the model; with LoRA the score head is trained and saved with the adapter.
+            optim: optimizer and schedule.
+            center_coef: reward centering weight ``c`` in ``c * mean((r_c + r_r)^2)`` (0: off).
+        """
+        super().__init__(lm, optim)
+        if center_coef < 0:
+            raise ValueError(f"model.center_coef must be >= 0, got {center_coef}")
+        self.save_hyperparameters()
+        self.center_coef = center_coef
+        self.train_metrics = PairMetrics()
+        self.val_metrics = PairMetrics()
+        self.last_val: dict[str, float] = {}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, T) ids and mask -> (N,) scores, read at each row's last non-pad token."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        return out.logits.squeeze(-1).float()
+
+    def _pair_step(self, batch: dict):
+        scores = self(batch["input_ids"], batch["attention_mask"])
+        r_chosen, r_rejected = scores.chunk(2)
+        margin = batch.get("margin")
+        stats = pairwise_loss(r_chosen, r_rejected, margin, self.center_coef)
+        return stats, r_chosen, r_rejected
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        stats, r_chosen, r_rejected = self._pair_step(batch)
+        check_finite("train/loss", stats.loss, self.global_step)
+        self.log("train/loss", stats.loss, prog_bar=True)
+        # Train metrics over the last log_every_n_steps batches, reduced across ranks.
+        self.train_metrics.update(r_chosen, r_rejected)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self._log_metrics("train", self.train_metrics)
+        return stats.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        stats, r_chosen, r_rejected = self._pair_step(batch)
+        self.val_metrics.update(r_chosen, r_rejected)
+        self.log("val/loss", stats.loss, sync_dist=True, batch_size=r_chosen.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val = self._log_metrics("val", self.val_metrics)
+
+    def _log_metrics(self, split: str, metric: PairMetrics) -> dict[str, float]:
+        values = metric.compute()
+        metric.reset()
+        self.log_dict({f"{split}/{k}": v for k, v in values.items()}, prog_bar=split == "val")
+        return {k: float(v) for k, v in values.items()}
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.export_dir.parent / "export"
+
+    def on_train_end(self) -> None:
+        if self.lm_config.lora is not None:
+            super().on_train_end()  # the adapter, which the merge below reads
+        adapter_dir, merged_dir = self.export_dir, self.merged_dir  # collectives: on every rank
+        if not self.trainer.is_global_zero:
+            return
+        # Reward statistics over the validation set travel with the model, for PPO's
+        # reward normalization.
+        meta = {"reward_mean": self.last_val.get("reward_mean"), "reward_std": self.last_val.get("reward_std"),
+                "val_accuracy": self.last_val.get("accuracy")}
+        if self.lm_config.lora is None:
+            path = save_pretrained_atomic(self.model, merged_dir, self.tokenizer, **meta)
+        else:
+            path = merge_adapter(self.lm_config, adapter_dir, merged_dir, tokenizer=self.tokenizer,
+                                 task=self.task, dtype=self.lm_config.dtype, **meta)
+        rank_zero_info(f"exported reward model to {path}")

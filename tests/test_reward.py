@@ -1,0 +1,195 @@
+"""Reward model: schemas, batching, one-forward scoring, padding, export round-trip, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_rlhf.data.formats import load_rows
+from lit_rlhf.data.preference import PairBatches, PairDataset, PreferenceDataModule, collate_pairs
+from lit_rlhf.models import LoraSettings, ModelConfig
+from lit_rlhf.modules import RewardModule
+from lit_rlhf.optim import OptimConfig
+from tests.conftest import TINY_LLAMA
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize(
+    "name, schema, chosen_start",
+    [("explicit.jsonl", "explicit", "Review film 0: a wonderful"),
+     ("hh.jsonl", "implicit", "\n\nHuman: Is film 0 good?"),
+     ("stack_exchange.jsonl", "stack_exchange", "Question: How do I reverse list 0 in Python?\n\nAnswer: Use reversed()")],
+)
+def test_schema_adapters_on_fixture_files(tokenizer, name, schema, chosen_start):
+    ds = PairDataset(load_rows(str(FIXTURES / name)), tokenizer, max_length=128)
+    assert ds.schema == schema and len(ds) == 12
+    chosen, rejected, margin = ds.pairs[0]
+    assert tokenizer.decode(chosen).startswith(chosen_start)
+    assert chosen != rejected and margin == 0.0
+
+
+def _rows(*pairs):
+    import datasets
+
+    return datasets.Dataset.from_list([{"chosen": c, "rejected": r} for c, r in pairs])
+
+
+@pytest.mark.parametrize(
+    "pair, message",
+    [(("same text", "same text"), "row 1: chosen and rejected are identical"),
+     (("", "fine"), "row 1: field 'chosen' is empty"),
+     (("good", "   "), "row 1: field 'rejected' is empty")],
+)
+def test_bad_rows_are_named_or_counted(tokenizer, pair, message):
+    rows = _rows(("a good film", "a bad film"), pair)
+    with pytest.raises(ValueError, match=message):
+        PairDataset(rows, tokenizer)
+    ds = PairDataset(rows, tokenizer, on_bad_row="skip")
+    assert len(ds) == 1 and ds.stats["skipped_bad"] == 1
+
+
+def test_missing_columns_are_named(tokenizer):
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"chosen": "a", "loser": "b"}])
+    with pytest.raises(ValueError, match=r"columns \['chosen', 'loser'\] match no preference schema"):
+        PairDataset(rows, tokenizer)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
+        PairDataset(rows, tokenizer, schema="implicit")
+
+
+def test_max_length_policies_are_counted(tokenizer):
+    long = "a wonderful film " * 40
+    rows = _rows(("short good", "short bad"), (long + "good", long + "bad"))
+    dropped = PairDataset(rows, tokenizer, max_length=32)
+    assert len(dropped) == 1 and dropped.stats["dropped_too_long"] == 1
+    cut = PairDataset(_rows(("short good", "short bad"), ("good " + long, "bad " + long)), tokenizer,
+                      max_length=32, too_long="truncate")
+    assert len(cut) == 2 and cut.stats["truncated"] == 1
+    assert all(len(c) <= 32 and len(r) <= 32 for c, r, _ in cut.pairs)
+
+
+def test_length_grouped_batches_cover_everything_and_waste_little_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 512, (400,), generator=g).tolist()
+    batches = list(PairBatches(lengths, batch_size=8, shuffle=True, seed=0))
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    random_order = torch.randperm(400, generator=g).tolist()
+    padded_random = sum(8 * max(lengths[i] for i in random_order[k:k + 8]) for k in range(0, 400, 8))
+    assert padded / sum(lengths) < 1.1 < padded_random / sum(lengths)
+
+
+def test_collate_puts_chosen_first_and_right_pads():
+    batch = collate_pairs([([1, 2, 3], [4], 0.5), ([5], [6, 7], 0.0)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 0, 0], [4, 0, 0], [6, 7, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0]]
+    assert batch["margin"].tolist() == [0.5, 0.0]
+
+
+def _module(lora=None, **kwargs):
+    lm = ModelConfig(arch=TINY_LLAMA, tokenizer="demo", lora=lora)
+    return RewardModule(lm, OptimConfig(lr=1e-3, warmup_steps=0), **kwargs)
+
+
+def _configured(module):
+    module.configure_model()
+    return module.eval()
+
+
+def test_one_forward_equals_separate_forwards_and_padding_side_does_not_matter(tokenizer):
+    module = _configured(_module())
+    texts = ["a wonderful film", "a dull, tedious and overlong mess of a film"]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    batch = collate_pairs([(ids[0], ids[1], 0.0)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        together = module(batch["input_ids"], batch["attention_mask"])
+        alone = [module(torch.tensor([i]), torch.ones(1, len(i), dtype=torch.long)) for i in ids]
+        # Left padding: the same short text with pads in front.
+        width = len(ids[1])
+        left = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids[0])) + ids[0]])
+        left_mask = (left != tokenizer.pad_token_id).long()
+        left_score = module(left, left_mask)
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left_score, alone[0], atol=1e-5, rtol=1e-5)
+    # Control: the head applied at every position; the padded row's final slot differs from
+    # its last real token, so reading the wrong position would have failed the checks above.
+    with torch.no_grad():
+        hidden = module.model.model(input_ids=batch["input_ids"][:1]).last_hidden_state
+        per_token = module.model.score(hidden).squeeze(-1)[0]
+    assert per_token[len(ids[0]) - 1].item() == pytest.approx(alone[0].item(), abs=1e-5)
+    assert abs(per_token[-1].item() - alone[0].item()) > 1e-3
+
+
+def _fit(tmp_path, module, steps=30, batch_size=8, **trainer_kwargs):
+    dm = PreferenceDataModule(path="demo", batch_size=batch_size, max_length=128, tokenizer=module.tokenizer,
+                              max_train_pairs=steps * batch_size, val_size=64)
+    trainer = L.Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, max_steps=steps,
+                        enable_progress_bar=False, num_sanity_val_steps=0, log_every_n_steps=5,
+                        limit_val_batches=8, **trainer_kwargs)
+    trainer.fit(module, dm)
+    return trainer
+
+
+def test_lora_fit_exports_a_plain_transformers_model_with_the_same_scores(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    module = _module(lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainer = _fit(tmp_path, module, steps=20)
+    export = Path(trainer.log_dir) / "export"
+    meta = json.loads((export / "lit_rlhf.json").read_text())
+    assert set(meta) == {"reward_mean", "reward_std", "val_accuracy"} and meta["reward_std"] > 0
+
+    # The score head was trained (it starts random) and survives the merge.
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    tok = AutoTokenizer.from_pretrained(export)
+    texts = ["a wonderful, moving film", "the plot dragged and the acting was dull"]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    module.eval()
+    with torch.no_grad():
+        want = module(enc["input_ids"], enc["attention_mask"])
+        got = model(**enc).logits.squeeze(-1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # ... and it works in a stock text-classification pipeline.
+    clf = pipeline("text-classification", model=model, tokenizer=tok, function_to_apply="none")
+    assert clf(texts[0])[0]["score"] == pytest.approx(got[0].item(), abs=1e-4)
+
+
+def test_demo_reward_model_learns(tmp_path):
+    torch.manual_seed(0)
+    trainer = _fit(tmp_path, _module(), steps=150, batch_size=16, val_check_interval=150, check_val_every_n_epoch=None)
+    assert trainer.logged_metrics["val/accuracy"] > 0.75
+
+
+@pytest.mark.slow
+def test_ddp_two_process_cpu_fit(tmp_path):
+    cmd = [sys.executable, "train.py", "fit", "-c", "configs/rm/demo.yaml",
+           f"--trainer.default_root_dir={tmp_path}", "--trainer.devices=2", "--trainer.strategy=ddp",
+           "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2",
+           "--trainer.enable_progress_bar=false", "--data.init_args.max_train_pairs=128"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    export = next(tmp_path.glob("lightning_logs/version_*/export"))
+    assert (export / "model.safetensors").is_file() and (export / "lit_rlhf.json").is_file()
+
+
+def test_pair_metrics_count_ties_as_wrong_and_match_torch_statistics():
+    from lit_rlhf.metrics import PairMetrics
+
+    metric = PairMetrics()
+    metric.update(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 2.0]))  # a win and a tie
+    metric.update(torch.tensor([-1.0]), torch.tensor([3.0]))  # a loss
+    out = metric.compute()
+    scores = torch.tensor([1.0, 2.0, 0.0, 2.0, -1.0, 3.0])
+    assert out["accuracy"].item() == pytest.approx(1 / 3)
+    assert out["margin"].item() == pytest.approx((1 + 0 - 4) / 3)
+    assert out["reward_mean"].item() == pytest.approx(scores.mean().item())
+    assert out["reward_std"].item() == pytest.approx(scores.std(unbiased=False).item())

@@ -48,3 +48,37 @@ def check_finite(name: str, value: torch.Tensor, step: int) -> None:
 
 class NonFiniteLossError(RuntimeError):
     """A loss or reward became NaN or infinite."""
+
+
+class SampleTable(L.Callback):
+    """Every N rollouts, a TensorBoard text table of prompt / response / score / KL samples.
+
+    Reads ``pl_module.last_samples`` (a list of dicts, set by the PPO module each rollout).
+    """
+
+    def __init__(self, every_n_rollouts: int = 10, rows: int = 8) -> None:
+        if every_n_rollouts < 1 or rows < 1:
+            raise ValueError(f"SampleTable: every_n_rollouts and rows must be >= 1, got {every_n_rollouts}, {rows}")
+        self.every_n_rollouts, self.rows = every_n_rollouts, rows
+
+    @staticmethod
+    def markdown(samples: list[dict], rows: int) -> str:
+        """A markdown table of the first ``rows`` samples (pipes escaped)."""
+
+        def cell(value) -> str:
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        keys = list(samples[0]) if samples else []
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(cell(s[k]) for k in keys) + " |" for s in samples[:rows]]
+        return "\n".join(lines)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        samples = getattr(pl_module, "last_samples", None)
+        done = getattr(pl_module, "rollouts_done", batch_idx + 1)
+        if not samples or done % self.every_n_rollouts or not trainer.is_global_zero:
+            return
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("samples", self.markdown(samples, self.rows), global_step=done)

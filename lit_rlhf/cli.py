@@ -27,13 +27,16 @@ def _default_precision() -> str:
 class LitRLHFCLI(LightningCLI):
     """LightningCLI with the data <-> model links every stage needs."""
 
+    # data init arg -> module init arg, copied before instantiation so the module can check
+    # them at construction, before any weights load.
+    DATA_TO_MODEL = {"seq_length": "seq_length", "batch_size": "rollout_batch_size"}
+
     def before_instantiate_classes(self) -> None:
-        # The module checks the data's chunk length against the model's positions at
-        # construction, before any weights load.
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         model_args, data_args = config.model.init_args, config.data.init_args
-        if "seq_length" in model_args and "seq_length" in data_args and model_args.seq_length is None:
-            model_args.seq_length = data_args.seq_length
+        for source, target in self.DATA_TO_MODEL.items():
+            if target in model_args and source in data_args and model_args[target] is None:
+                model_args[target] = data_args[source]
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -106,3 +109,7 @@ def main(args: list[str] | None = None) -> None:
         # Bad input and diverged runs end with one readable line, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if not isinstance(err, NonFiniteLossError) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -32,3 +32,53 @@ def merge_adapter(
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     model.config.use_cache = True  # the exported model is for inference and generation
     return save_pretrained_atomic(model, out_dir, tokenizer, **meta)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, dtype: DType | None = None) -> Path:
+    """Export a finished run (``lightning_logs/version_N``) as a plain HF model.
+
+    Reads the run's ``config.yaml`` to know the base model and the task; merges
+    ``adapter/`` into the base (LoRA runs) or copies ``model/`` (full fine-tuning).
+    """
+    import shutil
+
+    import yaml
+
+    from lit_rlhf.models import load_tokenizer
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: pass a run directory (lightning_logs/version_N)")
+    model = yaml.safe_load(config_file.read_text())["model"]
+    lm = ModelConfig(**model["init_args"]["lm"])
+    task: Task = "seq_cls" if model["class_path"].endswith("RewardModule") else "causal_lm"
+    tokenizer = load_tokenizer(lm.tokenizer, trust_remote_code=lm.trust_remote_code)
+    if (run_dir / "adapter").is_dir():
+        return merge_adapter(lm, run_dir / "adapter", out_dir, tokenizer=tokenizer, task=task,
+                             dtype=dtype or lm.dtype)
+    source = run_dir / ("export" if task == "seq_cls" else "model")
+    if not source.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no adapter/ or {source.name}/ to export (did the run finish?)")
+    from lit_rlhf.models import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+    return Path(out_dir)
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m lit_rlhf.export RUN_DIR OUT_DIR [--dtype bfloat16]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Merge a run's LoRA adapter into its base and save in HF format.")
+    parser.add_argument("run_dir", help="a finished run: lightning_logs/version_N")
+    parser.add_argument("out_dir", help="where to write the merged model (replaced atomically)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="weights dtype of the merged model (default: the run's lm.dtype)")
+    opts = parser.parse_args(args)
+    print(export_run(opts.run_dir, opts.out_dir, opts.dtype))
+
+
+if __name__ == "__main__":
+    main()

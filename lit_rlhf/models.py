@@ -116,7 +116,7 @@ class ModelConfig:
 
         if self.name_or_path is not None:
             return AutoConfig.from_pretrained(
-                self.name_or_path, revision=self.revision, trust_remote_code=self.trust_remote_code
+                resolve_path(self.name_or_path), revision=self.revision, trust_remote_code=self.trust_remote_code
             )
         fields = _arch_fields(self.arch)
         if tokenizer is not None:
@@ -128,6 +128,13 @@ class ModelConfig:
         config = AutoConfig.for_model(model_type, **fields)
         assert isinstance(config, PretrainedConfig)
         return config
+
+
+def resolve_path(name_or_path: str) -> str:
+    """Hub id or directory; the demo's ``demo-sft``/``demo-rm`` are built on first use."""
+    from lit_rlhf.demo.models import ensure_demo_model, is_demo_model
+
+    return str(ensure_demo_model(name_or_path)) if is_demo_model(name_or_path) else name_or_path
 
 
 def _arch_fields(arch: str | dict) -> dict:
@@ -172,7 +179,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
         from lit_rlhf.demo import prepare_demo
 
         spec = str(prepare_demo().tokenizer_dir)
-    tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(spec), trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {spec!r} has no EOS token: packing and generation need one")
     if tokenizer.pad_token_id is None:
@@ -244,7 +251,7 @@ def load_model(
 
     with contextlib.ExitStack() as stack:
         if cfg.name_or_path is not None:
-            source = cfg.name_or_path
+            source = resolve_path(cfg.name_or_path)
             kwargs.update(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         else:
             config = cfg.architecture(tokenizer)

@@ -16,7 +16,7 @@ RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.name != "bas
 
 
 def test_there_are_recipes():
-    assert {p.parent.name for p in RECIPES} >= {"sft"}
+    assert {p.parent.name for p in RECIPES} >= {"sft", "rm", "ppo"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))

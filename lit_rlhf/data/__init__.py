@@ -2,6 +2,7 @@
 
 from lit_rlhf.data.packing import ConstantLengthDataset
 from lit_rlhf.data.preference import PreferenceDataModule
+from lit_rlhf.data.prompts import PromptDataModule
 from lit_rlhf.data.sft import SFTDataModule
 
-__all__ = ["ConstantLengthDataset", "PreferenceDataModule", "SFTDataModule"]
+__all__ = ["ConstantLengthDataset", "PreferenceDataModule", "PromptDataModule", "SFTDataModule"]

@@ -41,7 +41,7 @@ __all__ = [
 
 # Bump when the generator, judge or tokenizer change what prepare_demo writes, so that old
 # caches are rebuilt rather than silently reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 VOCAB_SIZE = 2048
 
 # kwargs for transformers.LlamaConfig; vocab_size and the bos/eos/pad ids come from the tokenizer.
@@ -98,19 +98,23 @@ def _read_done(root: Path) -> dict | None:
 
 # Pairs whose judge scores differ by less than this are too close to call: a human labeller
 # would flip a coin on them, so they are left out rather than labelled at random.
-MIN_PAIR_GAP = 0.05
+MIN_PAIR_GAP = 0.1
 
 
-def make_pairs(rows: list[dict], seed: int = 0) -> list[dict]:
+def make_pairs(rows: list[dict], seed: int = 0, min_words: int = 6, max_words: int = 40) -> list[dict]:
     """Preference pairs labelled by the demo judge (simulated human feedback).
 
-    Reviews are shuffled and paired off; the more positive one under :func:`sentiment_score`
-    is ``chosen``. Returns rows ``{"chosen", "rejected"}`` (the implicit schema).
+    Reviews are shuffled and paired off, each cut to its first 6-40 words (PPO scores
+    short continuations of prompts, so the reward model learns on texts of that length);
+    the more positive one under :func:`sentiment_score` is ``chosen``. Returns rows
+    ``{"chosen", "rejected"}`` (the implicit schema).
     """
     import random
 
+    rng = random.Random(seed)
     texts = [row["text"] for row in rows]
-    random.Random(seed).shuffle(texts)
+    rng.shuffle(texts)
+    texts = [" ".join(t.split()[: rng.randint(min_words, max_words)]) for t in texts]
     pairs = []
     for a, b in zip(texts[0::2], texts[1::2]):
         sa, sb = sentiment_score(a), sentiment_score(b)
@@ -146,7 +150,7 @@ def _build(target: Path, params: dict) -> None:
 
 
 def prepare_demo(
-    root: str | Path | None = None, n_train: int = 20000, n_val: int = 500, seed: int = 0
+    root: str | Path | None = None, n_train: int = 20000, n_val: int = 2000, seed: int = 0
 ) -> DemoPaths:
     """Build the demo data and tokenizer under ``root`` once; later calls reuse it.
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
+from torch import nn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.models import (
@@ -15,6 +17,11 @@ from lit_rlhf.models import (
     trainable_parameters,
 )
 from lit_rlhf.optim import OptimConfig, build_optimizer
+
+
+def as_config(cls, value):
+    """``value`` as dataclass ``cls``: checkpoints store configs as plain dicts."""
+    return cls(**value) if isinstance(value, dict) else value
 
 
 class HFModule(L.LightningModule):
@@ -29,8 +36,9 @@ class HFModule(L.LightningModule):
 
     def __init__(self, lm: ModelConfig, optim: OptimConfig | None = None) -> None:
         super().__init__()
-        self.lm_config = lm
-        self.optim_config = optim or OptimConfig()
+        self.lm_config = as_config(ModelConfig, lm)
+        self.optim_config = as_config(OptimConfig, optim) or OptimConfig()
+        lm = self.lm_config
         self.tokenizer = load_tokenizer(lm.tokenizer, trust_remote_code=lm.trust_remote_code)
         self.model = None
         # With adapters, checkpoints hold only trainable weights (see on_save_checkpoint).
@@ -50,10 +58,20 @@ class HFModule(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain types only, so the checkpoint loads with torch.load(weights_only=True).
+        checkpoint["hyper_parameters"] = {
+            k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            for k, v in checkpoint.get("hyper_parameters", {}).items()
+        }
         # A LoRA checkpoint of a 20B base should be megabytes, not the frozen 20B weights.
         if self.lm_config.lora is not None:
             keep = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers (or peft) model that is saved at the end of fit."""
+        return self.model
 
     @property
     def export_dir(self) -> Path:
@@ -65,5 +83,5 @@ class HFModule(L.LightningModule):
         path = self.export_dir  # trainer.log_dir is a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
             # peft writes the adapter in its standard format (PeftModel.from_pretrained loads it).
-            save_pretrained_atomic(self.model, path, self.tokenizer)
+            save_pretrained_atomic(self.hf_model, path, self.tokenizer)
             rank_zero_info(f"saved {path}")

@@ -1,0 +1,193 @@
+"""Prompts for PPO: a resumable, rank-aware stream of left-padded prompt batches."""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_rlhf.data.formats import TextFormatter, load_rows
+
+DEMO = "demo"
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (B, T) ids and mask, padded on the left so all prompts end together."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def collate_prompts(items: list[tuple[str, list[int]]], pad_id: int) -> dict:
+    """-> ``{"input_ids", "attention_mask": (B, T) left-padded, "prompt": list[str]}``."""
+    ids, mask = left_pad([t for _, t in items], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "prompt": [p for p, _ in items]}
+
+
+class PromptStream(IterableDataset):
+    """An endless stream of prompt batches; batch k is a pure function of (seed, k, rank).
+
+    Every ``batch_size * world_size`` consecutive prompts of a seeded permutation (a new one
+    per pass over the data) form global batch k; rank r takes its own ``batch_size`` slice,
+    so ranks sample different prompts. Starting at ``start`` resumes exactly where a run
+    stopped: the position is the number of rollouts already done.
+    """
+
+    def __init__(self, prompts: list[tuple[str, list[int]]], batch_size: int, pad_id: int, seed: int = 0,
+                 start: int = 0) -> None:
+        self.prompts, self.batch_size, self.pad_id = prompts, batch_size, pad_id
+        self.seed, self.start = seed, start
+
+    def _rank_world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def batch(self, k: int) -> dict:
+        rank, world = self._rank_world()
+        per_global = self.batch_size * world
+        per_pass = len(self.prompts) // per_global
+        if per_pass == 0:
+            raise ValueError(f"{len(self.prompts)} prompts are fewer than one global batch of {per_global}")
+        epoch, k_in_pass = divmod(k, per_pass)
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed + epoch).shuffle(order)
+        first = k_in_pass * per_global + rank * self.batch_size
+        items = [self.prompts[i] for i in order[first : first + self.batch_size]]
+        return {**collate_prompts(items, self.pad_id), "index": k}
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+class _Collate:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        return collate_prompts(items, self.pad_id)
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for PPO rollouts (train: endless stream) and evaluation (val: held out)."""
+
+    def __init__(
+        self,
+        path: str = DEMO,
+        prompt_field: str = "prompt",
+        template: str | None = None,
+        max_prompt_length: int = 64,
+        batch_size: int = 8,
+        val_size: int = 64,
+        val_batch_size: int | None = None,
+        name: str | None = None,
+        data_files: str | list[str] | dict | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        demo_min_words: int = 2,
+        demo_max_words: int = 8,
+        seed: int = 0,
+        revision: str | None = None,
+        tokenizer=None,
+    ) -> None:
+        """
+        Args:
+            path: ``"demo"`` (first words of the demo reviews, like the IMDB experiment), a
+                hub dataset name, or local json/jsonl/csv/parquet file(s) or directory.
+            prompt_field: row field holding the prompt, when no template is given.
+            template: ``str.format`` pattern over row fields, e.g.
+                ``"Question: {question}\\n\\nAnswer: "``.
+            max_prompt_length: prompts with more tokens are filtered out (and counted).
+            batch_size: prompts per rollout per device (the global rollout batch is
+                ``batch_size * devices * num_nodes``).
+            val_size: held-out prompts for validation (taken from the train split when
+                ``val_split`` is None).
+            val_batch_size: prompts per validation batch; default ``batch_size``.
+            name: hub dataset config name.
+            data_files: ``data_files`` for ``load_dataset``.
+            train_split: split with the prompts.
+            val_split: split for validation prompts.
+            demo_min_words: demo prompts have at least this many words.
+            demo_max_words: ... and at most this many.
+            seed: shuffling seed.
+            revision: hub dataset revision.
+            tokenizer: the policy's tokenizer; linked from the module by the CLI.
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if max_prompt_length < 1:
+            raise ValueError(f"data.max_prompt_length must be >= 1, got {max_prompt_length}")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.train_prompts: list[tuple[str, list[int]]] | None = None
+        self.val_prompts: list[tuple[str, list[int]]] | None = None
+        self.stats: dict[str, int] = {}
+
+    def _texts(self) -> tuple[list[str], list[str], str]:
+        hp = self.hparams
+        if hp.path == DEMO:
+            from lit_rlhf.demo import make_prompts, prepare_demo, read_jsonl
+
+            demo = prepare_demo()
+            train = [r["text"] for r in read_jsonl(demo.train_file)]
+            val = [r["text"] for r in read_jsonl(demo.val_file)][: hp.val_size]
+            return (make_prompts(train, hp.demo_min_words, hp.demo_max_words, hp.seed),
+                    make_prompts(val, hp.demo_min_words, hp.demo_max_words, hp.seed + 1), "demo prompts")
+        formatter = TextFormatter(hp.prompt_field, hp.template)
+        kwargs = dict(name=hp.name, data_files=hp.data_files, revision=hp.revision)
+        rows = load_rows(hp.path, split=hp.train_split, **kwargs)
+        formatter.check_columns(rows.column_names, f"{hp.path} [{hp.train_split}]")
+        if hp.val_split is not None:
+            val_rows = load_rows(hp.path, split=hp.val_split, **kwargs).select(range(hp.val_size))
+        else:
+            parts = rows.train_test_split(test_size=hp.val_size, seed=hp.seed)
+            rows, val_rows = parts["train"], parts["test"]
+        return [formatter(r) for r in rows], [formatter(r) for r in val_rows], hp.path
+
+    def _tokenize(self, texts: list[str], split: str, source: str) -> list[tuple[str, list[int]]]:
+        limit = self.hparams.max_prompt_length
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"{source} [{split}] row {i}: empty or non-string prompt")
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        kept = [(t, i) for t, i in zip(texts, ids) if len(i) <= limit]
+        self.stats[f"{split}_prompts"] = len(kept)
+        self.stats[f"{split}_too_long"] = len(texts) - len(kept)
+        if not kept:
+            raise ValueError(f"{source} [{split}]: no prompt fits max_prompt_length={limit}")
+        return kept
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_prompts is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("PromptDataModule needs a tokenizer (the CLI links it from the model)")
+        train, val, source = self._texts()
+        self.train_prompts = self._tokenize(train, "train", source)
+        self.val_prompts = self._tokenize(val, "val", source)
+        rank_zero_info(f"{source}: {self.stats}")
+        if self.trainer is not None and self.trainer.logger is not None:
+            self.trainer.logger.log_metrics({f"data/{k}": v for k, v in self.stats.items()}, step=0)
+
+    def train_dataloader(self) -> DataLoader:
+        # Resume: the module counts rollouts done (restored from the checkpoint first).
+        start = getattr(self.trainer.lightning_module, "rollouts_done", 0) if self.trainer else 0
+        stream = PromptStream(self.train_prompts, self.hparams.batch_size, self.tokenizer.pad_token_id,
+                              self.hparams.seed, start=int(start))
+        return DataLoader(stream, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_prompts, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+                          shuffle=False, collate_fn=_Collate(self.tokenizer.pad_token_id))

@@ -1,0 +1,63 @@
+"""Policy + value on one trunk: a scalar value head beside the LM head."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class PolicyOutput(NamedTuple):
+    logits: torch.Tensor
+    """(B, T, V) next-token logits."""
+    values: torch.Tensor | None
+    """(B, T) value estimates in float32, or None when not asked for."""
+    cache: object | None
+    """The KV cache when ``use_cache``."""
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM (plain or peft) whose last hidden state also feeds a scalar value head.
+
+    One trunk pass gives both logits and values: no second model for the critic. The value
+    head starts at zero (weights and bias), so the initial values are 0 and the first
+    advantages are the plain returns rather than noise from a random head.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        base = self.base_model
+        hidden = base.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers model underneath (LoRA layers, if any, are injected in it)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        use_cache: bool = False,
+        with_values: bool = True,
+    ) -> PolicyOutput:
+        """(B, T) ids -> logits (B, T, V), values (B, T)."""
+        base = self.base_model
+        out = base.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        logits = base.get_output_embeddings()(hidden)
+        values = self.value_head(hidden.float()).squeeze(-1) if with_values else None
+        return PolicyOutput(logits, values, out.cache if use_cache else None)

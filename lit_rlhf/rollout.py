@@ -1,0 +1,168 @@
+"""Rollouts: sample responses with a KV cache, then score them with one forward pass.
+
+Tensor layout of a rollout of B prompts:
+
+* ``query_ids``, ``query_mask``: (B, Tq), **left**-padded, so every prompt ends at column
+  Tq - 1 and generation appends at the same column for all rows;
+* ``response_ids``, ``response_mask``: (B, Tr), **right**-padded; the mask is 1 on sampled
+  tokens up to and including EOS and 0 after it;
+* ``logprobs``, ``ref_logprobs``, ``values``: (B, Tr), for response token j taken from the
+  logits/value at position Tq + j - 1 (the state before token j was emitted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from lit_rlhf.ops import entropy_from_logits, logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled episodes and what the update needs from the sampling time."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.query_ids.size(0)
+
+    def __getitem__(self, index: torch.Tensor) -> Rollout:
+        """Select episodes (a minibatch) by index tensor."""
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                          for f in fields(self)})
+
+    def ended_with(self, eos_token_id: int) -> torch.Tensor:
+        """(B,) bool: True where the response was closed by EOS."""
+        return ((self.response_ids == eos_token_id) & self.response_mask.bool()).any(-1)
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query + response as (input_ids, attention_mask, position_ids), each (B, Tq + Tr).
+
+        Position ids count real tokens only, so a left-padded prompt sees the same positions
+        as it would unpadded.
+        """
+        input_ids = torch.cat([self.query_ids, self.response_ids], dim=1)
+        mask = torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return input_ids, mask, positions
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) sampled token ids.
+
+    ``top_k=0`` and ``top_p=1`` sample from the full distribution, which PPO's KL estimate
+    needs: any truncation makes the sampled tokens unrepresentative of the policy whose
+    log-probs enter the KL, and the k1 estimate can then go negative.
+    """
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already cover top_p (keeps at least one).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    policy,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_new_tokens: torch.Tensor,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample a response for every (left-padded) prompt, reusing the KV cache.
+
+    Args:
+        policy: a :class:`~lit_rlhf.heads.PolicyWithValueHead` (or anything with its call
+            signature).
+        query_ids, query_mask: (B, Tq) left-padded prompts.
+        max_new_tokens: (B,) per-row length limit (from a length sampler); a row also stops
+            at its first EOS. Nothing forces a minimum length.
+
+    Returns:
+        A :class:`Rollout` with queries and responses (log-probs and values not yet filled).
+    """
+    batch, device = query_ids.size(0), query_ids.device
+    max_new_tokens = max_new_tokens.to(device)
+    positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = policy(query_ids, query_mask, positions, use_cache=True, with_values=False)
+    next_logits, cache = out.logits[:, -1], out.cache
+    mask = query_mask
+    last_pos = positions[:, -1]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, alive = [], []
+    for step in range(int(max_new_tokens.max())):
+        token = sample_tokens(next_logits, temperature, top_k, top_p, generator)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        alive.append(~done)
+        done = done | (token == eos_token_id) | (step + 1 >= max_new_tokens)
+        if bool(done.all()):
+            break
+        # The token just fed is visible exactly where the final forward's response_mask
+        # will be 1, so cached and fresh log-probs agree.
+        mask = torch.cat([mask, alive[-1].to(mask.dtype)[:, None]], dim=1)
+        last_pos = last_pos + 1
+        out = policy(token[:, None], mask, last_pos[:, None], cache=cache, use_cache=True,
+                     with_values=False)
+        next_logits, cache = out.logits[:, -1], out.cache
+    return Rollout(query_ids, query_mask, torch.stack(tokens, 1), torch.stack(alive, 1).to(query_mask.dtype))
+
+
+def evaluate_actions(
+    policy, rollout: Rollout, temperature: float = 1.0, with_values: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-probs, values and entropies of the rollout's response tokens under ``policy``.
+
+    One forward pass over query + response. Used for the old log-probs and values right
+    after sampling, for the reference (adapters disabled), and inside every PPO minibatch,
+    always with the same masks and positions, so at step 0 the ratio is exactly 1.
+
+    Returns:
+        logprobs (B, Tr), values (B, Tr) or None, entropy (B, Tr).
+    """
+    input_ids, mask, positions = rollout.sequences()
+    out = policy(input_ids, mask, positions, with_values=with_values)
+    start = rollout.query_ids.size(1) - 1
+    logits = out.logits[:, start:-1]
+    if temperature != 1.0:
+        # Scores of the distribution that was actually sampled from.
+        logits = logits / temperature
+    logprobs = logprobs_from_logits(logits, rollout.response_ids)
+    values = out.values[:, start:-1] if with_values else None
+    return logprobs, values, entropy_from_logits(logits)
+
+
+def sample_lengths(
+    batch: int, min_new_tokens: int, max_new_tokens: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B,) response length limits, uniform on [min_new_tokens, max_new_tokens]."""
+    device = generator.device if generator is not None else None
+    return torch.randint(min_new_tokens, max_new_tokens + 1, (batch,), generator=generator, device=device)

@@ -1,7 +1,8 @@
 """The command line: one LightningCLI for every stage, chosen by the config's class paths.
 
-    python train.py fit -c configs/sft/base.yaml -c configs/sft/demo.yaml
+    python train.py fit -c configs/sft/demo.yaml
     lit-rlhf fit -c configs/sft/gpt-neox-20b-imdb.yaml --trainer.devices=8
+    python train.py pipeline --output_dir runs/pipeline     (see lit_rlhf.pipeline)
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ def expand_config_includes(args: list[str]) -> list[str]:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python train.py`` and the ``lit-rlhf`` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["pipeline"]:
+        from lit_rlhf import pipeline
+
+        pipeline.main(argv[1:])
+        return
     try:
         if args is None:
             # LightningCLI reads sys.argv (and warns when given both it and `args`).

@@ -278,6 +278,9 @@ def _finish(model: nn.Module, cfg: ModelConfig, task: Task, tokenizer) -> nn.Mod
         # The score is read at the last non-pad token, found through pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training; generation turns the cache on explicitly
+    # from_pretrained returns eval mode and Lightning keeps module modes as it finds them:
+    # without this, dropout (and LoRA dropout) would be silently off during training.
+    model.train()
 
     if cfg.quantized:
         from peft import prepare_model_for_kbit_training

@@ -172,3 +172,10 @@ def test_atomic_dir_keeps_the_old_version_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert (target / "w").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp debris
+
+
+def test_pretrained_models_load_in_train_mode(tmp_path, tokenizer):
+    # from_pretrained gives eval mode; training with it would silently disable dropout.
+    load_model(ModelConfig(arch=TINY_LLAMA, tokenizer="x"), tokenizer).save_pretrained(tmp_path)
+    model = load_model(ModelConfig(name_or_path=str(tmp_path), lora=LORA), tokenizer)
+    assert all(m.training for m in model.modules())

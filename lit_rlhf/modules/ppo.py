@@ -272,8 +272,7 @@ class PPOModule(HFModule):
             "objective/kl": seq_kl.mean(),
             "objective/kl_coef": torch.tensor(self.kl_ctl.value),
             "objective/non_score_reward": (non_score * mask).sum(-1).mean(),
-            "objective/total_reward": (rewards * mask).sum(-1).mean() if not self.ppo.whiten_rewards
-            else (scores + (non_score * mask).sum(-1)).mean(),
+            "objective/total_reward": (scores + (non_score * mask).sum(-1)).mean(),  # before whitening
             "rollout/response_length": mask.sum(-1).mean(),
             "rollout/eos_rate": rollout.ended_with(self.tokenizer.eos_token_id).float().mean(),
             "time/generate_s": torch.tensor(t1 - t0),

@@ -1,0 +1,75 @@
+"""Export: merged models equal the adapter models they came from, with plain transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_rlhf.data import SFTDataModule
+from lit_rlhf.export import export_run, main
+from lit_rlhf.models import LoraSettings, ModelConfig
+from lit_rlhf.modules import SFTModule
+from lit_rlhf.optim import OptimConfig
+from tests.conftest import TINY_LLAMA
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A finished LoRA SFT run, with the config.yaml the CLI would write, and its module."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("run")
+    lm = ModelConfig(arch=TINY_LLAMA, tokenizer="demo",
+                     lora=LoraSettings(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"]))
+    module = SFTModule(lm, OptimConfig(lr=1e-2), seq_length=64)
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, default_root_dir=root, enable_progress_bar=False,
+                        limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, SFTDataModule(path="demo", seq_length=64, batch_size=4, tokenizer=module.tokenizer))
+    run_dir = Path(trainer.log_dir)
+    config = {"model": {"class_path": "lit_rlhf.modules.SFTModule",
+                        "init_args": {"lm": {"arch": TINY_LLAMA, "tokenizer": "demo",
+                                             "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                      "modules_to_save": ["lm_head"]}}}}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return run_dir, module.eval()
+
+
+def test_merged_logits_equal_the_adapter_model(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, module = lora_run
+    out = export_run(run_dir, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = torch.randint(0, len(module.tokenizer), (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, module.model(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_export_in_bfloat16_and_from_the_command_line(lora_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, module = lora_run
+    main([str(run_dir), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "bf16")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert merged.dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(tmp_path / "bf16")
+    ids = tok(["a wonderful film"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = module.model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits.float()
+    assert (got - want).abs().max() < 0.1 * want.abs().max()  # bf16 rounding, not a different model
+    # The exported model generates with plain transformers.
+    out = merged.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert ids.size(1) < out.size(1) <= ids.size(1) + 5
+    assert torch.equal(out[0, : ids.size(1)], ids[0])
+
+
+def test_export_of_a_missing_run_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.yaml not found"):
+        export_run(tmp_path / "nope", tmp_path / "out")

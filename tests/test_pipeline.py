@@ -1,0 +1,77 @@
+"""The one-command pipeline, shrunk to seconds: outputs, resume, and re-running what changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lit_rlhf import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _overlay(path: Path, base: str, body: str) -> Path:
+    path.write_text(f"# test overlay\nconfig: {ROOT / base}\n{body}")
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_and_resume(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    sft = _overlay(tmp_path / "sft.yaml", "configs/sft/demo.yaml",
+                   "trainer:\n  max_steps: 8\n  val_check_interval: 4\n  limit_val_batches: 2\n")
+    rm = _overlay(tmp_path / "rm.yaml", "configs/rm/demo.yaml",
+                  "data:\n  class_path: lit_rlhf.data.PreferenceDataModule\n  init_args:\n    max_train_pairs: 128\n"
+                  "trainer:\n  max_steps: 8\n  val_check_interval: 8\n  limit_val_batches: 2\n")
+    ppo = _overlay(tmp_path / "ppo.yaml", "configs/ppo/demo.yaml",
+                   "data:\n  class_path: lit_rlhf.data.PromptDataModule\n  init_args:\n    batch_size: 16\n"
+                   "trainer:\n  limit_train_batches: 2\n  val_check_interval: 2\n  limit_val_batches: 1\n")
+    out = tmp_path / "out"
+    args = ["--output_dir", str(out), "--sft_config", str(sft), "--rm_config", str(rm), "--ppo_config", str(ppo),
+            "--eval_prompts", "8", "--eval_max_new_tokens", "6", "--quiet"]
+    pipeline.main(args)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"sft", "rm", "ppo", "wall_s"}
+    assert summary["sft"]["val_loss_end"] < summary["sft"]["val_loss_start"]
+    assert 0.0 <= summary["rm"]["val_accuracy"] <= 1.0
+    assert {"score_before", "score_after", "kl"} <= set(summary["ppo"])
+    # Plain transformers loads every exported model, without lit_rlhf.
+    AutoModelForCausalLM.from_pretrained(summary["sft"]["model_dir"])
+    AutoModelForCausalLM.from_pretrained(summary["ppo"]["model_dir"])
+    AutoModelForSequenceClassification.from_pretrained(summary["rm"]["model_dir"])
+    assert (out / "report.png").stat().st_size > 10_000 and "| prompt |" in (out / "samples.md").read_text()
+    assert "judge score (SFT -> PPO)" in capsys.readouterr().out
+
+    # Run again: nothing to redo. Change the PPO overlay: only PPO runs again.
+    done = {s: json.loads((out / s / "DONE.json").read_text()) for s in ("sft", "rm", "ppo")}
+    ppo.write_text(ppo.read_text().replace("limit_train_batches: 2", "limit_train_batches: 3"))
+    pipeline.main(args)
+    again = {s: json.loads((out / s / "DONE.json").read_text()) for s in ("sft", "rm", "ppo")}
+    assert again["sft"] == done["sft"] and again["rm"] == done["rm"]
+    assert again["ppo"]["key"] != done["ppo"]["key"]
+    assert len(list((out / "ppo" / "lightning_logs").glob("version_*"))) == 2
+    assert len(list((out / "sft" / "lightning_logs").glob("version_*"))) == 1
+
+
+def test_stage_key_follows_configs_overrides_and_upstream(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("# b\ntrainer:\n  max_steps: 1\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("# r\nconfig: base.yaml\n")
+    stage = pipeline.Stage("ppo", recipe, upstream=["sft"])
+    key = pipeline.stage_key(stage, {"sft": "aaa"})
+    assert pipeline.stage_key(stage, {"sft": "aaa"}) == key
+    assert pipeline.stage_key(stage, {"sft": "bbb"}) != key
+    assert pipeline.stage_key(pipeline.Stage("ppo", recipe, ["--x=1"], ["sft"]), {"sft": "aaa"}) != key
+    base.write_text("# b\ntrainer:\n  max_steps: 2\n")  # an included file changed
+    assert pipeline.stage_key(stage, {"sft": "aaa"}) != key
+
+
+def test_missing_stage_config_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--output_dir", str(tmp_path), "--sft_config", str(tmp_path / "nope.yaml")])
+    assert "nope.yaml: no such file" in capsys.readouterr().err

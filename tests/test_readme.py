@@ -13,12 +13,14 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
-def test_readme_python_example_runs(capsys):
+def test_readme_python_example_runs(capsys, tmp_path, monkeypatch):
     blocks = _python_blocks()
     assert blocks, "the README should show how to reuse a module"
+    monkeypatch.chdir(tmp_path)  # the example writes under ./runs
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert "PeftModelForCausalLM" in capsys.readouterr().out
+    assert list(tmp_path.glob("runs/example/lightning_logs/version_*/adapter/adapter_model.safetensors"))
 
 
 def test_readme_commands_point_at_existing_files():

@@ -92,3 +92,38 @@ class TextFormatter:
         if self.completion_template is None:
             return prompt
         return prompt, self.completion_template.format(**row)
+
+
+def load_train_val(
+    path: str,
+    *,
+    train_split: str = "train",
+    val_split: str | None = None,
+    val_size: int = 500,
+    seed: int = 0,
+    streaming: bool = False,
+    **kwargs,
+):
+    """(train, val) rows: a named validation split, or ``val_size`` rows held out of train.
+
+    ``kwargs`` go to :func:`load_rows` (``name``, ``data_files``, ``revision``). A streamed
+    train split holds out its first ``val_size`` rows.
+    """
+    train = load_rows(path, split=train_split, streaming=streaming, **kwargs)
+    if val_split is not None:
+        return train, load_rows(path, split=val_split, **kwargs)
+    if streaming:
+        return train.skip(val_size), train.take(val_size)
+    if len(train) <= val_size:
+        raise ValueError(f"{path}: {len(train)} rows, not enough to hold out val_size={val_size}")
+    parts = train.train_test_split(test_size=val_size, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -52,8 +52,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
+
+from lit_rlhf.data.formats import rank_and_world
 
 __all__ = ["ConstantLengthDataset", "pack_collate"]
 
@@ -189,10 +190,7 @@ class ConstantLengthDataset(IterableDataset):
 
     def _rank_world(self) -> tuple[int, int]:
         """(rank, world_size): explicit args win, else torch.distributed, else (0, 1)."""
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world_size = 0, 1
+        rank, world_size = rank_and_world()
         rank = rank if self._rank is None else self._rank
         world_size = world_size if self._world_size is None else self._world_size
         if not 0 <= rank < world_size:

@@ -21,11 +21,10 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lit_rlhf.data.formats import load_rows
+from lit_rlhf.data.formats import load_rows, load_train_val, rank_and_world
 
 Schema = Literal["auto", "explicit", "implicit", "stack_exchange"]
 SCHEMA_FIELDS = {
@@ -154,9 +153,7 @@ class PairBatches(Sampler[list[int]]):
         self.epoch = epoch
 
     def _rank_world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return rank_and_world()
 
     def _batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
@@ -274,14 +271,10 @@ class PreferenceDataModule(L.LightningDataModule):
 
             demo = prepare_demo()
             return load_rows(str(demo.pairs_train_file)), load_rows(str(demo.pairs_val_file)), "demo pairs"
-        kwargs = dict(name=hp.name, data_files=hp.data_files, revision=hp.revision)
-        train = load_rows(hp.path, split=hp.train_split, **kwargs)
-        if hp.val_split is not None:
-            return train, load_rows(hp.path, split=hp.val_split, **kwargs), hp.path
-        if len(train) <= hp.val_size:
-            raise ValueError(f"{hp.path}: {len(train)} rows, not enough to hold out val_size={hp.val_size}")
-        parts = train.train_test_split(test_size=hp.val_size, seed=hp.seed)
-        return parts["train"], parts["test"], hp.path
+        train, val = load_train_val(hp.path, train_split=hp.train_split, val_split=hp.val_split,
+                                    val_size=hp.val_size, seed=hp.seed,
+                                    name=hp.name, data_files=hp.data_files, revision=hp.revision)
+        return train, val, hp.path
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

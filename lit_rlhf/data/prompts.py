@@ -6,11 +6,10 @@ import random
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_rlhf.data.formats import TextFormatter, load_rows
+from lit_rlhf.data.formats import TextFormatter, load_train_val, rank_and_world
 
 DEMO = "demo"
 
@@ -47,9 +46,7 @@ class PromptStream(IterableDataset):
         self.seed, self.start = seed, start
 
     def _rank_world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return rank_and_world()
 
     def batch(self, k: int) -> dict:
         rank, world = self._rank_world()
@@ -146,14 +143,12 @@ class PromptDataModule(L.LightningDataModule):
             return (make_prompts(train, hp.demo_min_words, hp.demo_max_words, hp.seed),
                     make_prompts(val, hp.demo_min_words, hp.demo_max_words, hp.seed + 1), "demo prompts")
         formatter = TextFormatter(hp.prompt_field, hp.template)
-        kwargs = dict(name=hp.name, data_files=hp.data_files, revision=hp.revision)
-        rows = load_rows(hp.path, split=hp.train_split, **kwargs)
+        rows, val_rows = load_train_val(hp.path, train_split=hp.train_split, val_split=hp.val_split,
+                                        val_size=hp.val_size, seed=hp.seed,
+                                        name=hp.name, data_files=hp.data_files, revision=hp.revision)
         formatter.check_columns(rows.column_names, f"{hp.path} [{hp.train_split}]")
         if hp.val_split is not None:
-            val_rows = load_rows(hp.path, split=hp.val_split, **kwargs).select(range(hp.val_size))
-        else:
-            parts = rows.train_test_split(test_size=hp.val_size, seed=hp.seed)
-            rows, val_rows = parts["train"], parts["test"]
+            val_rows = val_rows.select(range(min(hp.val_size, len(val_rows))))
         return [formatter(r) for r in rows], [formatter(r) for r in val_rows], hp.path
 
     def _tokenize(self, texts: list[str], split: str, source: str) -> list[tuple[str, list[int]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data.formats import TextFormatter, load_rows
+from lit_rlhf.data.formats import TextFormatter, load_rows, load_train_val
 from lit_rlhf.data.packing import ConstantLengthDataset, pack_collate
 
 DEMO = "demo"
@@ -80,20 +80,9 @@ class SFTDataModule(L.LightningDataModule):
 
             demo = prepare_demo()
             return load_rows(str(demo.train_file)), load_rows(str(demo.val_file)), str(demo.root)
-        kwargs = dict(name=hp.name, data_files=hp.data_files, revision=hp.revision)
-        train = load_rows(hp.path, split=hp.train_split, streaming=hp.streaming, **kwargs)
-        if hp.val_split is not None:
-            val = load_rows(hp.path, split=hp.val_split, **kwargs)
-        elif hp.streaming:
-            val = train.take(hp.val_size)
-            train = train.skip(hp.val_size)
-        else:
-            if len(train) <= hp.val_size:
-                raise ValueError(
-                    f"{hp.path}: {len(train)} rows, not enough to hold out val_size={hp.val_size}"
-                )
-            parts = train.train_test_split(test_size=hp.val_size, seed=hp.seed)
-            train, val = parts["train"], parts["test"]
+        train, val = load_train_val(hp.path, train_split=hp.train_split, val_split=hp.val_split,
+                                    val_size=hp.val_size, seed=hp.seed, streaming=hp.streaming,
+                                    name=hp.name, data_files=hp.data_files, revision=hp.revision)
         return train, val, hp.path
 
     def setup(self, stage: str | None = None) -> None:

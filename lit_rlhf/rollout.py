@@ -90,7 +90,7 @@ def generate(
     query_mask: torch.Tensor,
     max_new_tokens: torch.Tensor,
     *,
-    eos_token_id: int,
+    eos_token_id: int | None,
     pad_token_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -104,7 +104,8 @@ def generate(
             signature).
         query_ids, query_mask: (B, Tq) left-padded prompts.
         max_new_tokens: (B,) per-row length limit (from a length sampler); a row also stops
-            at its first EOS. Nothing forces a minimum length.
+            at its first EOS (``eos_token_id=None``: never, for fixed-length benchmarks).
+            Nothing forces a minimum length.
 
     Returns:
         A :class:`Rollout` with queries and responses (log-probs and values not yet filled).
@@ -123,7 +124,9 @@ def generate(
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         alive.append(~done)
-        done = done | (token == eos_token_id) | (step + 1 >= max_new_tokens)
+        done = done | (step + 1 >= max_new_tokens)
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
         if bool(done.all()):
             break
         # The token just fed is visible exactly where the final forward's response_mask

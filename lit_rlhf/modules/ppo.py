@@ -51,6 +51,8 @@ class SamplingConfig:
     """0 = off. Keep 0 for an unbiased KL estimate."""
     top_p: float = 1.0
     """1.0 = off. Keep 1.0 for an unbiased KL estimate."""
+    stop_at_eos: bool = True
+    """False: always sample the drawn length (fixed-length benchmarks); EOS is then a token like any other."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
@@ -200,6 +202,7 @@ class PPOModule(HFModule):
         self.ref_policy: PolicyWithValueHead | None = None
         self.generator: torch.Generator | None = None
         self.rollouts_done = 0
+        self.last_sample_s = 0.0
         self._negative_kl_steps = 0
         self._warned_negative_kl = False
         self.last_samples: list[dict] = []
@@ -275,7 +278,8 @@ class PPOModule(HFModule):
             "objective/total_reward": (scores + (non_score * mask).sum(-1)).mean(),  # before whitening
             "rollout/response_length": mask.sum(-1).mean(),
             "rollout/eos_rate": rollout.ended_with(self.tokenizer.eos_token_id).float().mean(),
-            "time/generate_s": torch.tensor(t1 - t0),
+            "time/generate_s": torch.tensor(t1 - t0),  # sampling + log-prob/value/reference passes
+            "time/sample_s": torch.tensor(self.last_sample_s),  # KV-cached sampling alone
             "time/score_s": torch.tensor(t2 - t1),
             "time/learn_s": torch.tensor(t3 - t2),
             "time/episodes_per_s": torch.tensor(global_batch / max(t3 - t0, 1e-9)),
@@ -295,9 +299,12 @@ class PPOModule(HFModule):
         self.policy.eval()  # as at inference; dropout is off either way
         try:
             lengths = sample_lengths(batch["input_ids"].size(0), s.min_new_tokens, s.max_new_tokens, generator)
+            start = time.perf_counter()
             rollout = generate(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
-                               eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                               eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
+                               pad_token_id=self.tokenizer.pad_token_id,
                                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
+            self.last_sample_s = time.perf_counter() - start
             # Same weights, masks and positions as every later PPO forward: ratio 1 at start.
             rollout.logprobs, rollout.values, _ = evaluate_actions(self.policy, rollout, s.temperature)
             rollout.ref_logprobs = self.reference_logprobs(rollout)

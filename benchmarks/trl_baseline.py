@@ -1,0 +1,364 @@
+"""The same per-stage benchmark as ``benchmarks/run.py``, measured on TRL's Trainer-based trainers.
+
+    python benchmarks/trl_baseline.py --workload tiny-cpu --out trl.json
+    python benchmarks/trl_baseline.py --workload tiny-cpu --out smoke.json --steps-override 1,2
+
+The workload (model, batch shapes, warm-up and timed steps, threads) is read from
+``benchmarks/run.py``'s WORKLOADS, so both scripts measure the same thing, and the output
+uses the same names (``sft_tokens_per_s``, ``rm_pairs_per_s``, ``ppo_episodes_per_s``,
+``ppo_generate_tokens_per_s``, ``*_peak_memory_mb``; ``_bf16`` appended for bf16 mixed
+precision), so the two JSON files compare key by key.
+
+Trainers (TRL 1.12.0; this is the last release that still has PPO, under ``trl.experimental.ppo``):
+
+* SFT: ``SFTTrainer`` on pre-tokenized random ``input_ids`` (no tokenization), ``packing=True``
+  with ``packing_strategy="wrapped"`` (plain concatenate-and-chunk; rows are already
+  ``seq_length`` long, so every packed row is one input row), full fine-tuning.
+* RM: ``RewardTrainer`` on pre-tokenized ``chosen_ids``/``rejected_ids`` (TRL 1.12's names),
+  ``AutoModelForSequenceClassification(num_labels=1)``; TRL's default random sampler, each
+  batch padded to its longest sequence.
+* PPO: ``trl.experimental.ppo.PPOTrainer``: separate policy, reference (TRL's own copy of the
+  policy), value model and reward model (both sequence classifiers, 1 label), exactly
+  ``new_tokens`` sampled tokens (``stop_token=None``), one mini-batch per rollout batch.
+
+Everything else is left at TRL's defaults (AdamW, linear schedule, grad-norm clip 1.0 in the
+Trainer-based SFT/RM), except what the workload fixes or what would add work that run.py does
+not do: no gradient checkpointing (TRL defaults to it), no logging/reporting, saving,
+evaluation or sample generations.
+
+Timing: a ``TrainerCallback`` times each optimizer step from ``on_step_begin`` to
+``on_step_end`` (after the batch is fetched, like Lightning's ``on_train_batch_start``).
+PPOTrainer runs its own loop and only fires ``on_step_end``, once per PPO update, so there a
+step is the time between consecutive ``on_step_end`` calls (the first from ``on_train_begin``):
+one rollout batch (generation, reference/value/reward passes) plus its PPO epochs. The figure
+is the median over the timed steps after the warm-up steps. Each (stage, precision) runs in its
+own process so that peak RSS (``ru_maxrss``) belongs to that stage alone.
+
+Precision: fp32, and bf16 mixed (``bf16=True``; autocast on CPU). PPOTrainer builds its own
+``Accelerator`` that ignores ``bf16`` in its config, so for PPO the bf16 run sets
+``ACCELERATE_MIXED_PRECISION=bf16`` (what ``accelerate launch --mixed_precision bf16`` does).
+Accelerate then autocasts only the prepared policy+value forward of the PPO epochs; TRL runs
+generation and the reference/value/reward passes of the rollout in fp32.
+
+Where the work differs from run.py's (read ratios with these in mind):
+
+* PPO: TRL trains a separate value model (a second full transformer, forward and backward
+  in every PPO epoch), where lit_rlhf puts a value head on the policy; TRL computes the
+  old log-probs from the generation scores instead of a separate policy pass; it does not
+  clip gradients (lit_rlhf clips at 1.0); and its bf16 autocasts only the PPO epochs.
+* RM: TRL's random batches are padded to their longest pair (``rm_padding_fraction`` reports
+  how much); run.py uses lit_rlhf's length-grouped batches.
+* SFT/RM: the Trainer clips gradients at 1.0 (run.py's Lightning Trainer does not), and TRL
+  computes per-step metrics (SFT: entropy and token accuracy over the full logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StepTimer:
+    """Wall time of each optimizer step (a ``TrainerCallback``; made one in ``_timer()``)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start: float | None = None
+        self._last = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        # Trainer: step_begin -> step_end. PPOTrainer (no step_begin): step_end -> step_end.
+        self.times.append(now - (self._start if self._start is not None else self._last))
+        self._start, self._last = None, now
+
+
+def _timer() -> StepTimer:
+    from transformers import TrainerCallback
+
+    return type("StepTimerCallback", (StepTimer, TrainerCallback), {})()
+
+
+def _median_after_warmup(times: list[float], w: dict, stage: str) -> float:
+    expected = w["warmup"] + w["timed"]
+    if len(times) != expected:
+        raise RuntimeError(f"{stage}: timed {len(times)} steps, expected {expected}")
+    return statistics.median(times[w["warmup"]:])
+
+
+def _llama_config(w: dict, tokenizer):
+    """The workload's architecture; special ids from the tokenizer, as lit_rlhf's ModelConfig does."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in w["arch"].items() if k != "model_type"}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        fields.setdefault(name, getattr(tokenizer, name))
+    return AutoConfig.for_model(w["arch"]["model_type"], **fields)
+
+
+def _model(config, task: str, seed: int):
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    if task == "causal_lm":
+        return AutoModelForCausalLM.from_config(config)
+    config = copy.deepcopy(config)
+    config.num_labels = 1  # `from_config(..., num_labels=1)` is refused by transformers 5
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def _check_no_checkpointing(*models) -> None:
+    for model in models:
+        if model.is_activation_checkpointing:  # transformers 5 name of `is_gradient_checkpointing`
+            raise RuntimeError(f"{type(model).__name__} trained with activation checkpointing")
+
+
+def _check_precision(trainer, precision: str) -> None:
+    expected = "bf16" if precision == "bf16-mixed" else "no"
+    if trainer.accelerator.mixed_precision != expected:
+        raise RuntimeError(f"accelerator mixed precision is {trainer.accelerator.mixed_precision!r}, not {expected!r}")
+
+
+def _common_args(precision: str, steps: int, out_dir: str, batch_size: int) -> dict:
+    """TrainingArguments shared by every stage: no logging, saving, eval or checkpointing."""
+    import torch
+
+    return dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        bf16=precision == "bf16-mixed",  # TRL configs default bf16 to True: always set it
+        use_cpu=not torch.cuda.is_available(),  # transformers requires it for bf16 on CPU
+        # TRL configs default `gradient_checkpointing` to True; transformers 5 renamed it
+        # `activation_checkpointing` (the old name only applies while the new one is unset).
+        activation_checkpointing=False,
+        report_to=[],
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+
+
+def bench_sft(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = w["sft"]
+    steps = w["warmup"] + w["timed"]
+    g = torch.Generator().manual_seed(0)
+    # One extra batch so the sampler never runs short.
+    ids = torch.randint(2, w["arch"]["vocab_size"], ((steps + 1) * cfg["batch_size"], cfg["seq_length"]), generator=g)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    model = _model(_llama_config(w, tokenizer), "causal_lm", seed=0)
+    args = SFTConfig(**_common_args(precision, steps, out_dir, cfg["batch_size"]),
+                     max_length=cfg["seq_length"], packing=True, packing_strategy="wrapped")
+    timer = _timer()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    _check_no_checkpointing(model)
+    _check_precision(trainer, precision)
+    step = _median_after_warmup(timer.times, w, "sft")
+    return {"sft_tokens_per_s": cfg["batch_size"] * cfg["seq_length"] / step}
+
+
+def bench_rm(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    cfg = w["rm"]
+    steps = w["warmup"] + w["timed"]
+    # The same pairs as run.py: lengths, then tokens, from one generator seeded 0.
+    g = torch.Generator().manual_seed(0)
+    n = steps * cfg["batch_size"]
+    lengths = torch.randint(cfg["min_len"], cfg["max_len"] + 1, (2 * n,), generator=g).tolist()
+    vocab = w["arch"]["vocab_size"]
+    chosen, rejected = [], []
+    for i in range(n):
+        chosen.append(torch.randint(2, vocab, (lengths[2 * i],), generator=g).tolist())
+        rejected.append(torch.randint(2, vocab, (lengths[2 * i + 1],), generator=g).tolist())
+    dataset = Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
+    model = _model(_llama_config(w, tokenizer), "seq_cls", seed=0)
+    args = RewardConfig(**_common_args(precision, steps, out_dir, cfg["batch_size"]), max_length=cfg["max_len"])
+    timer = _timer()
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[timer])
+    # Record how much of each batch is padding (TRL pads every batch to its longest sequence).
+    collate, real, padded = trainer.data_collator, [], []
+
+    def recording_collate(examples):
+        batch = collate(examples)
+        real.append(int(batch["attention_mask"].sum()))
+        padded.append(batch["attention_mask"].numel())
+        return batch
+
+    trainer.data_collator = recording_collate
+    trainer.train()
+    _check_no_checkpointing(model)
+    _check_precision(trainer, precision)
+    step = _median_after_warmup(timer.times, w, "rm")
+    return {"rm_pairs_per_s": cfg["batch_size"] / step, "rm_padding_fraction": 1 - sum(real) / sum(padded)}
+
+
+def bench_ppo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
+    import torch
+    from datasets import Dataset
+
+    if precision == "bf16-mixed":
+        # PPOTrainer creates `Accelerator(...)` itself and never passes `bf16` on: the
+        # accelerate-launch way is the only way to get mixed precision into its loop.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
+
+    cfg = w["ppo"]
+    steps = w["warmup"] + w["timed"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, w["arch"]["vocab_size"], (steps * cfg["batch_size"], cfg["prompt_len"]), generator=g)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    config = _llama_config(w, tokenizer)
+    policy = _model(config, "causal_lm", seed=0)
+    value_model = _model(config, "seq_cls", seed=2)
+    reward_model = _model(config, "seq_cls", seed=1)
+    args = PPOConfig(
+        **_common_args(precision, steps, out_dir, cfg["batch_size"]),
+        total_episodes=steps * cfg["batch_size"],  # one PPO update per rollout batch: `steps` updates
+        num_ppo_epochs=cfg["ppo_epochs"],
+        num_mini_batches=1,
+        response_length=cfg["new_tokens"],
+        stop_token=None,  # no EOS stop: exactly `new_tokens` tokens
+        temperature=1.0,  # lit_rlhf's default (TRL's is 0.7); cost is the same
+        num_sample_generations=0,  # no debugging generations (they need an eval set anyway)
+    )
+    timer = _timer()
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None,
+                         reward_model=reward_model, value_model=value_model, train_dataset=dataset,
+                         callbacks=[timer])
+
+    # Time the sampling alone (run.py's `ppo_generate_tokens_per_s`: KV-cached sampling), and
+    # check the response length.
+    generate_s: list[float] = []
+    batch_generation = ppo_trainer.batch_generation
+
+    def timed_batch_generation(model, queries, *rest, **kwargs):
+        start = time.perf_counter()
+        query_responses, logits = batch_generation(model, queries, *rest, **kwargs)
+        generate_s.append(time.perf_counter() - start)
+        if query_responses.shape[1] != queries.shape[1] + cfg["new_tokens"]:
+            raise RuntimeError(f"generated {query_responses.shape[1] - queries.shape[1]} tokens, "
+                               f"expected {cfg['new_tokens']}")
+        return query_responses, logits
+
+    ppo_trainer.batch_generation = timed_batch_generation
+    trainer.train()
+    _check_no_checkpointing(policy, value_model)
+    _check_precision(trainer, precision)
+    step = _median_after_warmup(timer.times, w, "ppo")
+    sample = statistics.median(generate_s[w["warmup"]:])
+    return {"ppo_episodes_per_s": cfg["batch_size"] / step,
+            "ppo_generate_tokens_per_s": cfg["batch_size"] * cfg["new_tokens"] / sample}
+
+
+def _peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_one(w: dict, stage: str, precision: str) -> dict:
+    """One stage in this process; returns its figures (names without the precision suffix)."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from lit_rlhf.models import load_tokenizer
+
+    torch.set_num_threads(w["threads"])
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("demo")
+    bench = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo}[stage]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = bench(w, precision, tokenizer, tmp)
+    if torch.get_num_threads() != w["threads"]:
+        raise RuntimeError(f"torch threads changed to {torch.get_num_threads()} during the run")
+    out[f"{stage}_peak_memory_mb"] = _peak_memory_mb()
+    return out
+
+
+def _workload(name: str, steps_override: str | None) -> dict:
+    """run.py's workload (imported in this parent process only: the children get it as JSON)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from run import WORKLOADS
+
+    w = json.loads(json.dumps(WORKLOADS[name]))
+    if steps_override:
+        warmup, _, timed = steps_override.rpartition(",")
+        w["warmup"], w["timed"] = int(warmup or 1), int(timed)
+    return w
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", default="tiny-cpu", help="a key of run.py's WORKLOADS")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--stages", default="sft,rm,ppo")
+    parser.add_argument("--steps-override", metavar="[WARMUP,]TIMED",
+                        help="for smoke tests: TIMED timed steps after WARMUP (default 1) warm-up steps")
+    parser.add_argument("--one", nargs=3, metavar=("WORKLOAD_JSON", "STAGE", "PRECISION"), help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.one:
+        w, stage, precision = json.loads(opts.one[0]), opts.one[1], opts.one[2]
+        print(json.dumps(run_one(w, stage, precision)))
+        return
+
+    import torch
+    import transformers
+    import trl
+
+    w = _workload(opts.workload, opts.steps_override)
+    results: dict = {"implementation": f"trl {trl.__version__} (transformers {transformers.__version__})",
+                     "workload": opts.workload, "torch_threads": w["threads"],
+                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                     "warmup": w["warmup"], "timed": w["timed"]}
+    start = time.perf_counter()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ACCELERATE_MIXED_PRECISION", None)  # each child decides its own precision
+    for precision, suffix in (("32-true", ""), ("bf16-mixed", "_bf16")):
+        for stage in opts.stages.split(","):
+            print(f"[trl-bench] {stage} {precision}", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--out", "-", "--one", json.dumps(w), stage, precision],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                sys.exit(f"{stage} {precision} failed:\n{proc.stderr[-3000:]}")
+            figures = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.update({k + suffix: round(v, 4 if "fraction" in k else 2) for k, v in figures.items()})
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    Path(opts.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

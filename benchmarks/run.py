@@ -56,11 +56,11 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def _trainer(precision: str, steps: int, callbacks, root: Path):
-    return L.Trainer(default_root_dir=root, accelerator="auto", devices=1, precision=precision, max_steps=steps,
-                     max_epochs=1,
+def _trainer(precision: str, callbacks, root: Path, **limits) -> L.Trainer:
+    """A quiet one-device Trainer; ``limits`` say when to stop (max_steps or limit_train_batches)."""
+    return L.Trainer(default_root_dir=root, accelerator="auto", devices=1, precision=precision, max_epochs=1,
                      limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks)
+                     enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, **limits)
 
 
 def bench_sft(w: dict, precision: str, tmp: Path) -> dict:
@@ -76,7 +76,7 @@ def bench_sft(w: dict, precision: str, tmp: Path) -> dict:
     rows = [{"input_ids": x, "labels": x, "position_ids": torch.arange(cfg["seq_length"])} for x in ids]
     module = SFTModule(ModelConfig(arch=w["arch"], tokenizer="demo"), seq_length=cfg["seq_length"])
     timer = StepTimer()
-    _trainer(precision, steps, [timer], tmp).fit(module, DataLoader(rows, batch_size=cfg["batch_size"]))
+    _trainer(precision, [timer], tmp, max_steps=steps).fit(module, DataLoader(rows, batch_size=cfg["batch_size"]))
     step = statistics.median(timer.times[w["warmup"]:])
     return {"sft_tokens_per_s": cfg["batch_size"] * cfg["seq_length"] / step}
 
@@ -109,7 +109,7 @@ def bench_rm(w: dict, precision: str, tmp: Path) -> dict:
     sampler = PairBatches([max(len(c), len(r)) for c, r, _ in pairs], cfg["batch_size"], shuffle=True, seed=0)
     loader = DataLoader(Pairs(), batch_size=None, sampler=sampler, collate_fn=_Collate(module.tokenizer.pad_token_id))
     timer = StepTimer()
-    _trainer(precision, steps, [timer], tmp).fit(module, loader)
+    _trainer(precision, [timer], tmp, max_steps=steps).fit(module, loader)
     step = statistics.median(timer.times[w["warmup"]:])
     return {"rm_pairs_per_s": cfg["batch_size"] / step}
 
@@ -143,9 +143,7 @@ def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
     batches = [{"input_ids": x, "attention_mask": torch.ones_like(x),
                 "prompt": tokenizer.batch_decode(x)} for x in ids]
     timer = StepTimer()
-    trainer = L.Trainer(default_root_dir=tmp, accelerator="auto", devices=1, precision=precision, max_epochs=1, limit_train_batches=steps,
-                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer])
+    trainer = _trainer(precision, [timer], tmp, limit_train_batches=steps)
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     step = statistics.median(timer.times[w["warmup"]:])
     sample = statistics.median(sample_s[w["warmup"]:])

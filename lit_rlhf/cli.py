@@ -46,7 +46,7 @@ class LitRLHFCLI(LightningCLI):
             self.datamodule.tokenizer = self.model.tokenizer
 
 
-def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
+def config_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
     """The config files ``path`` builds on (its ``config:`` key, relative to it), then itself."""
     import yaml
 
@@ -57,7 +57,7 @@ def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
         raise FileNotFoundError(f"config file not found: {path}")
     base = (yaml.safe_load(path.read_text()) or {}).get("config")
     bases = [base] if isinstance(base, str) else list(base or [])
-    files = [f for b in bases for f in _includes(path.parent / b, (*seen, path))]
+    files = [f for b in bases for f in config_chain(path.parent / b, (*seen, path))]
     return [*files, str(path)]
 
 
@@ -80,7 +80,7 @@ def expand_config_includes(args: list[str]) -> list[str]:
             i += 1
             continue
         # Not a file: an inline YAML string, or a typo that jsonargparse reports.
-        files = _includes(Path(value)) if Path(value).is_file() else [value]
+        files = config_chain(Path(value)) if Path(value).is_file() else [value]
         for path in files:
             out += ["--config", path]
     return out

@@ -39,17 +39,13 @@ class Stage:
     upstream: list[str] = field(default_factory=list)
 
 
-def _config_chain(config: Path) -> list[Path]:
-    from lit_rlhf.cli import _includes
-
-    return [Path(p) for p in _includes(config)]
-
-
 def stage_key(stage: Stage, done: dict[str, str]) -> str:
     """Hash of everything a stage's result depends on."""
+    from lit_rlhf.cli import config_chain
+
     h = hashlib.sha256()
-    for path in _config_chain(stage.config):
-        h.update(path.read_bytes())
+    for path in config_chain(stage.config):
+        h.update(Path(path).read_bytes())
     h.update(json.dumps(stage.overrides).encode())
     for name in stage.upstream:
         h.update(done[name].encode())

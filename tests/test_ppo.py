@@ -19,7 +19,7 @@ from lit_rlhf.modules.ppo import KLConfig, PPOConfig, SamplingConfig
 from lit_rlhf.optim import OptimConfig
 from lit_rlhf.ppo_losses import policy_loss
 from lit_rlhf.rewards import RewardFunction
-from lit_rlhf.rollout import Rollout, evaluate_actions, generate
+from lit_rlhf.rollout import evaluate_actions, generate
 from tests.conftest import TINY_LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]

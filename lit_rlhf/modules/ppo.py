@@ -288,8 +288,8 @@ class PPOModule(HFModule):
         self._log_step(stats)
         self._watch_kl(float(global_kl))
         self.last_samples = [
-            {"prompt": p, "response": r, "score": float(s), "kl": float(k)}
-            for p, r, s, k in zip(batch["prompt"], responses, scores, seq_kl)
+            {"prompt": p, "response": r, "score": s, "kl": k}
+            for p, r, s, k in zip(batch["prompt"], responses, scores.tolist(), seq_kl.tolist())
         ]
 
     @torch.no_grad()

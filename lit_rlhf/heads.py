@@ -10,7 +10,7 @@ from torch import nn
 
 class PolicyOutput(NamedTuple):
     logits: torch.Tensor
-    """(B, T, V) next-token logits."""
+    """(B, T', V) next-token logits at the positions asked for (all T by default)."""
     values: torch.Tensor | None
     """(B, T) value estimates in float32, or None when not asked for."""
     cache: object | None
@@ -47,8 +47,14 @@ class PolicyWithValueHead(nn.Module):
         cache=None,
         use_cache: bool = False,
         with_values: bool = True,
+        logits_slice: slice = slice(None),
     ) -> PolicyOutput:
-        """(B, T) ids -> logits (B, T, V), values (B, T)."""
+        """(B, T) ids -> logits (B, T', V) for the positions in ``logits_slice``, values (B, T).
+
+        The LM head is a (hidden x vocab) matmul per position, a large share of a small
+        model's compute: callers ask only for the positions they read (the last one while
+        sampling, the response positions when scoring actions).
+        """
         base = self.base_model
         out = base.get_decoder()(
             input_ids=input_ids,
@@ -58,6 +64,6 @@ class PolicyWithValueHead(nn.Module):
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
-        logits = base.get_output_embeddings()(hidden)
+        logits = base.get_output_embeddings()(hidden[:, logits_slice])
         values = self.value_head(hidden.float()).squeeze(-1) if with_values else None
         return PolicyOutput(logits, values, out.cache if use_cache else None)

@@ -15,12 +15,12 @@ class LMLossStats(NamedTuple):
     """Mean next-token cross-entropy over counted tokens, scalar."""
     n_tokens: torch.Tensor
     """Number of counted (label != -100) target tokens, scalar long."""
-    n_correct: torch.Tensor
-    """How many counted tokens the argmax predicts exactly, scalar long."""
+    n_correct: torch.Tensor | None
+    """How many counted tokens the argmax predicts exactly, scalar long (None unless asked)."""
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, count_correct: bool = False
 ) -> LMLossStats:
     """Next-token cross-entropy: position t predicts ``labels[t + 1]``.
 
@@ -28,13 +28,15 @@ def causal_lm_loss(
         logits: (B, T, V) model outputs.
         labels: (B, T) token ids, ``ignore_index`` where no loss is wanted (prompt tokens,
             the first token of a packed document).
+        count_correct: also count argmax hits (an extra pass over the logits: validation only).
 
     Returns:
         :class:`LMLossStats`; ``loss`` is NaN-free 0 when no token counts (a chunk made only
         of prompt tokens) so that it adds nothing to the gradient.
     """
-    logits = logits[:, :-1]
-    targets = labels[:, 1:]
+    # Shift the labels, not the logits: slicing (B, T, V) logits copies them, and its
+    # backward writes a zero-filled full-size gradient. The last position gets no target.
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
     mask = targets != ignore_index
     n_tokens = mask.sum()
     # Cross-entropy in float32: bf16 log-softmax over a large vocabulary loses precision.
@@ -45,8 +47,10 @@ def causal_lm_loss(
         reduction="sum",
     )
     loss = loss_sum / n_tokens.clamp(min=1)
-    with torch.no_grad():
-        n_correct = ((logits.argmax(-1) == targets) & mask).sum()
+    n_correct = None
+    if count_correct:
+        with torch.no_grad():
+            n_correct = ((logits.argmax(-1) == targets) & mask).sum()
     return LMLossStats(loss, n_tokens, n_correct)
 
 

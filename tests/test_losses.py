@@ -26,10 +26,11 @@ def test_causal_lm_loss_matches_a_naive_loop():
             total += -torch.log_softmax(logits[b, t], -1)[y].item()
             count += 1
             correct += int(logits[b, t].argmax().item() == y)
-    stats = causal_lm_loss(logits, labels)
+    stats = causal_lm_loss(logits, labels, count_correct=True)
     assert stats.n_tokens.item() == count == 7
     assert stats.n_correct.item() == correct
     assert stats.loss.item() == pytest.approx(total / count, rel=1e-6)
+    assert causal_lm_loss(logits, labels).n_correct is None  # training skips the argmax pass
 
 
 def test_causal_lm_loss_hand_value_and_all_masked():
@@ -83,3 +84,24 @@ def test_pairwise_loss_gradient_pushes_scores_apart():
     rr = torch.tensor([0.5], requires_grad=True)
     pairwise_loss(rc, rr).loss.backward()
     assert rc.grad.item() == pytest.approx(-0.5) and rr.grad.item() == pytest.approx(0.5)
+
+
+def test_build_optimizer_uses_fused_adamw_with_the_same_updates():
+    from lit_rlhf.optim import build_optimizer
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(a, cfg, total_steps=10)["optimizer"]
+    plain = torch.optim.AdamW(b, lr=1e-2, betas=cfg.betas, eps=cfg.eps, weight_decay=0.1, fused=False, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for pa, pb in zip(a, b):
+            pa.grad = pb.grad = None
+            g = torch.randn_like(pa)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb)

@@ -15,6 +15,7 @@ from lit_rlhf.ops import (
     explained_variance,
     gae,
     kl_penalty,
+    logprobs_and_entropy,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
@@ -70,6 +71,20 @@ def test_entropy_hand_values_and_against_definition():
     logits = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
     p = torch.softmax(logits, -1)
     assert_close(entropy_from_logits(logits), -(p * p.log()).sum(-1))
+
+
+def test_logprobs_and_entropy_share_one_pass_and_detach_on_request():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 7, generator=g, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 3), generator=g)
+    logp, ent = logprobs_and_entropy(logits, labels)
+    assert_close(logp, logprobs_from_logits(logits, labels))
+    assert_close(ent, entropy_from_logits(logits))
+    assert ent.requires_grad
+    logp_d, ent_d = logprobs_and_entropy(logits, labels, entropy="detached")
+    assert logp_d.requires_grad and not ent_d.requires_grad
+    assert_close(ent_d, ent.detach())
+    assert logprobs_and_entropy(logits, labels, entropy="skip")[1] is None
 
 
 # --------------------------------------------------------------------------- masked statistics

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch.testing import assert_close
 
 from lit_rlhf.callbacks import NonFiniteLossError
 from lit_rlhf.data import PromptDataModule
@@ -19,7 +20,7 @@ from lit_rlhf.modules.ppo import KLConfig, PPOConfig, SamplingConfig
 from lit_rlhf.optim import OptimConfig
 from lit_rlhf.ppo_losses import policy_loss
 from lit_rlhf.rewards import RewardFunction
-from lit_rlhf.rollout import evaluate_actions, generate
+from lit_rlhf.rollout import evaluate_actions, generate, sample_categorical
 from tests.conftest import TINY_LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,8 @@ class _ScriptedPolicy:
     def __init__(self, script: list[list[int]], vocab: int = 10) -> None:
         self.script, self.vocab, self.step = script, vocab, 0
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, with_values=True):
+    def __call__(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, with_values=True,
+                 logits_slice=slice(None)):
         logits = torch.full((input_ids.size(0), input_ids.size(1), self.vocab), -1e9)
         for row, tokens in enumerate(self.script):
             logits[row, -1, tokens[min(self.step, len(tokens) - 1)]] = 0.0
@@ -115,6 +117,17 @@ def test_generate_stops_at_eos_and_masks_what_follows():
     assert rollout.response_ids.tolist() == [[5, 6, eos, pad], [5, 6, 7, 8], [eos, pad, pad, pad]]
     assert rollout.response_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert rollout.ended_with(eos).tolist() == [True, False, True]
+
+
+def test_inverse_transform_sampling_follows_the_distribution():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]])
+    gen = torch.Generator().manual_seed(0)
+    n = 20_000
+    draws = torch.stack([sample_categorical(probs, gen) for _ in range(n)], 1)  # (3, n)
+    freq = torch.stack([torch.bincount(row, minlength=4) for row in draws]).float() / n
+    assert (draws[0] != 1).all() and (draws[1] == 3).all()  # zero probability: never drawn
+    # Binomial standard error at n=20000 is at most 0.0036: 5 sigma is 0.018.
+    assert_close(freq, probs, atol=0.018, rtol=0)
 
 
 def test_cached_sampling_log_probs_equal_a_fresh_forward():
@@ -199,6 +212,20 @@ def test_short_fit_raises_the_score(tmp_path):
     assert last > 1.5 * first, scores
     saved = next(tmp_path.glob("lightning_logs/version_*/model"))
     assert (saved / "model.safetensors").is_file() and (saved / "value_head.safetensors").is_file()
+
+
+def test_bf16_mixed_step_clips_gradients_with_a_fused_optimizer(tmp_path):
+    module = _module(ppo=PPOConfig(mini_batch_size=4, ppo_epochs=1, max_grad_norm=1e-3))
+    norms, clip = [], module._clip_gradients
+
+    def recording_clip(optimizer, max_norm):
+        clip(optimizer, max_norm)
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])))
+
+    module._clip_gradients = recording_clip
+    trainer = _fit(module, tmp_path, rollouts=2, precision="bf16-mixed")
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert len(norms) == 4 and max(norms) <= 1e-3 * (1 + 1e-4)  # 2 rollouts x 2 minibatches
 
 
 def _trainable(module):

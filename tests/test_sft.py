@@ -46,6 +46,15 @@ def test_full_finetune_loss_falls(tmp_path):
     assert any(Path(trainer.log_dir).glob("events.out.tfevents.*"))
 
 
+@pytest.mark.parametrize("precision, clip, fused", [("32-true", 1.0, True), ("bf16-mixed", None, True),
+                                                    ("bf16-mixed", 1.0, False)])
+def test_adamw_is_fused_unless_lightning_must_clip_under_mixed_precision(tmp_path, precision, clip, fused):
+    module = _module()
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0, precision=precision, gradient_clip_val=clip)
+    trainer.fit(module, _data(module))  # Lightning raises if asked to clip a fused optimizer here
+    assert trainer.optimizers[0].defaults["fused"] is fused
+
+
 def test_lora_adapter_is_saved_in_peft_format_and_checkpoint_is_small(tmp_path):
     from peft import PeftModel
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 from torch import nn
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.models import (
@@ -54,8 +55,15 @@ class HFModule(L.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizer(
-            self.parameters(), self.optim_config, int(self.trainer.estimated_stepping_batches)
+            self.parameters(), self.optim_config, int(self.trainer.estimated_stepping_batches),
+            allow_fused=self._allow_fused_optimizer(),
         )
+
+    def _allow_fused_optimizer(self) -> bool:
+        # Lightning's mixed-precision plugin raises when asked to clip the gradients of a
+        # fused optimizer (it may unscale them itself), so clipping there means unfused.
+        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
+        return not (mixed and self.trainer.gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain types only, so the checkpoint loads with torch.load(weights_only=True).

@@ -371,7 +371,7 @@ class PPOModule(HFModule):
                     skipped += 1
                     continue
                 if cfg.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                    self._clip_gradients(optimizer, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             epochs_done += 1
@@ -387,7 +387,9 @@ class PPOModule(HFModule):
 
     def _ppo_loss(self, sub: Rollout, advantages: torch.Tensor, returns: torch.Tensor):
         mask = sub.response_mask.float()
-        logprobs, values, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature)
+        # The entropy is a logged statistic; it needs a graph only when it is in the loss.
+        entropy_mode = "grad" if self.ppo.entropy_coef else "detached"
+        logprobs, values, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, entropy=entropy_mode)
         pg_loss, pstats = policy_loss(logprobs, sub.logprobs, advantages, mask, self.ppo.clip_range)
         vf_loss, vstats = value_loss(values, sub.values, returns, mask, self.ppo.clip_range_value)
         mean_entropy = masked_mean(entropy, mask)
@@ -405,6 +407,22 @@ class PPOModule(HFModule):
             "ppo/explained_variance": explained_variance(values.detach(), returns, mask),
         }
         return loss, stats
+
+    def _loss_scaler(self):
+        """The fp16 GradScaler of ``16-mixed``; None for fp32 and bf16."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def _allow_fused_optimizer(self) -> bool:
+        return self._loss_scaler() is None  # see _clip_gradients
+
+    def _clip_gradients(self, optimizer, max_norm: float) -> None:
+        if self._loss_scaler() is None:
+            # Nothing to unscale: clip directly. (Lightning's clip_gradients refuses any fused
+            # optimizer under a mixed-precision plugin, even bf16's, which has no scaler.)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     # ------------------------------------------------------------------------------ DDP helpers
 

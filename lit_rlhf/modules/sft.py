@@ -63,7 +63,8 @@ class SFTModule(HFModule):
             dataset.set_epoch(self.current_epoch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        stats = causal_lm_loss(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
+        logits = self(batch["input_ids"], batch["position_ids"])
+        stats = causal_lm_loss(logits, batch["labels"], count_correct=True)
         n = stats.n_tokens.clamp(min=1).float()
         # Token-weighted means, reduced across ranks by torchmetrics.
         self.val_loss.update(stats.loss.detach(), weight=n)

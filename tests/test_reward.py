@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from lit_rlhf.data.formats import load_rows
-from lit_rlhf.data.preference import PairBatches, PairDataset, PreferenceDataModule, collate_pairs
+from lit_rlhf.data.preference import (
+    PairBatches,
+    PairDataset,
+    PreferenceDataModule,
+    collate_pairs,
+    pack_pairs,
+)
 from lit_rlhf.models import LoraSettings, ModelConfig
 from lit_rlhf.modules import RewardModule
 from lit_rlhf.optim import OptimConfig
@@ -95,6 +101,16 @@ def test_collate_puts_chosen_first_and_right_pads():
     assert batch["margin"].tolist() == [0.5, 0.0]
 
 
+def test_pack_pairs_fills_rows_longest_first():
+    # Sequences: chosen [1,2,3], [5]; rejected [4], [6,7]. Width 3, first-fit by length.
+    batch = pack_pairs([([1, 2, 3], [4], 0.5), ([5], [6, 7], 0.0)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [6, 7, 5], [4, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0], [0, 0, 1]]
+    # Last tokens in the flattened rows, chosen first: 3 at 2, 5 at 5, 4 at 6, 7 at 4.
+    assert batch["last_index"].tolist() == [2, 5, 6, 4]
+    assert batch["margin"].tolist() == [0.5, 0.0]
+
+
 def _module(lora=None, lr=1e-3, **kwargs):
     lm = ModelConfig(arch=TINY_LLAMA, tokenizer="demo", lora=lora)
     return RewardModule(lm, OptimConfig(lr=lr, warmup_steps=0), **kwargs)
@@ -127,6 +143,29 @@ def test_one_forward_equals_separate_forwards_and_padding_side_does_not_matter(t
         per_token = module.model.score(hidden).squeeze(-1)[0]
     assert per_token[len(ids[0]) - 1].item() == pytest.approx(alone[0].item(), abs=1e-5)
     assert abs(per_token[-1].item() - alone[0].item()) > 1e-3
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, target_modules="all-linear")],
+                         ids=["full", "lora"])
+def test_packed_scores_equal_padded_scores(lora):
+    module = _configured(_module(lora=lora))
+    if lora is not None:  # a non-trivial adapter, so that the peft path matters
+        with torch.no_grad():
+            for name, p in module.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 17, 9, 30, 3, 12, 25, 8]
+    seqs = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+    pairs = [(seqs[i], seqs[i + 4], 0.0) for i in range(4)]
+    pad = module.tokenizer.pad_token_id
+    packed, padded = pack_pairs(pairs, pad), collate_pairs(pairs, pad)
+    assert packed["input_ids"].size(0) < 8  # several sequences share a row
+    with torch.no_grad():
+        a = module.forward_packed(packed["input_ids"], packed["position_ids"], packed["last_index"])
+        b = module(padded["input_ids"], padded["attention_mask"])
+    # Equal scores mean no attention leaked between the sequences sharing a row.
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def _fit(tmp_path, module, steps=30, batch_size=8, **trainer_kwargs):

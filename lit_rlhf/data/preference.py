@@ -8,9 +8,10 @@ Supported schemas (``schema="auto"`` picks by columns):
 * ``stack_exchange``: ``{question, response_j, response_k}`` with ``response_j`` preferred,
   formatted ``"Question: {question}\\n\\nAnswer: {response}"``.
 
-A batch of B pairs is one tensor of 2B sequences, chosen first then rejected, so the reward
-model scores both sides in one forward pass (two passes break DDP with gradient
-checkpointing: parameters would be "marked ready twice").
+A batch of B pairs is one tensor holding 2B sequences, chosen first then rejected, so the
+reward model scores both sides in one forward pass (two passes break DDP with gradient
+checkpointing: parameters would be "marked ready twice"). By default the sequences are packed
+several to a row (:func:`pack_pairs`); :func:`collate_pairs` gives one right-padded row each.
 """
 
 from __future__ import annotations
@@ -199,14 +200,57 @@ def collate_pairs(pairs: list[tuple[list[int], list[int], float]], pad_id: int) 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
 
 
-class _Collate:
-    """Picklable collate for DataLoader workers."""
+def pack_pairs(pairs: list[tuple[list[int], list[int], float]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack the 2B sequences of B pairs into rows no wider than the longest one.
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    Sequences go into rows first-fit, longest first, so short sides share a row instead of
+    each being padded to the longest: the reward model's forward pass then computes on
+    little more than the real tokens. Position ids restart at 0 for each sequence, which
+    tells transformers to keep attention inside it (as in SFT packing); a row's unused tail
+    is pad tokens that form one more sequence of their own and are never read.
+
+    Returns:
+        input_ids, position_ids: (R, W) with R <= 2B rows and W the longest sequence.
+        last_index: (2B,) position of each sequence's last token in the flattened (R * W)
+            tokens; entries 0..B-1 are the chosen sides, B..2B-1 the rejected ones.
+        margin: (B,) float.
+    """
+    seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
+    width = max(len(s) for s in seqs)
+    rows: list[list[int]] = []  # indices of the sequences in each row
+    free: list[int] = []  # tokens left in each row
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        row = next((r for r, space in enumerate(free) if space >= len(seqs[i])), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= len(seqs[i])
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.empty((len(rows), width), dtype=torch.long)
+    last_index = torch.empty(len(seqs), dtype=torch.long)
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            n = len(seqs[i])
+            input_ids[r, col : col + n] = torch.tensor(seqs[i], dtype=torch.long)
+            position_ids[r, col : col + n] = torch.arange(n)
+            last_index[i] = r * width + col + n - 1
+            col += n
+        position_ids[r, col:] = torch.arange(width - col)
+    margin = torch.tensor([m for _, _, m in pairs], dtype=torch.float)
+    return {"input_ids": input_ids, "position_ids": position_ids, "last_index": last_index, "margin": margin}
+
+
+class _Collate:
+    """Picklable collate for DataLoader workers: packed rows or right-padded rows."""
+
+    def __init__(self, pad_id: int, pack: bool = True) -> None:
+        self.pad_id, self.pack = pad_id, pack
 
     def __call__(self, pairs):
-        return collate_pairs(pairs, self.pad_id)
+        return (pack_pairs if self.pack else collate_pairs)(pairs, self.pad_id)
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -230,6 +274,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         revision: str | None = None,
+        pack: bool = True,
         tokenizer=None,
     ) -> None:
         """
@@ -252,6 +297,9 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers: dataloader workers per device.
             seed: split and shuffling seed.
             revision: hub dataset revision.
+            pack: put several sequences in one row (no padding to the longest) and score
+                each at its last token; needs a model whose head is called ``score`` (the
+                transformers decoders). ``false``: right-padded rows, one sequence each.
             tokenizer: the model's tokenizer; linked from the module by the CLI.
         """
         super().__init__()
@@ -307,4 +355,4 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler = PairBatches(dataset.lengths(), self.hparams.batch_size, shuffle, self.hparams.seed)
         # Lightning calls sampler.set_epoch(epoch) each epoch, reshuffling the batches.
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.hparams.num_workers,
-                          collate_fn=_Collate(self.tokenizer.pad_token_id))
+                          collate_fn=_Collate(self.tokenizer.pad_token_id, self.hparams.pack))

@@ -27,9 +27,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class RewardModule(HFModule):
     """Reward model: a one-output sequence classifier scored at the last non-pad token.
 
-    Batches are ``{"input_ids", "attention_mask": (2B, T), "margin": (B,)}`` from
-    :class:`~lit_rlhf.data.PreferenceDataModule`: chosen rows first, rejected after, all
-    scored in one forward pass. Logs loss, accuracy, margin and reward mean/std for train and
+    Batches from :class:`~lit_rlhf.data.PreferenceDataModule` hold B pairs, scored in one
+    forward pass: packed, ``{"input_ids", "position_ids": (R, W), "last_index": (2B,),
+    "margin": (B,)}``, or padded, ``{"input_ids", "attention_mask": (2B, T), "margin"}``;
+    chosen sequences first, rejected after, in both. Logs loss, accuracy, margin and reward mean/std for train and
     val; at the end of fit exports a merged HF model to ``<log dir>/export``.
     """
 
@@ -61,8 +62,34 @@ class RewardModule(HFModule):
         )
         return out.logits.squeeze(-1).float()
 
+    def forward_packed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores of sequences packed several to a row (see :func:`~lit_rlhf.data.pack_pairs`).
+
+        Args:
+            input_ids, position_ids: (R, W); positions restart at 0 where a sequence starts.
+            last_index: (N,) index of each sequence's last token in the flattened (R * W).
+
+        Returns:
+            (N,) float32 scores: the head applied to the trunk's hidden state at each index.
+        """
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        head = getattr(model, "score", None)
+        if head is None:
+            raise ValueError(
+                f"packed reward batches need a sequence-classification head named 'score'; "
+                f"{type(model).__name__} has none: set data.pack: false"
+            )
+        # attention_mask=None: transformers keeps attention inside each packed sequence.
+        hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return head(hidden.flatten(0, 1)[last_index]).squeeze(-1).float()
+
     def _pair_step(self, batch: dict):
-        scores = self(batch["input_ids"], batch["attention_mask"])
+        if "last_index" in batch:
+            scores = self.forward_packed(batch["input_ids"], batch["position_ids"], batch["last_index"])
+        else:
+            scores = self(batch["input_ids"], batch["attention_mask"])
         r_chosen, r_rejected = scores.chunk(2)
         margin = batch.get("margin")
         stats = pairwise_loss(r_chosen, r_rejected, margin, self.center_coef)

@@ -1,11 +1,22 @@
 """Per-stage throughput and peak memory, measured through the real LightningModules and Trainer.
 
     python benchmarks/run.py --workload tiny-cpu --out results.json
+    python benchmarks/run.py --workload gpu --out gpu.json      # on a CUDA machine
 
 Each (stage, precision) runs in its own process, so peak memory (RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) belongs to that stage alone. Every figure is
 the median over timed steps after warm-up steps. The workload is fixed so that results
 compare across implementations (see WORKLOADS).
+
+Workloads:
+
+* ``tiny-cpu``: SFT, RM and PPO throughput of a 14M-parameter Llama in fp32 and bf16 mixed,
+  the workload that ``benchmarks/trl_baseline.py`` runs on TRL.
+* ``gpu``: SFT model FLOPs utilisation (MFU) of a 1.1B Llama in bf16 mixed at 2,048 tokens,
+  and the peak GPU memory of one PPO step (rollout + update) with a 4-bit NF4 base + LoRA
+  for Llama shapes of 1.1B, 7B, 13B and 20B parameters (a stage that runs out of memory is
+  reported as ``"oom"``).
+* ``gpu-tiny``: the ``gpu`` workload's code on tiny shapes, so that tests can run it on a CPU.
 """
 
 from __future__ import annotations
@@ -39,8 +50,47 @@ WORKLOADS = {
         ppo=dict(batch_size=8, prompt_len=12, new_tokens=40, ppo_epochs=4),
         warmup=3,
         timed=10,
+        jobs=[(stage, precision) for precision in ("32-true", "bf16-mixed") for stage in ("sft", "rm", "ppo")],
     ),
 }
+
+
+def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int = 32000) -> dict:
+    return dict(model_type="llama", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
+                max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+# Shapes of TinyLlama-1.1B, Llama-2-7B and Llama-2-13B, and a 20B Llama (GPT-NeoX-20B's width,
+# depth and vocabulary), all random init: memory and speed do not depend on the weights.
+GPU_ARCHS = {
+    "1b": _llama(2048, 22, 32, 4, 5632),
+    "7b": _llama(4096, 32, 32, 32, 11008),
+    "13b": _llama(5120, 40, 40, 40, 13824),
+    "20b": _llama(6144, 44, 48, 48, 16384, vocab=50432),
+}
+TINY_ARCHS = {"tiny": _llama(64, 2, 4, 2, 128, vocab=1000)}
+
+
+def _gpu_workload(archs: dict, sft_arch: dict, seq_length: int, new_tokens: int) -> dict:
+    return dict(
+        threads=None,
+        sft=dict(arch=sft_arch, seq_length=seq_length, batch_size=4),
+        ppo_memory=dict(archs=archs, batch_size=8, prompt_len=64, new_tokens=new_tokens, mini_batch_size=4,
+                        lora=dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")),
+        warmup=3,
+        timed=10,
+        jobs=[("sft_mfu", "bf16-mixed")] + [(f"ppo_memory:{name}", "bf16-mixed") for name in archs],
+    )
+
+
+WORKLOADS["gpu"] = _gpu_workload(GPU_ARCHS, GPU_ARCHS["1b"], seq_length=2048, new_tokens=128)
+WORKLOADS["gpu-tiny"] = _gpu_workload(TINY_ARCHS, TINY_ARCHS["tiny"], seq_length=64, new_tokens=8)
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendor data sheets, matched
+# against torch.cuda.get_device_name(); --peak-tflops overrides.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0,
+                    "A10G": 125.0, "L4": 121.0, "RTX 4090": 165.0}
 
 
 class StepTimer(L.Callback):
@@ -63,22 +113,59 @@ def _trainer(precision: str, callbacks, root: Path, **limits) -> L.Trainer:
                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, **limits)
 
 
-def bench_sft(w: dict, precision: str, tmp: Path) -> dict:
+def _time_sft(arch: dict, cfg: dict, w: dict, precision: str, tmp: Path):
+    """Median step time (s) of SFT full fine-tuning on random packed rows, and the module."""
     from torch.utils.data import DataLoader
 
     from lit_rlhf.models import ModelConfig
     from lit_rlhf.modules import SFTModule
 
-    cfg = w["sft"]
     steps = w["warmup"] + w["timed"]
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, w["arch"]["vocab_size"], (steps * cfg["batch_size"], cfg["seq_length"]), generator=g)
+    ids = torch.randint(0, arch["vocab_size"], (steps * cfg["batch_size"], cfg["seq_length"]), generator=g)
     rows = [{"input_ids": x, "labels": x, "position_ids": torch.arange(cfg["seq_length"])} for x in ids]
-    module = SFTModule(ModelConfig(arch=w["arch"], tokenizer="demo"), seq_length=cfg["seq_length"])
+    module = SFTModule(ModelConfig(arch=arch, tokenizer="demo"), seq_length=cfg["seq_length"])
     timer = StepTimer()
     _trainer(precision, [timer], tmp, max_steps=steps).fit(module, DataLoader(rows, batch_size=cfg["batch_size"]))
-    step = statistics.median(timer.times[w["warmup"]:])
+    return statistics.median(timer.times[w["warmup"]:]), module
+
+
+def bench_sft(w: dict, precision: str, tmp: Path) -> dict:
+    cfg = w["sft"]
+    step, _ = _time_sft(w["arch"], cfg, w, precision, tmp)
     return {"sft_tokens_per_s": cfg["batch_size"] * cfg["seq_length"] / step}
+
+
+def flops_per_token(model: torch.nn.Module, seq_length: int) -> float:
+    """Training FLOPs per token, forward + backward: ``6 N + 12 L H T`` (PaLM, appendix B).
+
+    N counts the parameters that take part in matmuls (all but the input embedding), L the
+    layers, H the hidden size and T the sequence length (the attention score and value matmuls;
+    causal masking is not discounted, as in PaLM's MFU).
+    """
+    config = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_length
+
+
+def _device_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def bench_sft_mfu(w: dict, precision: str, tmp: Path, peak_tflops: float | None = None) -> dict:
+    """SFT tokens/s of the workload's ``sft.arch`` and its model FLOPs utilisation."""
+    cfg = w["sft"]
+    step, module = _time_sft(cfg["arch"], cfg, w, precision, tmp)
+    tokens_per_s = cfg["batch_size"] * cfg["seq_length"] / step
+    out = {"sft_tokens_per_s": tokens_per_s,
+           "sft_model_tflops": tokens_per_s * flops_per_token(module.model, cfg["seq_length"]) / 1e12}
+    peak = peak_tflops or _device_peak_tflops()
+    if peak:
+        out["sft_mfu"] = out["sft_model_tflops"] / peak
+    return out
 
 
 def bench_rm(w: dict, precision: str, tmp: Path) -> dict:
@@ -151,47 +238,119 @@ def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
             "ppo_generate_tokens_per_s": cfg["batch_size"] * cfg["new_tokens"] / sample}
 
 
+class _LengthReward:
+    """A reward with no model behind it, so that PPO's peak memory is the policy's alone."""
+
+    def to(self, device):
+        return self
+
+    def __call__(self, prompts, responses):
+        return torch.tensor([len(r) / 100 for r in responses])
+
+
+def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
+    """Peak memory of PPO steps (rollout + update) on a 4-bit NF4 base with LoRA adapters.
+
+    The reference is the base with adapters disabled, and gradient checkpointing is on: the
+    configuration in which a large policy fits on one GPU. Two rollouts run; the peak covers
+    loading, sampling, the reference and value passes and the update.
+    """
+    from lit_rlhf.models import LoraSettings, ModelConfig
+    from lit_rlhf.modules import PPOModule
+    from lit_rlhf.modules.ppo import KLConfig, PPOConfig, SamplingConfig
+
+    cfg, arch = w["ppo_memory"], w["ppo_memory"]["archs"][name]
+    key = f"ppo_nf4_lora_peak_memory_mb_{name}"
+    lm = ModelConfig(arch=arch, tokenizer="demo", dtype="bfloat16", quantization="nf4",
+                     lora=LoraSettings(**cfg["lora"]), gradient_checkpointing=True)
+    module = PPOModule(lm, _LengthReward(),
+                       sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"],
+                                               stop_at_eos=False),
+                       ppo=PPOConfig(ppo_epochs=1, mini_batch_size=cfg["mini_batch_size"]),
+                       kl=KLConfig(adaptive=False), rollout_batch_size=cfg["batch_size"])
+    vocab = min(arch["vocab_size"], len(module.tokenizer))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, vocab, (2, cfg["batch_size"], cfg["prompt_len"]), generator=g)
+    batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "prompt": [""] * len(x)} for x in ids]
+    try:
+        _trainer(precision, [], tmp, limit_train_batches=2).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    except torch.OutOfMemoryError:
+        return {key: "oom"}
+    return {key: _peak_memory_mb(), f"ppo_nf4_lora_params_{name}": sum(p.numel() for p in module.policy.parameters())}
+
+
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_one(workload: str, stage: str, precision: str) -> dict:
+def _with_steps(w: dict, steps_override: str | None) -> dict:
+    if not steps_override:
+        return w
+    warmup, _, timed = steps_override.rpartition(",")
+    return {**w, "warmup": int(warmup or 1), "timed": int(timed)}
+
+
+def run_one(workload: str, stage: str, precision: str, steps_override: str | None = None,
+            peak_tflops: float | None = None) -> dict:
     """One stage in this process; returns its figures (names without the precision suffix)."""
-    w = WORKLOADS[workload]
-    torch.set_num_threads(w["threads"])
+    w = _with_steps(WORKLOADS[workload], steps_override)
+    if w["threads"]:
+        torch.set_num_threads(w["threads"])
     torch.manual_seed(0)
+    kind, _, arg = stage.partition(":")
     with tempfile.TemporaryDirectory() as tmp:
-        bench = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo}[stage]
-        out = bench(w, precision, Path(tmp))
-    out[f"{stage}_peak_memory_mb"] = _peak_memory_mb()
+        if kind == "ppo_memory":
+            return bench_ppo_memory(w, precision, Path(tmp), arg)
+        if kind == "sft_mfu":
+            out = bench_sft_mfu(w, precision, Path(tmp), peak_tflops)
+        else:
+            out = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo}[kind](w, precision, Path(tmp))
+    out[f"{kind.split('_')[0]}_peak_memory_mb"] = _peak_memory_mb()
     return out
+
+
+def _rounded(value):
+    if not isinstance(value, float):
+        return value  # counts, and "oom"
+    return round(value, 2) if abs(value) >= 1 else round(value, 4)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny-cpu")
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--stages", default="sft,rm,ppo")
+    parser.add_argument("--stages", help="comma-separated stage names to run (default: all of the workload's)")
+    parser.add_argument("--steps-override", metavar="[WARMUP,]TIMED",
+                        help="for smoke tests: TIMED timed steps after WARMUP (default 1) warm-up steps")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's dense bf16 peak, for MFU on a GPU missing from PEAK_BF16_TFLOPS")
     parser.add_argument("--one", nargs=2, metavar=("STAGE", "PRECISION"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.one:
-        print(json.dumps(run_one(opts.workload, *opts.one)))
+        print(json.dumps(run_one(opts.workload, *opts.one, opts.steps_override, opts.peak_tflops)))
         return
-    results: dict = {"workload": opts.workload, "torch_threads": WORKLOADS[opts.workload]["threads"],
-                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    w = _with_steps(WORKLOADS[opts.workload], opts.steps_override)
+    results: dict = {"workload": opts.workload, "torch_threads": w["threads"],
+                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                     "warmup": w["warmup"], "timed": w["timed"]}
     start = time.perf_counter()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    for precision, suffix in (("32-true", ""), ("bf16-mixed", "_bf16")):
-        for stage in opts.stages.split(","):
-            print(f"[bench] {stage} {precision}", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--workload", opts.workload, "--out", "-",
-                                   "--one", stage, precision], capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                sys.exit(f"{stage} {precision} failed:\n{proc.stderr[-3000:]}")
-            figures = json.loads(proc.stdout.strip().splitlines()[-1])
-            results.update({k + suffix: round(v, 2) for k, v in figures.items()})
+    wanted = opts.stages.split(",") if opts.stages else None
+    for stage, precision in w["jobs"]:
+        if wanted is not None and stage.partition(":")[0] not in wanted and stage not in wanted:
+            continue
+        print(f"[bench] {stage} {precision}", file=sys.stderr, flush=True)
+        extra = [f"--steps-override={opts.steps_override}"] if opts.steps_override else []
+        extra += [f"--peak-tflops={opts.peak_tflops}"] if opts.peak_tflops else []
+        proc = subprocess.run([sys.executable, __file__, "--workload", opts.workload, "--out", "-", *extra,
+                               "--one", stage, precision], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"{stage} {precision} failed:\n{proc.stderr[-3000:]}")
+        figures = json.loads(proc.stdout.strip().splitlines()[-1])
+        suffix = "_bf16" if precision == "bf16-mixed" else ""
+        results.update({k + suffix: _rounded(v) for k, v in figures.items()})
     results["wall_s"] = round(time.perf_counter() - start, 1)
     Path(opts.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -1,0 +1,54 @@
+"""The benchmark driver runs end to end (tiny shapes, few steps; figures are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, *args) -> dict:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--out", str(out), *args],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_tiny_cpu_workload_writes_every_figure(tmp_path):
+    results = _run(tmp_path, "--workload", "tiny-cpu", "--steps-override", "1,1")
+    for suffix in ("", "_bf16"):
+        for name in ("sft_tokens_per_s", "rm_pairs_per_s", "ppo_episodes_per_s", "ppo_generate_tokens_per_s",
+                     "sft_peak_memory_mb", "rm_peak_memory_mb", "ppo_peak_memory_mb"):
+            assert results[name + suffix] > 0, name + suffix
+
+
+def test_gpu_workload_code_runs_on_tiny_shapes(tmp_path):
+    # The GPU workload's own code (MFU, 4-bit + LoRA PPO memory) on shapes a CPU runs in seconds.
+    results = _run(tmp_path, "--workload", "gpu-tiny", "--steps-override", "1,1", "--peak-tflops", "1")
+    assert results["sft_tokens_per_s_bf16"] > 0
+    assert results["sft_mfu_bf16"] == pytest.approx(results["sft_model_tflops_bf16"] / 1.0, rel=0.01)
+    assert results["ppo_nf4_lora_peak_memory_mb_tiny_bf16"] > 0
+    assert results["ppo_nf4_lora_params_tiny_bf16"] > 0
+
+
+def test_flops_per_token_counts_matmul_parameters():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from run import flops_per_token
+
+    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=10, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    # q, k, v, o: 4 * 8*8; MLP: 3 * 8*16; two RMSNorm weights (8 each) and the final norm (8);
+    # lm_head 10*8; the input embedding (10*8) is a lookup, not a matmul.
+    n = 4 * 64 + 3 * 128 + 3 * 8 + 80
+    assert sum(p.numel() for p in model.parameters()) - 80 == n
+    assert flops_per_token(model, seq_length=5) == 6 * n + 12 * 1 * 8 * 5

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
 from torch import nn
@@ -416,9 +417,10 @@ class PPOModule(HFModule):
         return self._loss_scaler() is None  # see _clip_gradients
 
     def _clip_gradients(self, optimizer, max_norm: float) -> None:
-        if self._loss_scaler() is None:
-            # Nothing to unscale: clip directly. (Lightning's clip_gradients refuses any fused
-            # optimizer under a mixed-precision plugin, even bf16's, which has no scaler.)
+        if isinstance(self.trainer.precision_plugin, MixedPrecision) and self._loss_scaler() is None:
+            # bf16-mixed: nothing to unscale, so clip directly. Lightning's clip_gradients
+            # refuses any fused optimizer under this plugin, although it has no scaler. Every
+            # other case (fp32, fp16 with its scaler, FSDP) goes through Lightning.
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:

@@ -10,7 +10,7 @@ compare across implementations (see WORKLOADS).
 
 Workloads:
 
-* ``tiny-cpu``: SFT, RM and PPO throughput of a 14M-parameter Llama in fp32 and bf16 mixed,
+* ``tiny-cpu``: SFT, RM and PPO throughput of an 8.3M-parameter Llama in fp32 and bf16 mixed,
   the workload that ``benchmarks/trl_baseline.py`` runs on TRL.
 * ``gpu``: SFT model FLOPs utilisation (MFU) of a 1.1B Llama in bf16 mixed at 2,048 tokens,
   and the peak GPU memory of one PPO step (rollout + update) with a 4-bit NF4 base + LoRA
@@ -238,14 +238,6 @@ def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
             "ppo_generate_tokens_per_s": cfg["batch_size"] * cfg["new_tokens"] / sample}
 
 
-class _LengthReward:
-    """A reward with no model behind it, so that PPO's peak memory is the policy's alone."""
-
-    def to(self, device):
-        return self
-
-    def __call__(self, prompts, responses):
-        return torch.tensor([len(r) / 100 for r in responses])
 
 
 def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
@@ -258,12 +250,19 @@ def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
     from lit_rlhf.models import LoraSettings, ModelConfig
     from lit_rlhf.modules import PPOModule
     from lit_rlhf.modules.ppo import KLConfig, PPOConfig, SamplingConfig
+    from lit_rlhf.rewards import RewardFunction
+
+    class LengthReward(RewardFunction):
+        """No model behind it, so that the peak memory is the policy's alone."""
+
+        def __call__(self, prompts, responses):
+            return torch.tensor([len(r) / 100 for r in responses])
 
     cfg, arch = w["ppo_memory"], w["ppo_memory"]["archs"][name]
     key = f"ppo_nf4_lora_peak_memory_mb_{name}"
     lm = ModelConfig(arch=arch, tokenizer="demo", dtype="bfloat16", quantization="nf4",
                      lora=LoraSettings(**cfg["lora"]), gradient_checkpointing=True)
-    module = PPOModule(lm, _LengthReward(),
+    module = PPOModule(lm, LengthReward(),
                        sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"],
                                                stop_at_eos=False),
                        ppo=PPOConfig(ppo_epochs=1, mini_batch_size=cfg["mini_batch_size"]),
@@ -285,7 +284,8 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _with_steps(w: dict, steps_override: str | None) -> dict:
+def with_steps(w: dict, steps_override: str | None) -> dict:
+    """``w`` with ``--steps-override [WARMUP,]TIMED`` applied (WARMUP defaults to 1)."""
     if not steps_override:
         return w
     warmup, _, timed = steps_override.rpartition(",")
@@ -295,7 +295,7 @@ def _with_steps(w: dict, steps_override: str | None) -> dict:
 def run_one(workload: str, stage: str, precision: str, steps_override: str | None = None,
             peak_tflops: float | None = None) -> dict:
     """One stage in this process; returns its figures (names without the precision suffix)."""
-    w = _with_steps(WORKLOADS[workload], steps_override)
+    w = with_steps(WORKLOADS[workload], steps_override)
     if w["threads"]:
         torch.set_num_threads(w["threads"])
     torch.manual_seed(0)
@@ -331,7 +331,7 @@ def main() -> None:
     if opts.one:
         print(json.dumps(run_one(opts.workload, *opts.one, opts.steps_override, opts.peak_tflops)))
         return
-    w = _with_steps(WORKLOADS[opts.workload], opts.steps_override)
+    w = with_steps(WORKLOADS[opts.workload], opts.steps_override)
     results: dict = {"workload": opts.workload, "torch_threads": w["threads"],
                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "warmup": w["warmup"], "timed": w["timed"]}

@@ -311,13 +311,9 @@ def run_one(w: dict, stage: str, precision: str) -> dict:
 def _workload(name: str, steps_override: str | None) -> dict:
     """run.py's workload (imported in this parent process only: the children get it as JSON)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from run import WORKLOADS
+    from run import WORKLOADS, with_steps
 
-    w = json.loads(json.dumps(WORKLOADS[name]))
-    if steps_override:
-        warmup, _, timed = steps_override.rpartition(",")
-        w["warmup"], w["timed"] = int(warmup or 1), int(timed)
-    return w
+    return json.loads(json.dumps(with_steps(WORKLOADS[name], steps_override)))
 
 
 def main() -> None:

@@ -101,14 +101,34 @@ def test_collate_puts_chosen_first_and_right_pads():
     assert batch["margin"].tolist() == [0.5, 0.0]
 
 
-def test_pack_pairs_fills_rows_longest_first():
-    # Sequences: chosen [1,2,3], [5]; rejected [4], [6,7]. Width 3, first-fit by length.
+def test_pack_pairs_lays_sequences_end_to_end_chosen_first():
     batch = pack_pairs([([1, 2, 3], [4], 0.5), ([5], [6, 7], 0.0)], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [6, 7, 5], [4, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0], [0, 0, 1]]
-    # Last tokens in the flattened rows, chosen first: 3 at 2, 5 at 5, 4 at 6, 7 at 4.
-    assert batch["last_index"].tolist() == [2, 5, 6, 4]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 5, 4, 6, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 0, 1]]
+    assert batch["lengths"].tolist() == [3, 1, 1, 2]
     assert batch["margin"].tolist() == [0.5, 0.0]
+
+
+def test_segment_attention_equals_one_sdpa_call_per_sequence():
+    import torch.nn.functional as F
+
+    from lit_rlhf.attention import segment_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 7, 1, 5]
+    # 4 query heads over 2 key/value heads (grouped-query attention), one packed row.
+    q = torch.randn(1, 4, sum(lengths), 8, generator=g)
+    k, v = torch.randn(1, 2, sum(lengths), 8, generator=g), torch.randn(1, 2, sum(lengths), 8, generator=g)
+    out, _ = segment_sdpa(None, q, k, v, None, scaling=0.5, segment_lengths=lengths)
+    assert out.shape == (1, sum(lengths), 4, 8)
+    start = 0
+    for n in lengths:  # naive reference: each sequence alone, keys/values repeated per group
+        ks, vs = (t[:, :, start:start + n].repeat_interleave(2, dim=1) for t in (k, v))
+        ref = F.scaled_dot_product_attention(q[:, :, start:start + n], ks, vs, is_causal=True, scale=0.5)
+        torch.testing.assert_close(out[:, start:start + n], ref.transpose(1, 2))
+        start += n
+    with pytest.raises(ValueError, match="15 tokens for segment lengths summing to 16"):
+        segment_sdpa(None, q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], None, segment_lengths=lengths)
 
 
 def _module(lora=None, lr=1e-3, **kwargs):
@@ -145,10 +165,13 @@ def test_one_forward_equals_separate_forwards_and_padding_side_does_not_matter(t
     assert abs(per_token[-1].item() - alone[0].item()) > 1e-3
 
 
-@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, target_modules="all-linear")],
-                         ids=["full", "lora"])
-def test_packed_scores_equal_padded_scores(lora):
-    module = _configured(_module(lora=lora))
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")],
+                         ids=["full", "lora"])  # no LoRA dropout: both passes run in train mode
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+def test_packed_scores_and_gradients_equal_padded_ones(lora, checkpointing):
+    module = _module(lora=lora)
+    module.lm_config.gradient_checkpointing = checkpointing
+    module = _configured(module).train()  # train mode: checkpointing recomputes in backward
     if lora is not None:  # a non-trivial adapter, so that the peft path matters
         with torch.no_grad():
             for name, p in module.model.named_parameters():
@@ -160,12 +183,31 @@ def test_packed_scores_equal_padded_scores(lora):
     pairs = [(seqs[i], seqs[i + 4], 0.0) for i in range(4)]
     pad = module.tokenizer.pad_token_id
     packed, padded = pack_pairs(pairs, pad), collate_pairs(pairs, pad)
-    assert packed["input_ids"].size(0) < 8  # several sequences share a row
-    with torch.no_grad():
-        a = module.forward_packed(packed["input_ids"], packed["position_ids"], packed["last_index"])
-        b = module(padded["input_ids"], padded["attention_mask"])
-    # Equal scores mean no attention leaked between the sequences sharing a row.
+    assert packed["input_ids"].shape == (1, sum(lengths))  # no padding at all
+
+    def scores_and_grads(step):
+        module.zero_grad()
+        scores = step()
+        scores.pow(2).sum().backward()
+        return scores.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    a, grads_a = scores_and_grads(lambda: module.forward_packed(packed["input_ids"], packed["position_ids"],
+                                                                packed["lengths"]))
+    b, grads_b = scores_and_grads(lambda: module(padded["input_ids"], padded["attention_mask"]))
+    # Equal scores mean no attention leaked between the sequences sharing the row.
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_packed_batches_refuse_attention_without_sequence_boundaries():
+    module = _module()
+    module.lm_config.attn_implementation = "eager"
+    module = _configured(module)
+    batch = pack_pairs([([5, 6, 7], [8, 9], 0.0)], module.tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="attn_implementation sdpa or flash_attention_\\*, got 'eager'"):
+        module.forward_packed(batch["input_ids"], batch["position_ids"], batch["lengths"])
 
 
 def _fit(tmp_path, module, steps=30, batch_size=8, **trainer_kwargs):

@@ -11,7 +11,7 @@ Supported schemas (``schema="auto"`` picks by columns):
 A batch of B pairs is one tensor holding 2B sequences, chosen first then rejected, so the
 reward model scores both sides in one forward pass (two passes break DDP with gradient
 checkpointing: parameters would be "marked ready twice"). By default the sequences are packed
-several to a row (:func:`pack_pairs`); :func:`collate_pairs` gives one right-padded row each.
+end to end in one row (:func:`pack_pairs`); :func:`collate_pairs` gives one right-padded row each.
 """
 
 from __future__ import annotations
@@ -201,50 +201,29 @@ def collate_pairs(pairs: list[tuple[list[int], list[int], float]], pad_id: int) 
 
 
 def pack_pairs(pairs: list[tuple[list[int], list[int], float]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pack the 2B sequences of B pairs into rows no wider than the longest one.
+    """Lay the 2B sequences of B pairs end to end in one row, with no padding at all.
 
-    Sequences go into rows first-fit, longest first, so short sides share a row instead of
-    each being padded to the longest: the reward model's forward pass then computes on
-    little more than the real tokens. Position ids restart at 0 for each sequence, which
-    tells transformers to keep attention inside it (as in SFT packing); a row's unused tail
-    is pad tokens that form one more sequence of their own and are never read.
+    The reward model's forward pass then computes on the real tokens only. Position ids
+    restart at 0 for each sequence, and ``lengths`` gives the boundaries, so that attention
+    stays inside each sequence (see :meth:`~lit_rlhf.modules.RewardModule.forward_packed`).
+    ``pad_id`` is unused; it keeps the signature of :func:`collate_pairs`.
 
     Returns:
-        input_ids, position_ids: (R, W) with R <= 2B rows and W the longest sequence.
-        last_index: (2B,) position of each sequence's last token in the flattened (R * W)
-            tokens; entries 0..B-1 are the chosen sides, B..2B-1 the rejected ones.
+        input_ids, position_ids: (1, N), N the total length of the 2B sequences.
+        lengths: (2B,) length of each sequence; chosen sides first, then rejected ones.
         margin: (B,) float.
     """
     seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
-    width = max(len(s) for s in seqs)
-    rows: list[list[int]] = []  # indices of the sequences in each row
-    free: list[int] = []  # tokens left in each row
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
-        row = next((r for r, space in enumerate(free) if space >= len(seqs[i])), None)
-        if row is None:
-            rows.append([])
-            free.append(width)
-            row = len(rows) - 1
-        rows[row].append(i)
-        free[row] -= len(seqs[i])
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    position_ids = torch.empty((len(rows), width), dtype=torch.long)
-    last_index = torch.empty(len(seqs), dtype=torch.long)
-    for r, members in enumerate(rows):
-        col = 0
-        for i in members:
-            n = len(seqs[i])
-            input_ids[r, col : col + n] = torch.tensor(seqs[i], dtype=torch.long)
-            position_ids[r, col : col + n] = torch.arange(n)
-            last_index[i] = r * width + col + n - 1
-            col += n
-        position_ids[r, col:] = torch.arange(width - col)
-    margin = torch.tensor([m for _, _, m in pairs], dtype=torch.float)
-    return {"input_ids": input_ids, "position_ids": position_ids, "last_index": last_index, "margin": margin}
+    return {
+        "input_ids": torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None],
+        "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
+        "lengths": torch.tensor([len(s) for s in seqs], dtype=torch.long),
+        "margin": torch.tensor([m for _, _, m in pairs], dtype=torch.float),
+    }
 
 
 class _Collate:
-    """Picklable collate for DataLoader workers: packed rows or right-padded rows."""
+    """Picklable collate for DataLoader workers: one packed row, or right-padded rows."""
 
     def __init__(self, pad_id: int, pack: bool = True) -> None:
         self.pad_id, self.pack = pad_id, pack
@@ -297,9 +276,10 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers: dataloader workers per device.
             seed: split and shuffling seed.
             revision: hub dataset revision.
-            pack: put several sequences in one row (no padding to the longest) and score
+            pack: lay the batch's sequences end to end in one row (no padding) and score
                 each at its last token; needs a model whose head is called ``score`` (the
-                transformers decoders). ``false``: right-padded rows, one sequence each.
+                transformers decoders) and ``sdpa`` or flash attention.
+                ``false``: right-padded rows, one sequence each.
             tokenizer: the model's tokenizer; linked from the module by the CLI.
         """
         super().__init__()

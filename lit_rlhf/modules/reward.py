@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_rlhf.attention import SEGMENT_SDPA, use_segment_attention
 from lit_rlhf.callbacks import check_finite
 from lit_rlhf.export import merge_adapter
 from lit_rlhf.losses import pairwise_loss
@@ -28,7 +29,7 @@ class RewardModule(HFModule):
     """Reward model: a one-output sequence classifier scored at the last non-pad token.
 
     Batches from :class:`~lit_rlhf.data.PreferenceDataModule` hold B pairs, scored in one
-    forward pass: packed, ``{"input_ids", "position_ids": (R, W), "last_index": (2B,),
+    forward pass: packed, ``{"input_ids", "position_ids": (1, N), "lengths": (2B,),
     "margin": (B,)}``, or padded, ``{"input_ids", "attention_mask": (2B, T), "margin"}``;
     chosen sequences first, rejected after, in both. Logs loss, accuracy, margin and reward mean/std for train and
     val; at the end of fit exports a merged HF model to ``<log dir>/export``.
@@ -52,6 +53,13 @@ class RewardModule(HFModule):
         self.val_metrics = PairMetrics()
         self.last_val: dict[str, float] = {}
 
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        # Plain SDPA on every call, except packed batches: one attention per sequence.
+        use_segment_attention(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, T) ids and mask -> (N,) scores, read at each row's last non-pad token."""
         out = self.model(
@@ -62,17 +70,21 @@ class RewardModule(HFModule):
         )
         return out.logits.squeeze(-1).float()
 
-    def forward_packed(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor
-    ) -> torch.Tensor:
-        """Scores of sequences packed several to a row (see :func:`~lit_rlhf.data.pack_pairs`).
+    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Scores of sequences laid end to end in one row (see :func:`~lit_rlhf.data.pack_pairs`).
+
+        Attention stays inside each sequence: with ``sdpa`` (switched to
+        :func:`~lit_rlhf.attention.segment_sdpa` at load) one causal attention per sequence,
+        with flash attention transformers' variable-length kernel, which finds the sequences
+        from the restarting position ids.
 
         Args:
-            input_ids, position_ids: (R, W); positions restart at 0 where a sequence starts.
-            last_index: (N,) index of each sequence's last token in the flattened (R * W).
+            input_ids, position_ids: (1, N); positions restart at 0 where a sequence starts.
+            lengths: (S,) sequence lengths, summing to N.
 
         Returns:
-            (N,) float32 scores: the head applied to the trunk's hidden state at each index.
+            (S,) float32 scores: the head applied to the trunk's hidden state at each
+            sequence's last token.
         """
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         head = getattr(model, "score", None)
@@ -81,13 +93,24 @@ class RewardModule(HFModule):
                 f"packed reward batches need a sequence-classification head named 'score'; "
                 f"{type(model).__name__} has none: set data.pack: false"
             )
-        # attention_mask=None: transformers keeps attention inside each packed sequence.
-        hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return head(hidden.flatten(0, 1)[last_index]).squeeze(-1).float()
+        implementation = model.config._attn_implementation
+        if implementation == SEGMENT_SDPA:
+            # The all-ones mask tells transformers there is no padding, so it builds no mask.
+            extra = {"attention_mask": torch.ones_like(input_ids), "segment_lengths": lengths.tolist()}
+        elif implementation.startswith("flash_attention"):
+            extra = {}
+        else:
+            raise ValueError(
+                f"packed reward batches need model.lm.attn_implementation sdpa or flash_attention_*, "
+                f"got {implementation!r}: set data.pack: false"
+            )
+        hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
+        last_index = lengths.cumsum(0) - 1
+        return head(hidden.last_hidden_state[0, last_index]).squeeze(-1).float()
 
     def _pair_step(self, batch: dict):
-        if "last_index" in batch:
-            scores = self.forward_packed(batch["input_ids"], batch["position_ids"], batch["last_index"])
+        if "lengths" in batch:
+            scores = self.forward_packed(batch["input_ids"], batch["position_ids"], batch["lengths"])
         else:
             scores = self(batch["input_ids"], batch["attention_mask"])
         r_chosen, r_rejected = scores.chunk(2)

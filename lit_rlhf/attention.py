@@ -1,0 +1,82 @@
+"""Causal attention over sequences laid end to end in one row, one SDPA call per sequence.
+
+A packed reward-model batch (:func:`~lit_rlhf.data.pack_pairs`) is a single row holding
+all 2B sequences back to back, with no padding. Given such a row, transformers' SDPA path
+would keep attention inside each sequence with a (1, 1, T, T) block-diagonal mask over
+all T tokens, and SDPA computes every entry of it: T² work. :func:`segment_sdpa` instead
+splits queries, keys and values at the sequence boundaries and runs causal SDPA on each
+piece, which costs the sum of the squared lengths and needs no mask.
+
+It is registered with transformers under :data:`SEGMENT_SDPA`. A model switched to it by
+:func:`use_segment_attention` behaves exactly like ``sdpa`` on every call, except the calls
+that pass ``segment_lengths=[L1, L2, ...]`` (which transformers hands on to every attention
+layer, and again when gradient checkpointing recomputes a layer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+SEGMENT_SDPA = "lit_rlhf_segment_sdpa"
+
+
+def segment_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    segment_lengths: list[int] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; returns (B, T, H, D) and no weights.
+
+    Args:
+        query: (B, H, T, D); key, value: (B, H_kv, T, D), H a multiple of H_kv.
+        attention_mask: used only without ``segment_lengths`` (plain SDPA). With them, the
+            row must hold nothing but the segments, so causal attention inside each is the
+            whole mask.
+        segment_lengths: lengths of the sequences in the (single) row, summing to T.
+    """
+    if segment_lengths is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if query.size(0) != 1 or sum(segment_lengths) != query.size(2):
+        raise ValueError(
+            f"segment attention needs one row holding exactly the segments; got {query.size(0)} rows of "
+            f"{query.size(2)} tokens for segment lengths summing to {sum(segment_lengths)}"
+        )
+    gqa = key.size(1) != query.size(1)
+    pieces = zip(query.split(segment_lengths, 2), key.split(segment_lengths, 2), value.split(segment_lengths, 2))
+    # split's backward is one cat, where slicing would write a zero-filled full-size
+    # gradient per segment.
+    out = torch.cat(
+        [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+         for q, k, v in pieces],
+        dim=2,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_SDPA, segment_sdpa)
+# Masks are built as for sdpa; a call with segment_lengths passes an all-ones 2D mask,
+# for which sdpa builds none.
+AttentionMaskInterface.register(SEGMENT_SDPA, sdpa_mask)
+
+
+def use_segment_attention(model: nn.Module) -> bool:
+    """Switch a transformers model from ``sdpa`` to :data:`SEGMENT_SDPA`; True if it now uses it.
+
+    Other implementations (eager, flash attention) are left as they are. The choice is not
+    written to ``config.json`` by ``save_pretrained``: exports load with the default.
+    """
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(SEGMENT_SDPA)
+    return model.config._attn_implementation == SEGMENT_SDPA

@@ -2,11 +2,16 @@
 
     python benchmarks/compare.py --workload tiny-cpu --out-dir benchmarks/results
 
-For each stage it runs ``run.py`` and then ``trl_baseline.py`` (both precisions each), so
-the two measurements of a stage are minutes apart rather than a whole run apart: on a
-shared machine the speed drifts, and interleaving keeps the drift out of the ratios. Writes
-``<out-dir>/<workload>-lit_rlhf-<date>.json``, ``<workload>-trl-<date>.json`` and prints a
-markdown table of the ratios against the targets of the benchmark issue.
+For each stage it runs ``run.py`` and ``trl_baseline.py`` (both precisions each), so the
+two measurements of a stage are minutes apart rather than a whole run apart: on a shared
+machine the speed drifts, and interleaving keeps the drift out of the ratios. With
+``--repeats N`` (default 2) each stage is measured N times, alternating which of the two
+goes first (lit_rlhf, TRL, then TRL, lit_rlhf, ...); each figure is the median over the
+repeats, and the table also lists the ratio of every repeat, so the spread is visible.
+
+Writes ``<out-dir>/<workload>-lit_rlhf-<date>.json`` and ``<workload>-trl-<date>.json`` (the
+medians, and each repeat's figures under ``"repeats"``) and prints a markdown table of the
+ratios against the targets of the benchmark issue.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,17 +42,31 @@ def _run(script: str, workload: str, stage: str, extra: list[str]) -> dict:
         return json.loads(out.read_text())
 
 
-def table(ours: dict, trl: dict) -> str:
-    """Markdown: each figure in fp32 and bf16, both implementations, ratio and target."""
-    lines = ["| figure | precision | lit_rlhf | TRL | ratio | target |", "|---|---|---|---|---|---|"]
+def median_of(repeats: list[dict]) -> dict:
+    """Per key, the median over the repeats of the numeric figures."""
+    out = {}
+    for key in repeats[0]:
+        values = [r.get(key) for r in repeats]
+        if all(isinstance(v, (int, float)) for v in values):
+            # Settings (threads, steps) are equal in every repeat and keep their type.
+            out[key] = values[0] if len(set(values)) == 1 else round(statistics.median(values), 4)
+    return out
+
+
+def table(ours: list[dict], trl: list[dict]) -> str:
+    """Markdown: each figure in fp32 and bf16, both implementations (medians over the
+    repeats), the ratio of the medians, each repeat's ratio and the target."""
+    a_med, b_med = median_of(ours), median_of(trl)
+    lines = ["| figure | precision | lit_rlhf | TRL | ratio | per repeat | target |", "|---|---|---|---|---|---|---|"]
     for name, *targets in TARGETS + [(m, None, None) for m in MEMORY]:
         for suffix, target, label in (("", targets[0], "fp32"), ("_bf16", targets[1], "bf16-mixed")):
-            a, b = ours.get(name + suffix), trl.get(name + suffix)
-            if a is None or b is None:
+            key = name + suffix
+            if key not in a_med or key not in b_med:
                 continue
-            ratio = a / b
+            ratio = a_med[key] / b_med[key]
+            each = " / ".join(f"{a[key] / b[key]:.2f}" for a, b in zip(ours, trl))
             verdict = "" if target is None else f"{target:.1f}× {'met' if ratio >= target else 'NOT met'}"
-            lines.append(f"| {name} | {label} | {a:,.2f} | {b:,.2f} | {ratio:.2f}× | {verdict} |")
+            lines.append(f"| {name} | {label} | {a_med[key]:,.2f} | {b_med[key]:,.2f} | {ratio:.2f}× | {each} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -56,20 +76,31 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--stages", default="sft,rm,ppo")
     parser.add_argument("--steps-override", metavar="[WARMUP,]TIMED", help="for smoke tests")
+    parser.add_argument("--repeats", type=int, default=2, help="measurements of each stage per implementation")
     opts = parser.parse_args()
+    if opts.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {opts.repeats}")
     extra = [f"--steps-override={opts.steps_override}"] if opts.steps_override else []
-    ours, trl = {}, {}
+    runs: dict[str, list[dict]] = {"lit_rlhf": [{} for _ in range(opts.repeats)],
+                                   "trl": [{} for _ in range(opts.repeats)]}
+    scripts = [("lit_rlhf", "run.py"), ("trl", "trl_baseline.py")]
     for stage in opts.stages.split(","):
-        ours.update(_run("run.py", opts.workload, stage, extra))
-        trl.update(_run("trl_baseline.py", opts.workload, stage, extra))
-    for result in (ours, trl):
-        result.pop("wall_s", None)  # per stage here; the sum would mislead
+        for repeat in range(opts.repeats):
+            # Alternate who goes first, so a drift within a repeat does not always favour one.
+            for name, script in scripts if repeat % 2 == 0 else scripts[::-1]:
+                figures = _run(script, opts.workload, stage, extra)
+                figures.pop("wall_s", None)  # per stage here; a sum would mislead
+                runs[name][repeat].update(figures)
     date = datetime.date.today().isoformat()
     out_dir = Path(opts.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, result in (("lit_rlhf", ours), ("trl", trl)):
-        (out_dir / f"{opts.workload}-{name}-{date}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(table(ours, trl))
+    for name, repeats in runs.items():
+        result = {**repeats[0], **median_of(repeats), "repeats": repeats}
+        path = out_dir / f"{opts.workload}-{name}-{date}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(path)
+    print(table(runs["lit_rlhf"], runs["trl"]))
 
 
 if __name__ == "__main__":

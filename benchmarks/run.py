@@ -192,9 +192,19 @@ def bench_rm(w: dict, precision: str, tmp: Path) -> dict:
             return [pairs[i] for i in index]
 
     module = RewardModule(ModelConfig(arch=w["arch"], tokenizer="demo"))
-    # The library's own batching: length-grouped batches, little padding.
-    sampler = PairBatches([max(len(c), len(r)) for c, r, _ in pairs], cfg["batch_size"], shuffle=True, seed=0)
-    loader = DataLoader(Pairs(), batch_size=None, sampler=sampler, collate_fn=_Collate(module.tokenizer.pad_token_id))
+    # The library's own batching: length-grouped batches, each packed into one row. Its batches run from
+    # short to long pairs, so the warm-up batches come from pairs of their own and the timed
+    # steps are one whole epoch over the rest: every length range is timed once, instead of
+    # whichever batches the warm-up left over.
+    warm = w["warmup"] * cfg["batch_size"]
+    pair_lengths = [max(len(c), len(r)) for c, r, _ in pairs]
+
+    def epoch(first: int, last: int) -> list[list[int]]:
+        sampler = PairBatches(pair_lengths[first:last], cfg["batch_size"], shuffle=True, seed=0)
+        return [[first + i for i in batch] for batch in sampler]
+
+    batches = epoch(0, warm) + epoch(warm, n)
+    loader = DataLoader(Pairs(), batch_size=None, sampler=batches, collate_fn=_Collate(module.tokenizer.pad_token_id))
     timer = StepTimer()
     _trainer(precision, [timer], tmp, max_steps=steps).fit(module, loader)
     step = statistics.median(timer.times[w["warmup"]:])

@@ -52,3 +52,19 @@ def test_flops_per_token_counts_matmul_parameters():
     n = 4 * 64 + 3 * 128 + 3 * 8 + 80
     assert sum(p.numel() for p in model.parameters()) - 80 == n
     assert flops_per_token(model, seq_length=5) == 6 * n + 12 * 1 * 8 * 5
+
+
+def test_compare_takes_medians_over_repeats_and_lists_each_ratio():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare import median_of, table
+
+    ours = [{"rm_pairs_per_s": r, "torch_threads": 2} for r in (15.0, 21.0, 30.0)]
+    trl = [{"rm_pairs_per_s": r, "torch_threads": 2} for r in (10.0, 10.0, 20.0)]
+    assert median_of(ours) == {"rm_pairs_per_s": 21.0, "torch_threads": 2}
+    row = next(line for line in table(ours, trl).splitlines() if line.startswith("| rm_pairs_per_s | fp32"))
+    # Ratio of the medians (21 / 10), every repeat's own ratio, and the verdict against 1.5x.
+    assert "| 2.10× |" in row
+    assert "| 1.50 / 2.10 / 1.50 |" in row
+    assert "1.5× met" in row
+    trl[1]["rm_pairs_per_s"] = 16.0  # median 16: 21 / 16 = 1.31x
+    assert "1.5× NOT met" in next(line for line in table(ours, trl).splitlines() if "| fp32 |" in line)

@@ -15,6 +15,8 @@ layer, and again when gradient checkpointing recomputes a layer).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,15 +56,25 @@ def segment_sdpa(
             f"{query.size(2)} tokens for segment lengths summing to {sum(segment_lengths)}"
         )
     gqa = key.size(1) != query.size(1)
-    pieces = zip(query.split(segment_lengths, 2), key.split(segment_lengths, 2), value.split(segment_lengths, 2))
-    # split's backward is one cat, where slicing would write a zero-filled full-size
-    # gradient per segment.
-    out = torch.cat(
-        [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-         for q, k, v in pieces],
-        dim=2,
-    )
-    return out.transpose(1, 2).contiguous(), None
+    dtype = query.dtype
+    # CPU SDPA in bf16/fp16 compiles and keeps kernels for every new sequence length
+    # (measured: about 8 MB of memory per length), and every packed batch brings new
+    # lengths. In float32 it keeps nothing and runs about as fast; autocast is off here,
+    # or it would cast the inputs straight back.
+    upcast = query.device.type == "cpu" and (dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        if upcast:
+            query, key, value = query.float(), key.float(), value.float()
+        pieces = zip(query.split(segment_lengths, 2), key.split(segment_lengths, 2), value.split(segment_lengths, 2))
+        # split's backward is one cat, where slicing would write a zero-filled full-size
+        # gradient per segment.
+        out = torch.cat(
+            [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                            enable_gqa=gqa)
+             for q, k, v in pieces],
+            dim=2,
+        )
+    return out.transpose(1, 2).to(dtype).contiguous(), None
 
 
 AttentionInterface.register(SEGMENT_SDPA, segment_sdpa)

@@ -131,6 +131,19 @@ def test_segment_attention_equals_one_sdpa_call_per_sequence():
         segment_sdpa(None, q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], None, segment_lengths=lengths)
 
 
+def test_segment_attention_runs_in_float32_under_cpu_autocast():
+    # CPU bf16 SDPA keeps compiled kernels for every new length; the segment path upcasts.
+    from lit_rlhf.attention import segment_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = segment_sdpa(None, q, k, v, None, scaling=0.3, segment_lengths=[4, 5])
+    assert out.dtype == torch.bfloat16
+    ref, _ = segment_sdpa(None, q.float(), k.float(), v.float(), None, scaling=0.3, segment_lengths=[4, 5])
+    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)
+
+
 def _module(lora=None, lr=1e-3, **kwargs):
     lm = ModelConfig(arch=TINY_LLAMA, tokenizer="demo", lora=lora)
     return RewardModule(lm, OptimConfig(lr=lr, warmup_steps=0), **kwargs)

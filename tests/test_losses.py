@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lit_rlhf.losses import causal_lm_loss
+import lit_rlhf.losses as losses
+from lit_rlhf.losses import causal_lm_loss, cross_entropy_sum
 from lit_rlhf.optim import OptimConfig, warmup_cosine
 
 
@@ -40,6 +41,29 @@ def test_causal_lm_loss_hand_value_and_all_masked():
     assert causal_lm_loss(logits, labels).loss.item() == pytest.approx(math.log(4))
     empty = causal_lm_loss(logits, torch.full((1, 3), -100))
     assert empty.loss.item() == 0.0 and empty.n_tokens.item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [None, 3], ids=["one-chunk", "chunks-of-3-rows"])
+def test_cross_entropy_sum_equals_float32_cross_entropy_in_value_and_gradient(monkeypatch, dtype, chunk_rows):
+    if chunk_rows is not None:  # several chunks, the last one short (10 rows)
+        monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk_rows * 11)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(10, 11, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 11, (10,), generator=g)
+    targets[[1, 6]] = -100
+    ours = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    loss = cross_entropy_sum(ours, targets)
+    expected = torch.nn.functional.cross_entropy(ref.float(), targets, reduction="sum")
+    (0.5 * loss).backward()
+    (0.5 * expected).backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+    assert ours.grad.dtype == dtype
+    # The float32 gradient, rounded once to the logits' dtype; ignored rows get exactly 0.
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    assert ours.grad[[1, 6]].abs().sum() == 0
 
 
 def test_warmup_cosine_schedule():

@@ -5,7 +5,7 @@
 For each stage it runs ``run.py`` and ``trl_baseline.py`` (both precisions each), so the
 two measurements of a stage are minutes apart rather than a whole run apart: on a shared
 machine the speed drifts, and interleaving keeps the drift out of the ratios. With
-``--repeats N`` (default 2) each stage is measured N times, alternating which of the two
+``--repeats N`` (default 3) each stage is measured N times, alternating which of the two
 goes first (lit_rlhf, TRL, then TRL, lit_rlhf, ...); each figure is the median over the
 repeats, and the table also lists the ratio of every repeat, so the spread is visible.
 
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--stages", default="sft,rm,ppo")
     parser.add_argument("--steps-override", metavar="[WARMUP,]TIMED", help="for smoke tests")
-    parser.add_argument("--repeats", type=int, default=2, help="measurements of each stage per implementation")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of each stage per implementation")
     opts = parser.parse_args()
     if opts.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {opts.repeats}")

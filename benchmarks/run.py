@@ -192,10 +192,10 @@ def bench_rm(w: dict, precision: str, tmp: Path) -> dict:
             return [pairs[i] for i in index]
 
     module = RewardModule(ModelConfig(arch=w["arch"], tokenizer="demo"))
-    # The library's own batching: length-grouped batches, each packed into one row. Its batches run from
-    # short to long pairs, so the warm-up batches come from pairs of their own and the timed
-    # steps are one whole epoch over the rest: every length range is timed once, instead of
-    # whichever batches the warm-up left over.
+    # The library's own batching: length-grouped batches, each packed into one row. Grouped
+    # batches differ widely in size, so the warm-up batches come from pairs of their own and
+    # the timed steps are one whole epoch over the rest: every length range is timed once,
+    # instead of whichever batches the warm-up left over.
     warm = w["warmup"] * cfg["batch_size"]
     pair_lengths = [max(len(c), len(r)) for c, r, _ in pairs]
 

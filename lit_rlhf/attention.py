@@ -83,12 +83,25 @@ AttentionInterface.register(SEGMENT_SDPA, segment_sdpa)
 AttentionMaskInterface.register(SEGMENT_SDPA, sdpa_mask)
 
 
+def has_local_attention(config) -> bool:
+    """True when some layers attend through a sliding window, which segment attention ignores."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return any(kind != "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is not None
+
+
 def use_segment_attention(model: nn.Module) -> bool:
     """Switch a transformers model from ``sdpa`` to :data:`SEGMENT_SDPA`; True if it now uses it.
 
-    Other implementations (eager, flash attention) are left as they are. The choice is not
-    written to ``config.json`` by ``save_pretrained``: exports load with the default.
+    Left as they are: other implementations (eager, flash attention), models with
+    sliding-window layers, and models that transformers cannot switch (those without its
+    attention interface). The choice is not written to ``config.json`` by
+    ``save_pretrained``: exports load with the default.
     """
-    if model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation(SEGMENT_SDPA)
+    if model.config._attn_implementation == "sdpa" and not has_local_attention(model.config):
+        try:
+            model.set_attn_implementation(SEGMENT_SDPA)
+        except (ValueError, NotImplementedError):
+            pass  # stays on sdpa
     return model.config._attn_implementation == SEGMENT_SDPA

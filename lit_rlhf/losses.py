@@ -42,19 +42,20 @@ class _CrossEntropySum(torch.autograd.Function):
         target_logits = logits.gather(1, safe[:, None]).squeeze(1).float()
         ctx.save_for_backward(logits, safe, mask, lse)
         ctx.rows = rows
-        return ((lse - target_logits) * mask).sum()
+        # where, not a product: a non-finite ignored row must not turn the sum into NaN.
+        return torch.where(mask, lse - target_logits, 0.0).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, safe, mask, lse = ctx.saved_tensors
         out = torch.empty_like(logits)
-        scale = grad.float() * mask.float()  # (N,): ignored rows get a zero gradient
+        scale = torch.where(mask, grad.float(), 0.0)  # (N,): ignored rows get a zero gradient
+        in_place = logits.dtype == torch.float32  # then work straight in the output
         for start in range(0, logits.size(0), ctx.rows):
             end = min(start + ctx.rows, logits.size(0))
-            in_place = logits.dtype == torch.float32  # then work straight in the output
-            p = out[start:end] if in_place else torch.empty(end - start, logits.size(1), device=logits.device)
+            p = out[start:end] if in_place else logits.new_empty(end - start, logits.size(1), dtype=torch.float32)
             torch.sub(logits[start:end], lse[start:end, None], out=p).exp_()
-            p.scatter_add_(1, safe[start:end, None], torch.full((end - start, 1), -1.0, device=p.device))
+            p.scatter_add_(1, safe[start:end, None], p.new_full((end - start, 1), -1.0))
             p.mul_(scale[start:end, None])
             if not in_place:
                 out[start:end] = p

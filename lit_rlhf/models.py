@@ -79,8 +79,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     attn_implementation: str = "sdpa"
-    """``sdpa``, ``eager`` or ``flash_attention_2``; all honour packed SFT ``position_ids``.
-    Packed reward-model batches (one row) need ``sdpa`` or flash attention."""
+    """``sdpa``, ``eager`` or ``flash_attention_2``; all honour packed ``position_ids``."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off by default: it executes arbitrary code."""
     revision: str | None = None

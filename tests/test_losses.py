@@ -66,6 +66,25 @@ def test_cross_entropy_sum_equals_float32_cross_entropy_in_value_and_gradient(mo
     assert ours.grad[[1, 6]].abs().sum() == 0
 
 
+def test_cross_entropy_sum_ignores_non_finite_ignored_rows_and_the_default_dtype():
+    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([1, -100, 3, 0])
+    logits[1] = float("nan")  # an ignored row (e.g. garbage past the end of a sequence)
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2, 3]], targets[[0, 2, 3]], reduction="sum")
+    torch.testing.assert_close(cross_entropy_sum(logits, targets), expected)
+    # The backward's float32 buffers do not follow torch's default dtype.
+    x = logits[[0, 2, 3]].clone().requires_grad_()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        cross_entropy_sum(x, targets[[0, 2, 3]]).backward()
+    finally:
+        torch.set_default_dtype(default)
+    ref = logits[[0, 2, 3]].clone().requires_grad_()
+    torch.nn.functional.cross_entropy(ref, targets[[0, 2, 3]], reduction="sum").backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
 def test_warmup_cosine_schedule():
     # warmup 4 steps, 14 total, floor 0.1
     assert [warmup_cosine(s, 4, 14, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -214,13 +214,24 @@ def test_packed_scores_and_gradients_equal_padded_ones(lora, checkpointing):
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_packed_batches_refuse_attention_without_sequence_boundaries():
-    module = _module()
-    module.lm_config.attn_implementation = "eager"
+@pytest.mark.parametrize("arch, attn", [(TINY_LLAMA, "eager"), ({**TINY_LLAMA, "model_type": "mistral", "sliding_window": 4}, "sdpa")],
+                         ids=["eager", "sliding-window"])
+def test_packed_batches_fall_back_to_padded_rows_where_segment_attention_does_not_apply(arch, attn):
+    from lit_rlhf.attention import SEGMENT_SDPA
+
+    module = RewardModule(ModelConfig(arch=arch, tokenizer="demo", attn_implementation=attn))
     module = _configured(module)
-    batch = pack_pairs([([5, 6, 7], [8, 9], 0.0)], module.tokenizer.pad_token_id)
-    with pytest.raises(ValueError, match="attn_implementation sdpa or flash_attention_\\*, got 'eager'"):
-        module.forward_packed(batch["input_ids"], batch["position_ids"], batch["lengths"])
+    # Segment attention would ignore the eager choice and the sliding window: not switched in.
+    assert module.model.config._attn_implementation == attn != SEGMENT_SDPA
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 3, 12, 6)]
+    pairs = [(seqs[0], seqs[2], 0.0), (seqs[1], seqs[3], 0.0)]
+    pad = module.tokenizer.pad_token_id
+    packed, padded = pack_pairs(pairs, pad), collate_pairs(pairs, pad)
+    with torch.no_grad():
+        a = module.forward_packed(packed["input_ids"], packed["position_ids"], packed["lengths"])
+        b = module(padded["input_ids"], padded["attention_mask"])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def _fit(tmp_path, module, steps=30, batch_size=8, **trainer_kwargs):

@@ -277,8 +277,8 @@ class PreferenceDataModule(L.LightningDataModule):
             seed: split and shuffling seed.
             revision: hub dataset revision.
             pack: lay the batch's sequences end to end in one row (no padding) and score
-                each at its last token; needs a model whose head is called ``score`` (the
-                transformers decoders) and ``sdpa`` or flash attention.
+                each at its last token (see ``RewardModule.forward_packed``, which falls back
+                to padded rows for models it cannot attend per sequence).
                 ``false``: right-padded rows, one sequence each.
             tokenizer: the model's tokenizer; linked from the module by the CLI.
         """

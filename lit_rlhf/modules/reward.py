@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.utils.rnn import pad_sequence
 
 from lit_rlhf.attention import SEGMENT_SDPA, use_segment_attention
 from lit_rlhf.callbacks import check_finite
@@ -54,8 +55,6 @@ class RewardModule(HFModule):
         self.last_val: dict[str, float] = {}
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
         super().configure_model()
         # Plain SDPA on every call, except packed batches: one attention per sequence.
         use_segment_attention(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
@@ -73,37 +72,32 @@ class RewardModule(HFModule):
     def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Scores of sequences laid end to end in one row (see :func:`~lit_rlhf.data.pack_pairs`).
 
-        Attention stays inside each sequence: with ``sdpa`` (switched to
-        :func:`~lit_rlhf.attention.segment_sdpa` at load) one causal attention per sequence,
-        with flash attention transformers' variable-length kernel, which finds the sequences
-        from the restarting position ids.
+        Attention stays inside each sequence: with segment attention (``sdpa`` models
+        without local attention, switched at load) one causal SDPA per sequence; with flash
+        attention transformers' variable-length kernel, which finds the sequences from the
+        restarting position ids. Any other model (eager attention, sliding windows, a model
+        that transformers cannot switch, a head not called ``score``) gets the sequences back
+        as right-padded rows: the same scores, with padding.
 
         Args:
             input_ids, position_ids: (1, N); positions restart at 0 where a sequence starts.
             lengths: (S,) sequence lengths, summing to N.
 
         Returns:
-            (S,) float32 scores: the head applied to the trunk's hidden state at each
-            sequence's last token.
+            (S,) float32 scores at each sequence's last token.
         """
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        head = getattr(model, "score", None)
-        if head is None:
-            raise ValueError(
-                f"packed reward batches need a sequence-classification head named 'score'; "
-                f"{type(model).__name__} has none: set data.pack: false"
-            )
         implementation = model.config._attn_implementation
+        head = getattr(model, "score", None)
+        if head is None or not (implementation == SEGMENT_SDPA or implementation.startswith("flash_attention")):
+            sequences = input_ids[0].split(lengths.tolist())
+            padded = pad_sequence(sequences, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0)
+            mask = pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True)
+            return self(padded, mask)
+        extra = {}
         if implementation == SEGMENT_SDPA:
             # The all-ones mask tells transformers there is no padding, so it builds no mask.
             extra = {"attention_mask": torch.ones_like(input_ids), "segment_lengths": lengths.tolist()}
-        elif implementation.startswith("flash_attention"):
-            extra = {}
-        else:
-            raise ValueError(
-                f"packed reward batches need model.lm.attn_implementation sdpa or flash_attention_*, "
-                f"got {implementation!r}: set data.pack: false"
-            )
         hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         last_index = lengths.cumsum(0) - 1
         return head(hidden.last_hidden_state[0, last_index]).squeeze(-1).float()

@@ -197,6 +197,10 @@ def test_packed_scores_and_gradients_equal_padded_ones(lora, checkpointing):
     pad = module.tokenizer.pad_token_id
     packed, padded = pack_pairs(pairs, pad), collate_pairs(pairs, pad)
     assert packed["input_ids"].shape == (1, sum(lengths))  # no padding at all
+    from lit_rlhf.attention import SEGMENT_SDPA
+
+    base = module.model.get_base_model() if lora is not None else module.model
+    assert base.config._attn_implementation == SEGMENT_SDPA  # the per-sequence path, not the fallback
 
     def scores_and_grads(step):
         module.zero_grad()

@@ -169,6 +169,7 @@ def bench_sft_mfu(w: dict, precision: str, tmp: Path, peak_tflops: float | None 
 
 
 def bench_rm(w: dict, precision: str, tmp: Path) -> dict:
+    from pairs import random_pairs
     from torch.utils.data import DataLoader
 
     from lit_rlhf.data.preference import PairBatches, _Collate
@@ -177,12 +178,8 @@ def bench_rm(w: dict, precision: str, tmp: Path) -> dict:
 
     cfg = w["rm"]
     steps = w["warmup"] + w["timed"]
-    g = torch.Generator().manual_seed(0)
-    n = steps * cfg["batch_size"]
-    lengths = torch.randint(cfg["min_len"], cfg["max_len"] + 1, (2 * n,), generator=g).tolist()
-    vocab = w["arch"]["vocab_size"]
-    pairs = [(torch.randint(2, vocab, (lengths[2 * i],), generator=g).tolist(),
-              torch.randint(2, vocab, (lengths[2 * i + 1],), generator=g).tolist(), 0.0) for i in range(n)]
+    pairs = [(chosen, rejected, 0.0) for chosen, rejected in random_pairs(w)]
+    n = len(pairs)
 
     class Pairs(torch.utils.data.Dataset):
         def __len__(self):

@@ -185,22 +185,14 @@ def bench_sft(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
 
 
 def bench_rm(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
-    import torch
     from datasets import Dataset
+    from pairs import random_pairs
     from trl import RewardConfig, RewardTrainer
 
     cfg = w["rm"]
     steps = w["warmup"] + w["timed"]
-    # The same pairs as run.py: lengths, then tokens, from one generator seeded 0.
-    g = torch.Generator().manual_seed(0)
-    n = steps * cfg["batch_size"]
-    lengths = torch.randint(cfg["min_len"], cfg["max_len"] + 1, (2 * n,), generator=g).tolist()
-    vocab = w["arch"]["vocab_size"]
-    chosen, rejected = [], []
-    for i in range(n):
-        chosen.append(torch.randint(2, vocab, (lengths[2 * i],), generator=g).tolist())
-        rejected.append(torch.randint(2, vocab, (lengths[2 * i + 1],), generator=g).tolist())
-    dataset = Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
+    pairs = random_pairs(w)  # the same pairs as run.py
+    dataset = Dataset.from_dict({"chosen_ids": [c for c, _ in pairs], "rejected_ids": [r for _, r in pairs]})
     model = _model(_llama_config(w, tokenizer), "seq_cls", seed=0)
     args = RewardConfig(**_common_args(precision, steps, out_dir, cfg["batch_size"]), max_length=cfg["max_len"])
     timer = _timer()

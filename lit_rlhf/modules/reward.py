@@ -57,7 +57,12 @@ class RewardModule(HFModule):
     def configure_model(self) -> None:
         super().configure_model()
         # Plain SDPA on every call, except packed batches: one attention per sequence.
-        use_segment_attention(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+        use_segment_attention(self._transformers_model)
+
+    @property
+    def _transformers_model(self):
+        """The transformers model, under the peft wrapper when there is one."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, T) ids and mask -> (N,) scores, read at each row's last non-pad token."""
@@ -86,7 +91,7 @@ class RewardModule(HFModule):
         Returns:
             (S,) float32 scores at each sequence's last token.
         """
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        model = self._transformers_model
         implementation = model.config._attn_implementation
         head = getattr(model, "score", None)
         if head is None or not (implementation == SEGMENT_SDPA or implementation.startswith("flash_attention")):

@@ -41,7 +41,7 @@ class Stage:
 
 def stage_key(stage: Stage, done: dict[str, str]) -> str:
     """Hash of everything a stage's result depends on."""
-    from lit_rlhf.cli import config_chain
+    from lit_rlhf.config_files import config_chain
 
     h = hashlib.sha256()
     for path in config_chain(stage.config):
@@ -106,8 +106,8 @@ def sample_and_score(model_dir: Path, prompts: list[str], max_new_tokens: int, s
 
     from lit_rlhf.data.prompts import left_pad
     from lit_rlhf.demo import sentiment_score
-    from lit_rlhf.heads import PolicyWithValueHead
-    from lit_rlhf.rollout import evaluate_actions, generate
+    from lit_rlhf.models.heads import PolicyWithValueHead
+    from lit_rlhf.modules.rollout import evaluate_actions, generate
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = PolicyWithValueHead(AutoModelForCausalLM.from_pretrained(model_dir).eval())

@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from lit_rlhf.losses import causal_lm_loss
 from lit_rlhf.models import LoraSettings, ModelConfig, load_model
+from lit_rlhf.objectives.lm import causal_lm_loss
 from tests.conftest import TINY_LLAMA
 
 pytestmark = [
@@ -31,11 +31,11 @@ def test_cuda_bf16_lora_forward_backward(tokenizer, quantization):
 
 
 def test_ppo_step_on_cuda_bf16(tmp_path):
-    from tests.test_ppo import _data, _module
+    from tests.modules.ppo_helpers import make_data, make_module
 
-    module = _module(quantization="4bit-nf4", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    module = make_module(quantization="4bit-nf4", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_train_batches=2,
                         limit_val_batches=0, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False)
-    trainer.fit(module, _data(module))
+    trainer.fit(module, make_data(module))
     assert module.rollouts_done == 2

@@ -1,9 +1,18 @@
-"""Demo models built on first use: the SFT policy and the reward model that PPO starts from.
+"""The demo's names for the model loader, and the demo models built on first use.
 
-``demo-sft`` and ``demo-rm`` can stand wherever a model path goes (``lm.name_or_path``,
-``RewardModelReward.path``). If the cache lacks them, the single-stage demos run once (the
-same ``configs/<stage>/demo.yaml`` files a user runs) and their results are exported to the
-cache as plain HF models.
+:func:`register` (the ``lit_rlhf.sources`` entry point of this package, see
+:mod:`lit_rlhf.models.sources`) makes these names work wherever a model, tokenizer or
+architecture is named:
+
+* ``demo``: the demo's byte-level BPE tokenizer (:func:`lit_rlhf.demo.prepare_demo`);
+* ``demo-tiny``: the demo's tiny Llama architecture (:data:`lit_rlhf.demo.TINY_LLAMA`);
+* ``demo-sft``, ``demo-rm``: the SFT policy and the reward model that the PPO demo starts
+  from. If the cache lacks them, the single-stage demos run once (the same
+  ``configs/<stage>/demo.yaml`` files a user runs) and their results are exported to the
+  cache as plain HF models.
+
+This module sits above the loader and the exporter: it runs the CLI in a subprocess and
+exports its run; the loader never imports it.
 """
 
 from __future__ import annotations
@@ -16,6 +25,17 @@ from pathlib import Path
 
 DEMO_MODELS = {"demo-sft": "sft", "demo-rm": "rm"}
 REPO = Path(__file__).resolve().parents[2]
+
+
+def register() -> None:
+    """Register the demo's names with the model loader (idempotent)."""
+    from lit_rlhf.demo import TINY_LLAMA, prepare_demo
+    from lit_rlhf.models.sources import register_arch, register_path
+
+    register_path("demo", lambda: prepare_demo().tokenizer_dir)
+    register_arch("demo-tiny", lambda: {"model_type": "llama", **TINY_LLAMA})
+    for name in DEMO_MODELS:
+        register_path(name, lambda name=name: ensure_demo_model(name))
 
 
 def demo_models_root() -> Path:

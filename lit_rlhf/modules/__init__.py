@@ -1,7 +1,16 @@
-"""The LightningModules of the RLHF stages."""
+"""One thin LightningModule per method, and the online-RL core they share.
 
+* :class:`SFTModule` (``sft.py``): causal-LM fine-tuning on packed chunks;
+* :class:`RewardModule` (``reward.py``): pairwise reward modelling;
+* :class:`PPOModule` (``ppo.py``): PPO on the online-RL core;
+* :class:`OnlineRLModule` (``online.py``): rollout -> score -> advantages -> minibatch updates;
+* ``rollout.py``: KV-cached sampling and scoring of the sampled actions;
+* ``base.py``: what every module shares (loading, trainable-only checkpoints, export).
+"""
+
+from lit_rlhf.modules.online import OnlineRLModule
 from lit_rlhf.modules.ppo import PPOModule
 from lit_rlhf.modules.reward import RewardModule
 from lit_rlhf.modules.sft import SFTModule
 
-__all__ = ["PPOModule", "RewardModule", "SFTModule"]
+__all__ = ["OnlineRLModule", "PPOModule", "RewardModule", "SFTModule"]

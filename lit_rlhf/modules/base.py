@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import lightning as L
-from torch import nn
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from lit_rlhf.models import (
     ModelConfig,

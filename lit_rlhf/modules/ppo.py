@@ -1,91 +1,47 @@
 """PPOModule: RLHF with PPO on one shared base (policy + value head, reference = adapters off).
 
-One training step = one PPO iteration on one batch of prompts:
-
-1. rollout: sample responses (KV cache), then old log-probs/values and reference log-probs;
-2. rewards: score prompt + response, add the per-token KL penalty;
-3. advantages: GAE, whitened with statistics shared by all ranks;
-4. PPO epochs: ppo_epochs x shuffled minibatches x gradient accumulation, clipped losses;
-5. KL controller update, logging.
-
-``trainer.limit_train_batches`` (with ``max_epochs: 1``) is the number of rollouts;
-``trainer.global_step`` counts optimizer steps.
+PPO is the online-RL core (:mod:`lit_rlhf.modules.online`: rollout, rewards with the KL
+penalty, minibatch updates) with a value head on the policy's trunk, GAE as the advantage
+estimator and PPO's clipped policy and value losses.
 """
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
-from torch import nn
-from torchmetrics import MeanMetric
 
-from lit_rlhf.callbacks import NonFiniteLossError, check_finite
-from lit_rlhf.heads import PolicyWithValueHead
-from lit_rlhf.kl import AdaptiveKLController, FixedKLController
-from lit_rlhf.models import ModelConfig, load_model, trainable_parameters
-from lit_rlhf.modules.base import HFModule, as_config
-from lit_rlhf.ops import compute_rewards, explained_variance, gae, masked_mean, masked_whiten
+from lit_rlhf.models import ModelConfig
+from lit_rlhf.modules.base import as_config
+from lit_rlhf.modules.online import (  # noqa: F401  (the configs are part of PPO's signature)
+    KLConfig,
+    OnlineRLModule,
+    RewardFn,
+    SamplingConfig,
+    ScoreConfig,
+    UpdateConfig,
+)
+from lit_rlhf.modules.rollout import Rollout, evaluate_actions
+from lit_rlhf.objectives import (
+    explained_variance,
+    gae,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
 from lit_rlhf.optim import OptimConfig
-from lit_rlhf.rewards import RewardFunction
-from lit_rlhf.ppo_losses import policy_loss, value_loss
-from lit_rlhf.rollout import Rollout, evaluate_actions, generate, sample_lengths
 
 
 @dataclass
-class SamplingConfig:
-    """How responses are sampled during rollouts and validation."""
+class PPOConfig(UpdateConfig):
+    """The PPO update: the shared update loop, plus the value function and GAE."""
 
-    min_new_tokens: int = 4
-    """Each response's length limit is drawn uniformly from [min, max]; EOS may end it sooner."""
-    max_new_tokens: int = 16
-    """Upper end of the length sampler."""
-    temperature: float = 1.0
-    """Softmax temperature (log-probs for PPO use the same temperature)."""
-    top_k: int = 0
-    """0 = off. Keep 0 for an unbiased KL estimate."""
-    top_p: float = 1.0
-    """1.0 = off. Keep 1.0 for an unbiased KL estimate."""
-    stop_at_eos: bool = True
-    """False: always sample the drawn length (fixed-length benchmarks); EOS is then a token like any other."""
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"sampling: need 1 <= min_new_tokens <= max_new_tokens, got {self.min_new_tokens} > {self.max_new_tokens}"
-                if self.min_new_tokens > self.max_new_tokens
-                else f"sampling.min_new_tokens must be >= 1, got {self.min_new_tokens}"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling: top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
-
-
-@dataclass
-class PPOConfig:
-    """The PPO update."""
-
-    ppo_epochs: int = 4
-    """Passes over each rollout batch."""
-    mini_batch_size: int = 8
-    """Episodes per optimizer step, per device; must divide the rollout batch size."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per minibatch; must divide mini_batch_size."""
-    clip_range: float = 0.2
-    """Policy ratio clip epsilon."""
     clip_range_value: float = 0.2
     """Value clip around the old values."""
     vf_coef: float = 0.1
     """Weight of the value loss."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus (0: off)."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -94,63 +50,17 @@ class PPOConfig:
     """Normalize advantages (masked, across all ranks)."""
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance without shifting the mean."""
-    max_grad_norm: float | None = 1.0
-    """Gradient norm clip; None: off."""
-    target_kl: float | None = None
-    """Stop this rollout's PPO epochs once approx-KL exceeds 1.5 x target_kl; None: off."""
-    ratio_threshold: float | None = 10.0
-    """Skip (and count) a minibatch whose mean ratio exceeds this; None: off."""
-
-    def __post_init__(self) -> None:
-        for name in ("ppo_epochs", "mini_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
-        if self.mini_batch_size % self.gradient_accumulation_steps:
-            raise ValueError(
-                f"ppo.gradient_accumulation_steps={self.gradient_accumulation_steps} does not divide "
-                f"ppo.mini_batch_size={self.mini_batch_size}"
-            )
 
 
-@dataclass
-class KLConfig:
-    """The KL penalty that holds the policy near the reference."""
-
-    estimator: Literal["k1", "abs", "mse", "k3"] = "k1"
-    """Per-token estimator of KL(policy || reference)."""
-    adaptive: bool = True
-    """Adapt the coefficient towards ``target`` (Ziegler et al.); False: fixed at init_coef."""
-    init_coef: float = 0.2
-    """Initial (or fixed) coefficient."""
-    target: float = 6.0
-    """Target KL (nats per sequence) for the adaptive controller."""
-    horizon: int = 10000
-    """Adaptive controller horizon, in episodes."""
-
-
-@dataclass
-class ScoreConfig:
-    """How the reward function's score becomes the final-token reward."""
-
-    baseline: float = 0.0
-    """Subtracted from every score."""
-    clip: float | None = None
-    """Clip scores to [-clip, clip]; None: off."""
-    missing_eos_penalty: float | None = None
-    """Added to the score of a response that did not end with EOS (e.g. -1.0); None: off."""
-
-
-# From Python any ``(prompts, responses) -> (B,)`` callable works; from a config, give a
-# RewardFunction subclass by class_path.
-RewardFn = RewardFunction
-
-
-class PPOModule(HFModule):
+class PPOModule(OnlineRLModule):
     """PPO fine-tuning of a causal LM against a reward function.
 
     Batches come from :class:`~lit_rlhf.data.PromptDataModule`:
     ``{"input_ids", "attention_mask": (B, Tq) left-padded, "prompt": list[str]}``.
     """
+
+    stats_prefix = "ppo"
+    uses_value_head = True
 
     def __init__(
         self,
@@ -182,211 +92,23 @@ class PPOModule(HFModule):
                 ``ppo.mini_batch_size`` (the CLI links it from ``data.batch_size``).
             seed: seed of sampling and minibatch shuffling (offset by the rank).
         """
-        super().__init__(lm, optim)
+        ppo_config = as_config(PPOConfig, ppo) or PPOConfig()
+        super().__init__(lm, reward, ppo_config, optim=optim, sampling=sampling, kl=kl, score=score, judge=judge,
+                         rollout_batch_size=rollout_batch_size, seed=seed)
+        self.ppo = ppo_config
         self.save_hyperparameters(ignore=["reward", "judge"])
-        self.automatic_optimization = False
-        self.reward_fn, self.judge = reward, judge
-        self.sampling = as_config(SamplingConfig, sampling) or SamplingConfig()
-        self.ppo = as_config(PPOConfig, ppo) or PPOConfig()
-        self.kl_config = as_config(KLConfig, kl) or KLConfig()
-        self.score_config = as_config(ScoreConfig, score) or ScoreConfig()
-        self.seed = seed
-        if rollout_batch_size is not None and rollout_batch_size % self.ppo.mini_batch_size:
-            raise ValueError(
-                f"ppo.mini_batch_size={self.ppo.mini_batch_size} does not divide the rollout "
-                f"batch size data.batch_size={rollout_batch_size}"
-            )
-        k = self.kl_config
-        self.kl_ctl = (AdaptiveKLController(k.init_coef, k.target, k.horizon) if k.adaptive
-                       else FixedKLController(k.init_coef))
-        self.policy: PolicyWithValueHead | None = None
-        self.ref_policy: PolicyWithValueHead | None = None
-        self.generator: torch.Generator | None = None
-        self.rollouts_done = 0
-        self.last_sample_s = 0.0
-        self._negative_kl_steps = 0
-        self._warned_negative_kl = False
-        self.last_samples: list[dict] = []
-        self.val_score, self.val_judge, self.val_kl, self.val_length = (MeanMetric() for _ in range(4))
 
-    # ------------------------------------------------------------------------------ set-up
-
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        lm = load_model(self.lm_config, self.tokenizer, task="causal_lm", device=device)
-        self.policy = PolicyWithValueHead(lm)
-        if self.lm_config.lora is None:
-            # Full fine-tuning has no adapters to switch off: keep a frozen copy.
-            self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        for module in self.modules():
-            # PPO's ratio and KL compare forward passes: dropout would make them disagree.
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
-        self.generator = torch.Generator(device=device).manual_seed(self.seed + self.global_rank)
-        trainable, total = trainable_parameters(self.policy)
-        rank_zero_info(f"PPOModule: {trainable:,} trainable of {total:,} parameters")
-
-    @property
-    def hf_model(self) -> nn.Module:
-        return self.policy.lm
-
-    def on_fit_start(self) -> None:
-        if hasattr(self.reward_fn, "to"):
-            self.reward_fn.to(self.device)
-        if self.judge is not None and hasattr(self.judge, "to"):
-            self.judge.to(self.device)
-
-    # ------------------------------------------------------------------------------ the step
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        t0 = time.perf_counter()
-        # 1. rollout
-        rollout = self.rollout(batch, self.generator)
-        responses = self.tokenizer.batch_decode(rollout.response_ids * rollout.response_mask, skip_special_tokens=True)
-        t1 = time.perf_counter()
-        # 2. rewards
-        scores = self.score(batch["prompt"], responses, rollout)
-        mask = rollout.response_mask.float()
-        rewards, kl, non_score = compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask,
-                                                 self.kl_ctl.value, self.kl_config.estimator)
+    # 3. advantages: GAE on the value head, whitened with statistics shared by all ranks
+    def advantages(self, rollout: Rollout, scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor):
         if self.ppo.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, group_sum=self._sum_ranks)
-        t2 = time.perf_counter()
-        # 3. advantages
         advantages, returns = gae(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)
         if self.ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask, group_sum=self._sum_ranks)
-        # 4. PPO epochs
-        update = self.ppo_update(rollout, advantages, returns)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        t3 = time.perf_counter()
-        # 5. KL controller (on the KL of the whole global batch, so every rank agrees)
-        seq_kl = (kl * mask).sum(-1)
-        global_kl = self._mean_ranks(seq_kl.mean())
-        global_batch = len(rollout) * self.trainer.world_size
-        self.kl_ctl.update(float(global_kl), global_batch)
-        self.rollouts_done += 1
-        stats = {
-            "env/score": scores.mean(),
-            "env/score_std": scores.std() if len(scores) > 1 else torch.zeros(()),
-            "objective/kl": seq_kl.mean(),
-            "objective/kl_coef": torch.tensor(self.kl_ctl.value),
-            "objective/non_score_reward": (non_score * mask).sum(-1).mean(),
-            "objective/total_reward": (scores + (non_score * mask).sum(-1)).mean(),  # before whitening
-            "rollout/response_length": mask.sum(-1).mean(),
-            "rollout/eos_rate": rollout.ended_with(self.tokenizer.eos_token_id).float().mean(),
-            "time/generate_s": torch.tensor(t1 - t0),  # sampling + log-prob/value/reference passes
-            "time/sample_s": torch.tensor(self.last_sample_s),  # KV-cached sampling alone
-            "time/score_s": torch.tensor(t2 - t1),
-            "time/learn_s": torch.tensor(t3 - t2),
-            "time/episodes_per_s": torch.tensor(global_batch / max(t3 - t0, 1e-9)),
-            **update,
-        }
-        self._log_step(stats)
-        self._watch_kl(float(global_kl))
-        self.last_samples = [
-            {"prompt": p, "response": r, "score": s, "kl": k}
-            for p, r, s, k in zip(batch["prompt"], responses, scores.tolist(), seq_kl.tolist())
-        ]
+        return advantages, returns
 
-    @torch.no_grad()
-    def rollout(self, batch: dict, generator: torch.Generator) -> Rollout:
-        """Sample responses, then old log-probs and values, and reference log-probs."""
-        s = self.sampling
-        self.policy.eval()  # as at inference; dropout is off either way
-        try:
-            lengths = sample_lengths(batch["input_ids"].size(0), s.min_new_tokens, s.max_new_tokens, generator)
-            start = time.perf_counter()
-            rollout = generate(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
-                               eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
-                               pad_token_id=self.tokenizer.pad_token_id,
-                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
-            self.last_sample_s = time.perf_counter() - start
-            # Same weights, masks and positions as every later PPO forward: ratio 1 at start.
-            rollout.logprobs, rollout.values, _ = evaluate_actions(self.policy, rollout, s.temperature)
-            rollout.ref_logprobs = self.reference_logprobs(rollout)
-        finally:
-            self.policy.train()
-        return rollout
-
-    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """Log-probs of the response tokens under the reference model."""
-        if self.ref_policy is not None:
-            return evaluate_actions(self.ref_policy, rollout, self.sampling.temperature, with_values=False)[0]
-        # The reference is the base itself: switch the adapters off, no second copy in memory.
-        with self.policy.lm.disable_adapter():
-            return evaluate_actions(self.policy, rollout, self.sampling.temperature, with_values=False)[0]
-
-    def score(self, prompts: list[str], responses: list[str], rollout: Rollout) -> torch.Tensor:
-        """(B,) shaped scores: reward function, baseline, clip, missing-EOS penalty."""
-        raw = self.reward_fn(prompts, responses)
-        raw = torch.as_tensor(raw, dtype=torch.float32)
-        if raw.shape != (len(prompts),):
-            raise ValueError(f"reward function returned shape {tuple(raw.shape)}; expected ({len(prompts)},)")
-        bad = ~torch.isfinite(raw)
-        if bad.any():
-            raise NonFiniteLossError(
-                f"reward function returned {int(bad.sum())} non-finite score(s) of {len(raw)} "
-                f"at rollout {self.rollouts_done}; first response: {responses[int(bad.nonzero()[0])]!r}"
-            )
-        c = self.score_config
-        scores = raw.to(self.device) - c.baseline
-        if c.clip is not None:
-            scores = scores.clamp(-c.clip, c.clip)
-        if c.missing_eos_penalty is not None:
-            no_eos = ~rollout.ended_with(self.tokenizer.eos_token_id)
-            scores = scores + c.missing_eos_penalty * no_eos.float()
-        return scores
-
-    def ppo_update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
-        """ppo_epochs x shuffled minibatches x gradient accumulation; returns mean statistics."""
-        cfg = self.ppo
-        optimizer = self.optimizers()
-        micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-        sums: dict[str, torch.Tensor] = {}
-        ratio_max = torch.zeros((), device=self.device)
-        n_stats, skipped, epochs_done = 0, 0, 0
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(rollout), generator=self.generator, device=self.generator.device)
-            epoch_kl = []
-            for minibatch in order.split(cfg.mini_batch_size):
-                ratios = []
-                for idx in minibatch.split(micro):
-                    loss, stats = self._ppo_loss(rollout[idx], advantages[idx], returns[idx])
-                    check_finite("ppo/loss_total", loss, self.global_step)
-                    self.manual_backward(loss / cfg.gradient_accumulation_steps)
-                    ratios.append(stats["ppo/ratio_mean"])
-                    epoch_kl.append(stats["ppo/approx_kl"])
-                    ratio_max = torch.maximum(ratio_max, stats.pop("ppo/ratio_max").float())
-                    for key, value in stats.items():  # kept on device: no sync per micro-batch
-                        sums[key] = sums.get(key, 0.0) + value.float()
-                    n_stats += 1
-                mean_ratio = self._mean_ranks(torch.stack(ratios).mean())
-                if cfg.ratio_threshold is not None and mean_ratio > cfg.ratio_threshold:
-                    # A blown-up ratio means this minibatch is far off-policy: drop its update.
-                    optimizer.zero_grad()
-                    skipped += 1
-                    continue
-                if cfg.max_grad_norm is not None:
-                    self._clip_gradients(optimizer, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            epochs_done += 1
-            if cfg.target_kl is not None:
-                approx_kl = self._mean_ranks(torch.stack(epoch_kl).mean())
-                if approx_kl > 1.5 * cfg.target_kl:
-                    break
-        out = {k: v / max(n_stats, 1) for k, v in sums.items()}
-        out["ppo/ratio_max"] = ratio_max
-        out["ppo/skipped_minibatches"] = torch.tensor(float(skipped))
-        out["ppo/epochs"] = torch.tensor(float(epochs_done))
-        return out
-
-    def _ppo_loss(self, sub: Rollout, advantages: torch.Tensor, returns: torch.Tensor):
+    # 4. the minibatch loss: clipped policy + clipped value - entropy bonus
+    def loss(self, sub: Rollout, advantages: torch.Tensor, returns: torch.Tensor):
         mask = sub.response_mask.float()
         # The entropy is a logged statistic; it needs a graph only when it is in the loss.
         entropy_mode = "grad" if self.ppo.entropy_coef else "detached"
@@ -396,113 +118,18 @@ class PPOModule(HFModule):
         mean_entropy = masked_mean(entropy, mask)
         loss = pg_loss + self.ppo.vf_coef * vf_loss - self.ppo.entropy_coef * mean_entropy
         stats = {
-            "ppo/loss_policy": pg_loss.detach(),
-            "ppo/loss_value": vf_loss.detach(),
-            "ppo/loss_total": loss.detach(),
-            "ppo/entropy": mean_entropy.detach(),
-            "ppo/approx_kl": pstats.approx_kl,
-            "ppo/clipfrac_policy": pstats.clipfrac,
-            "ppo/clipfrac_value": vstats.clipfrac,
-            "ppo/ratio_mean": pstats.ratio_mean,
-            "ppo/ratio_max": pstats.ratio_max,
-            "ppo/explained_variance": explained_variance(values.detach(), returns, mask),
+            "loss_policy": pg_loss.detach(),
+            "loss_value": vf_loss.detach(),
+            "loss_total": loss.detach(),
+            "entropy": mean_entropy.detach(),
+            "approx_kl": pstats.approx_kl,
+            "clipfrac_policy": pstats.clipfrac,
+            "clipfrac_value": vstats.clipfrac,
+            "ratio_mean": pstats.ratio_mean,
+            "ratio_max": pstats.ratio_max,
+            "explained_variance": explained_variance(values.detach(), returns, mask),
         }
         return loss, stats
-
-    def _loss_scaler(self):
-        """The fp16 GradScaler of ``16-mixed``; None for fp32 and bf16."""
-        return getattr(self.trainer.precision_plugin, "scaler", None)
-
-    def _allow_fused_optimizer(self) -> bool:
-        return self._loss_scaler() is None  # see _clip_gradients
-
-    def _clip_gradients(self, optimizer, max_norm: float) -> None:
-        if isinstance(self.trainer.precision_plugin, MixedPrecision) and self._loss_scaler() is None:
-            # bf16-mixed: nothing to unscale, so clip directly. Lightning's clip_gradients
-            # refuses any fused optimizer under this plugin, although it has no scaler. Every
-            # other case (fp32, fp16 with its scaler, FSDP) goes through Lightning.
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
-
-    # ------------------------------------------------------------------------------ DDP helpers
-
-    def _sum_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        """All-reduce sum (identity on one device): shared whitening statistics."""
-        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
-
-    def _mean_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        """Mean over ranks, so decisions (early stop, skips, KL control) agree everywhere."""
-        return self.trainer.strategy.reduce(t.float(), reduce_op="mean") if self.trainer.world_size > 1 else t
-
-    def _log_step(self, stats: dict[str, torch.Tensor]) -> None:
-        names = sorted(stats)
-        values = torch.stack([stats[n].detach().float().to(self.device).reshape(()) for n in names])
-        values = self._mean_ranks(values)  # one all-reduce for every statistic
-        self.log_dict(dict(zip(names, values)), on_step=True, prog_bar=False, rank_zero_only=True)
-        self.log("env/score_mean", values[names.index("env/score")], prog_bar=True, rank_zero_only=True)
-
-    def _watch_kl(self, kl: float) -> None:
-        self._negative_kl_steps = self._negative_kl_steps + 1 if kl < 0 else 0
-        if self._negative_kl_steps >= 5 and not self._warned_negative_kl:
-            self._warned_negative_kl = True
-            rank_zero_warn(
-                "mean KL to the reference has been negative for 5 rollouts. The k1 estimator is only "
-                "unbiased for plain sampling: check sampling.top_k=0, top_p=1, temperature=1 and that no "
-                "tokens are forced or suppressed; otherwise the policy learns to exploit the estimate."
-            )
-
-    # ------------------------------------------------------------------------------ validation
-
-    def on_validation_epoch_start(self) -> None:
-        # A fixed stream per validation run, so scores are comparable across the run.
-        self._val_generator = torch.Generator(device=self.device).manual_seed(10_000 + self.seed + self.global_rank)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        rollout = self.rollout(batch, self._val_generator)
-        responses = self.tokenizer.batch_decode(rollout.response_ids * rollout.response_mask, skip_special_tokens=True)
-        mask = rollout.response_mask.float()
-        n = len(responses)
-        self.val_score.update(torch.as_tensor(self.reward_fn(batch["prompt"], responses), dtype=torch.float32).mean(), n)
-        if self.judge is not None:
-            judged = torch.as_tensor(self.judge(batch["prompt"], responses), dtype=torch.float32)
-            self.val_judge.update(judged.mean(), n)
-        self.val_kl.update(((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1).mean(), n)
-        self.val_length.update(mask.sum(-1).mean(), n)
-
-    def on_validation_epoch_end(self) -> None:
-        out = {"val/score": self.val_score.compute(), "val/kl": self.val_kl.compute(),
-               "val/response_length": self.val_length.compute()}
-        if self.judge is not None:
-            out["val/judge_score"] = self.val_judge.compute()
-        self.log_dict(out, prog_bar=True)
-        for metric in (self.val_score, self.val_judge, self.val_kl, self.val_length):
-            metric.reset()
-
-    # ------------------------------------------------------------------------------ checkpoints
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Trainable weights only (adapter + value head, or the full policy), never the
-        # frozen base or reference; plus everything that steers what comes next.
-        super().on_save_checkpoint(checkpoint)
-        keep = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["ppo_state"] = {
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "generator": self.generator.get_state(),
-            "rollouts_done": self.rollouts_done,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.strict_loading = False  # frozen weights are not in the checkpoint
-        state = checkpoint.get("ppo_state")
-        if state is None:
-            return
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.rollouts_done = int(state["rollouts_done"])
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])
 
     def on_train_end(self) -> None:
         path = self.export_dir  # a collective under DDP: every rank asks
@@ -510,4 +137,3 @@ class PPOModule(HFModule):
         if self.trainer.is_global_zero:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
                       str(path / "value_head.safetensors"))
-

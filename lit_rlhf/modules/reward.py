@@ -8,13 +8,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.utils.rnn import pad_sequence
 
-from lit_rlhf.attention import SEGMENT_SDPA, use_segment_attention
 from lit_rlhf.callbacks import check_finite
 from lit_rlhf.export import merge_adapter
-from lit_rlhf.losses import pairwise_loss
 from lit_rlhf.metrics import PairMetrics
 from lit_rlhf.models import ModelConfig, save_pretrained_atomic
+from lit_rlhf.models.attention import SEGMENT_SDPA, use_segment_attention
 from lit_rlhf.modules.base import HFModule
+from lit_rlhf.objectives.preference import pairwise_loss
 from lit_rlhf.optim import OptimConfig
 
 

@@ -6,9 +6,9 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_rlhf.callbacks import check_finite
-from lit_rlhf.losses import causal_lm_loss
 from lit_rlhf.models import ModelConfig, max_positions
 from lit_rlhf.modules.base import HFModule
+from lit_rlhf.objectives.lm import causal_lm_loss
 from lit_rlhf.optim import OptimConfig
 
 

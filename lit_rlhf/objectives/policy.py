@@ -1,4 +1,4 @@
-"""PPO's clipped surrogate objectives (Schulman et al. 2017) as pure functions.
+"""Policy-gradient losses: PPO's clipped surrogate objectives (Schulman et al. 2017).
 
 Each returns a scalar loss to minimise and a NamedTuple of detached statistics. Shapes: ``B``
 sequences by ``T`` response positions; ``mask`` is float or bool, nonzero on real tokens.
@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from lit_rlhf.ops import masked_mean
+from lit_rlhf.objectives.masked import bool_mask, masked_mean
 
 
 class PolicyStats(NamedTuple):
@@ -41,10 +41,6 @@ def _check(name: str, clip: float) -> None:
         raise ValueError(f"{name} must be >= 0, got {clip}")
 
 
-def _bool(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -68,7 +64,7 @@ def policy_loss(
         ``(loss, PolicyStats)``; the loss is a scalar, the stats are detached scalars.
     """
     _check("clip_range", clip_range)
-    m = _bool(mask)
+    m = bool_mask(logp, mask)
     # Zero the log-ratio and advantages off-mask *before* exp and multiply: torch.where
     # blocks garbage in the forward pass, but exp(huge) = inf would still turn its zero
     # gradient into NaN (0 * inf) in the backward pass.
@@ -104,7 +100,7 @@ def value_loss(
     Args:
         values: (B, T) current predictions (with grad).
         old_values: (B, T) predictions at rollout time.
-        returns: (B, T) targets (from :func:`lit_rlhf.ops.gae`).
+        returns: (B, T) targets (from :func:`lit_rlhf.objectives.advantages.gae`).
         mask: (B, T).
         clip_range_value: ``eps``, >= 0.
 
@@ -112,7 +108,7 @@ def value_loss(
         ``(loss, ValueStats)``; the loss is a scalar, the stats are detached scalars.
     """
     _check("clip_range_value", clip_range_value)
-    m = _bool(mask)
+    m = bool_mask(values, mask)
     old = torch.where(m, old_values, 0)
     ret = torch.where(m, returns, 0)
     v = torch.where(m, values, 0)

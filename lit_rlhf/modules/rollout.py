@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lit_rlhf.ops import EntropyMode, logprobs_and_entropy
+from lit_rlhf.objectives.logprobs import EntropyMode, logprobs_and_entropy
 
 
 @dataclass
@@ -114,7 +114,7 @@ def generate(
     """Sample a response for every (left-padded) prompt, reusing the KV cache.
 
     Args:
-        policy: a :class:`~lit_rlhf.heads.PolicyWithValueHead` (or anything with its call
+        policy: a :class:`~lit_rlhf.models.heads.PolicyWithValueHead` (or anything with its call
             signature).
         query_ids, query_mask: (B, Tq) left-padded prompts.
         max_new_tokens: (B,) per-row length limit (from a length sampler); a row also stops
@@ -163,7 +163,7 @@ def evaluate_actions(
     always with the same masks and positions, so at step 0 the ratio is exactly 1.
 
     Args:
-        entropy: ``grad``, ``detached`` or ``skip``, as in :func:`~lit_rlhf.ops.logprobs_and_entropy`.
+        entropy: ``grad``, ``detached`` or ``skip``, as in :func:`~lit_rlhf.objectives.logprobs.logprobs_and_entropy`.
 
     Returns:
         logprobs (B, Tr), values (B, Tr) or None, entropy (B, Tr) or None.

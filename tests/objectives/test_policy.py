@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lit_rlhf.ppo_losses import policy_loss, value_loss
+from lit_rlhf.objectives.policy import policy_loss, value_loss
 
 
 def _policy_naive(logp, old_logp, adv, mask, eps):

@@ -1,4 +1,5 @@
-"""KL coefficient controllers: hand-computed update sequences, clipping, state, validation."""
+"""KL estimators (hand values, k3 >= 0) and the coefficient controllers (hand-computed update
+sequences, clipping, state, validation)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 
 import pytest
 import torch
+from torch.testing import assert_close
 
-from lit_rlhf.kl import AdaptiveKLController, FixedKLController
+from lit_rlhf.objectives.kl import AdaptiveKLController, FixedKLController, kl_penalty
 
 
 def test_adaptive_hand_computed_sequence():
@@ -112,3 +114,28 @@ def test_update_validation():
     with pytest.raises(ValueError, match="n_steps"):
         ctrl.update(1.0, -1)
     assert ctrl.value == 0.2  # a rejected update leaves the coefficient alone
+
+
+def test_kl_penalty_hand_values():
+    logp = torch.tensor([[0.0, -1.0, -0.5]])
+    ref = torch.tensor([[-1.0, 0.0, -0.5]])  # d = (1, -1, 0)
+    assert_close(kl_penalty(logp, ref, "k1"), torch.tensor([[1.0, -1.0, 0.0]]))
+    assert_close(kl_penalty(logp, ref, "abs"), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert_close(kl_penalty(logp, ref, "mse"), torch.tensor([[0.5, 0.5, 0.0]]))
+    # exp(-1) - 1 + 1 = 0.367879..., exp(1) - 1 - 1 = e - 2 = 0.718281...
+    assert_close(kl_penalty(logp, ref, "k3"), torch.tensor([[0.36787944, 0.71828183, 0.0]]))
+    with pytest.raises(ValueError, match="kind"):
+        kl_penalty(logp, ref, "k2")
+
+
+def test_k3_is_never_negative():
+    g = torch.Generator().manual_seed(6)
+    d = torch.cat([
+        torch.randn(4000, generator=g) * 5,
+        torch.randn(4000, generator=g) * 1e-4,
+        torch.randn(4000, generator=g) * 1e-8,
+    ])
+    ref = torch.randn(d.shape, generator=g) * 3 - 5
+    k3 = kl_penalty(ref + d, ref, "k3")
+    assert (k3 >= 0).all()
+    assert (k3[:4000] > 0).any()

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from lit_rlhf.losses import causal_lm_loss
 from lit_rlhf.models import (
     LoraSettings,
     ModelConfig,
@@ -15,6 +14,7 @@ from lit_rlhf.models import (
     load_model,
     max_positions,
 )
+from lit_rlhf.objectives.lm import causal_lm_loss
 from tests.conftest import TINY_LLAMA
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])

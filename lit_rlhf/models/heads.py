@@ -1,4 +1,4 @@
-"""Policy + value on one trunk: a scalar value head beside the LM head."""
+"""Policy + value on one trunk: a scalar value head beside the LM head (optional)."""
 
 from __future__ import annotations
 
@@ -25,14 +25,21 @@ class PolicyWithValueHead(nn.Module):
     advantages are the plain returns rather than noise from a random head.
     """
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, value_head: bool = True) -> None:
+        """
+        Args:
+            lm: the causal LM (plain or peft).
+            value_head: False for critic-free methods: no head, and ``with_values`` must be
+                False in every call.
+        """
         super().__init__()
         self.lm = lm
-        base = self.base_model
-        hidden = base.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1, dtype=torch.float32)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head: nn.Linear | None = None
+        if value_head:
+            hidden = self.base_model.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1, dtype=torch.float32)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     @property
     def base_model(self) -> nn.Module:
@@ -55,6 +62,8 @@ class PolicyWithValueHead(nn.Module):
         model's compute: callers ask only for the positions they read (the last one while
         sampling, the response positions when scoring actions).
         """
+        if with_values and self.value_head is None:
+            raise ValueError("this policy has no value head: call it with with_values=False")
         base = self.base_model
         out = base.get_decoder()(
             input_ids=input_ids,

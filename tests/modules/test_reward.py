@@ -1,4 +1,4 @@
-"""Reward model: schemas, batching, one-forward scoring, padding, export round-trip, DDP."""
+"""RewardModule: one-forward scoring, packed == padded, export, learning, DDP."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from lit_rlhf.data.formats import load_rows
 from lit_rlhf.data.preference import (
-    PairBatches,
-    PairDataset,
     PreferenceDataModule,
     collate_pairs,
     pack_pairs,
@@ -24,124 +21,7 @@ from lit_rlhf.modules import RewardModule
 from lit_rlhf.optim import OptimConfig
 from tests.conftest import TINY_LLAMA
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.mark.parametrize(
-    "name, schema, chosen_start",
-    [("explicit.jsonl", "explicit", "Review film 0: a wonderful"),
-     ("hh.jsonl", "implicit", "\n\nHuman: Is film 0 good?"),
-     ("stack_exchange.jsonl", "stack_exchange", "Question: How do I reverse list 0 in Python?\n\nAnswer: Use reversed()")],
-)
-def test_schema_adapters_on_fixture_files(tokenizer, name, schema, chosen_start):
-    ds = PairDataset(load_rows(str(FIXTURES / name)), tokenizer, max_length=128)
-    assert ds.schema == schema and len(ds) == 12
-    chosen, rejected, margin = ds.pairs[0]
-    assert tokenizer.decode(chosen).startswith(chosen_start)
-    assert chosen != rejected and margin == 0.0
-
-
-def _rows(*pairs):
-    import datasets
-
-    return datasets.Dataset.from_list([{"chosen": c, "rejected": r} for c, r in pairs])
-
-
-@pytest.mark.parametrize(
-    "pair, message",
-    [(("same text", "same text"), "row 1: chosen and rejected are identical"),
-     (("", "fine"), "row 1: field 'chosen' is empty"),
-     (("good", "   "), "row 1: field 'rejected' is empty")],
-)
-def test_bad_rows_are_named_or_counted(tokenizer, pair, message):
-    rows = _rows(("a good film", "a bad film"), pair)
-    with pytest.raises(ValueError, match=message):
-        PairDataset(rows, tokenizer)
-    ds = PairDataset(rows, tokenizer, on_bad_row="skip")
-    assert len(ds) == 1 and ds.stats["skipped_bad"] == 1
-
-
-def test_missing_columns_are_named(tokenizer):
-    import datasets
-
-    rows = datasets.Dataset.from_list([{"chosen": "a", "loser": "b"}])
-    with pytest.raises(ValueError, match=r"columns \['chosen', 'loser'\] match no preference schema"):
-        PairDataset(rows, tokenizer)
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
-        PairDataset(rows, tokenizer, schema="implicit")
-
-
-def test_max_length_policies_are_counted(tokenizer):
-    long = "a wonderful film " * 40
-    rows = _rows(("short good", "short bad"), (long + "good", long + "bad"))
-    dropped = PairDataset(rows, tokenizer, max_length=32)
-    assert len(dropped) == 1 and dropped.stats["dropped_too_long"] == 1
-    cut = PairDataset(_rows(("short good", "short bad"), ("good " + long, "bad " + long)), tokenizer,
-                      max_length=32, too_long="truncate")
-    assert len(cut) == 2 and cut.stats["truncated"] == 1
-    assert all(len(c) <= 32 and len(r) <= 32 for c, r, _ in cut.pairs)
-
-
-def test_length_grouped_batches_cover_everything_and_waste_little_padding():
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(8, 512, (400,), generator=g).tolist()
-    batches = list(PairBatches(lengths, batch_size=8, shuffle=True, seed=0))
-    assert sorted(i for b in batches for i in b) == list(range(400))
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    random_order = torch.randperm(400, generator=g).tolist()
-    padded_random = sum(8 * max(lengths[i] for i in random_order[k:k + 8]) for k in range(0, 400, 8))
-    assert padded / sum(lengths) < 1.1 < padded_random / sum(lengths)
-
-
-def test_collate_puts_chosen_first_and_right_pads():
-    batch = collate_pairs([([1, 2, 3], [4], 0.5), ([5], [6, 7], 0.0)], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 0, 0], [4, 0, 0], [6, 7, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0]]
-    assert batch["margin"].tolist() == [0.5, 0.0]
-
-
-def test_pack_pairs_lays_sequences_end_to_end_chosen_first():
-    batch = pack_pairs([([1, 2, 3], [4], 0.5), ([5], [6, 7], 0.0)], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 5, 4, 6, 7]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 0, 1]]
-    assert batch["lengths"].tolist() == [3, 1, 1, 2]
-    assert batch["margin"].tolist() == [0.5, 0.0]
-
-
-def test_segment_attention_equals_one_sdpa_call_per_sequence():
-    import torch.nn.functional as F
-
-    from lit_rlhf.attention import segment_sdpa
-
-    g = torch.Generator().manual_seed(0)
-    lengths = [3, 7, 1, 5]
-    # 4 query heads over 2 key/value heads (grouped-query attention), one packed row.
-    q = torch.randn(1, 4, sum(lengths), 8, generator=g)
-    k, v = torch.randn(1, 2, sum(lengths), 8, generator=g), torch.randn(1, 2, sum(lengths), 8, generator=g)
-    out, _ = segment_sdpa(None, q, k, v, None, scaling=0.5, segment_lengths=lengths)
-    assert out.shape == (1, sum(lengths), 4, 8)
-    start = 0
-    for n in lengths:  # naive reference: each sequence alone, keys/values repeated per group
-        ks, vs = (t[:, :, start:start + n].repeat_interleave(2, dim=1) for t in (k, v))
-        ref = F.scaled_dot_product_attention(q[:, :, start:start + n], ks, vs, is_causal=True, scale=0.5)
-        torch.testing.assert_close(out[:, start:start + n], ref.transpose(1, 2))
-        start += n
-    with pytest.raises(ValueError, match="15 tokens for segment lengths summing to 16"):
-        segment_sdpa(None, q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], None, segment_lengths=lengths)
-
-
-def test_segment_attention_runs_in_float32_under_cpu_autocast():
-    # CPU bf16 SDPA keeps compiled kernels for every new length; the segment path upcasts.
-    from lit_rlhf.attention import segment_sdpa
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 9, 8, generator=g).bfloat16() for _ in range(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = segment_sdpa(None, q, k, v, None, scaling=0.3, segment_lengths=[4, 5])
-    assert out.dtype == torch.bfloat16
-    ref, _ = segment_sdpa(None, q.float(), k.float(), v.float(), None, scaling=0.3, segment_lengths=[4, 5])
-    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _module(lora=None, lr=1e-3, **kwargs):
@@ -197,7 +77,7 @@ def test_packed_scores_and_gradients_equal_padded_ones(lora, checkpointing):
     pad = module.tokenizer.pad_token_id
     packed, padded = pack_pairs(pairs, pad), collate_pairs(pairs, pad)
     assert packed["input_ids"].shape == (1, sum(lengths))  # no padding at all
-    from lit_rlhf.attention import SEGMENT_SDPA
+    from lit_rlhf.models.attention import SEGMENT_SDPA
 
     base = module.model.get_base_model() if lora is not None else module.model
     assert base.config._attn_implementation == SEGMENT_SDPA  # the per-sequence path, not the fallback
@@ -221,7 +101,7 @@ def test_packed_scores_and_gradients_equal_padded_ones(lora, checkpointing):
 @pytest.mark.parametrize("arch, attn", [(TINY_LLAMA, "eager"), ({**TINY_LLAMA, "model_type": "mistral", "sliding_window": 4}, "sdpa")],
                          ids=["eager", "sliding-window"])
 def test_packed_batches_fall_back_to_padded_rows_where_segment_attention_does_not_apply(arch, attn):
-    from lit_rlhf.attention import SEGMENT_SDPA
+    from lit_rlhf.models.attention import SEGMENT_SDPA
 
     module = RewardModule(ModelConfig(arch=arch, tokenizer="demo", attn_implementation=attn))
     module = _configured(module)
@@ -289,17 +169,3 @@ def test_ddp_two_process_cpu_fit(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     export = next(tmp_path.glob("lightning_logs/version_*/export"))
     assert (export / "model.safetensors").is_file() and (export / "lit_rlhf.json").is_file()
-
-
-def test_pair_metrics_count_ties_as_wrong_and_match_torch_statistics():
-    from lit_rlhf.metrics import PairMetrics
-
-    metric = PairMetrics()
-    metric.update(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 2.0]))  # a win and a tie
-    metric.update(torch.tensor([-1.0]), torch.tensor([3.0]))  # a loss
-    out = metric.compute()
-    scores = torch.tensor([1.0, 2.0, 0.0, 2.0, -1.0, 3.0])
-    assert out["accuracy"].item() == pytest.approx(1 / 3)
-    assert out["margin"].item() == pytest.approx((1 + 0 - 4) / 3)
-    assert out["reward_mean"].item() == pytest.approx(scores.mean().item())
-    assert out["reward_std"].item() == pytest.approx(scores.std(unbiased=False).item())

@@ -1,16 +1,59 @@
-"""KL-penalty coefficient controllers (Ziegler et al. 2019, "Fine-Tuning Language Models from
-Human Preferences", section 2.2).
+"""KL(policy || reference): per-token estimators and the controllers of the penalty coefficient.
 
+Estimators follow Schulman's "Approximating KL divergence" notes; the controllers follow
+Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", section 2.2.
 A controller owns the coefficient ``value`` that scales the per-token KL penalty in
-:func:`lit_rlhf.ops.compute_rewards`. Both expose ``state_dict`` / ``load_state_dict`` so the
-Lightning module can checkpoint them. Only ``value`` is state: the hyperparameters come from
-the configuration, so a resumed run uses the configured target and horizon.
+:func:`lit_rlhf.objectives.shaping.compute_rewards`. Both expose ``state_dict`` /
+``load_state_dict`` so the Lightning module can checkpoint them. Only ``value`` is state: the
+hyperparameters come from the configuration, so a resumed run uses the configured target and
+horizon.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
+
+import torch
+
+from lit_rlhf.objectives.masked import acc_dtype
+
+KLKind = Literal["k1", "abs", "mse", "k3"]
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of sampled tokens.
+
+    With ``d = logp - ref_logp`` (tokens sampled from the policy), following Schulman's
+    "Approximating KL divergence" notes:
+
+    - ``"k1"``: ``d``, unbiased but negative on many tokens.
+    - ``"abs"``: ``|d|``.
+    - ``"mse"``: ``0.5 * d**2`` (k2), biased, low variance, non-negative.
+    - ``"k3"``: ``exp(-d) - 1 + d``, unbiased and non-negative.
+
+    Args:
+        logp, ref_logp: (B, T).
+
+    Returns:
+        (B, T) in at least float32; masking is left to the caller.
+    """
+    acc = acc_dtype(torch.promote_types(logp.dtype, ref_logp.dtype))
+    d = logp.to(acc) - ref_logp.to(acc)
+    if kind == "k1":
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind == "mse":
+        return 0.5 * d.square()
+    if kind == "k3":
+        # expm1 keeps precision for small d, where exp(-d) - 1 would cancel; the clamp removes
+        # the last-ulp negatives rounding can still leave (the true value is >= 0).
+        return (torch.expm1(-d) + d).clamp(min=0)
+    raise ValueError(f"kind must be one of 'k1', 'abs', 'mse', 'k3', got {kind!r}")
+
+
+# ------------------------------------------------------------------------------ controllers
 
 
 def _check_coef(name: str, value: float) -> float:

@@ -17,7 +17,7 @@ from lit_rlhf.modules import SFTModule
 from lit_rlhf.optim import OptimConfig
 from tests.conftest import TINY_LLAMA
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _module(lora=None, lr=3e-3):

@@ -1,0 +1,52 @@
+"""Models: what a model is (:class:`ModelConfig`), how it loads, and the roles built on one base.
+
+* :mod:`~lit_rlhf.models.config`: :class:`ModelConfig`, :class:`LoraSettings` (validated at
+  construction);
+* :mod:`~lit_rlhf.models.sources`: registered names (``demo``, ``demo-sft``, ...) resolved
+  before hub ids and paths;
+* :mod:`~lit_rlhf.models.loading`: tokenizer and model loading: weights, 8-/4-bit
+  quantization, gradient checkpointing, LoRA;
+* :mod:`~lit_rlhf.models.heads`: the policy + value head on one shared trunk (PPO);
+* :mod:`~lit_rlhf.models.attention`: per-sequence attention for packed rows (reward model);
+* :mod:`~lit_rlhf.models.saving`: atomic ``save_pretrained``.
+"""
+
+from lit_rlhf.models.config import (
+    DType,
+    LoraSettings,
+    ModelConfig,
+    Quantization,
+    Task,
+    max_positions,
+)
+from lit_rlhf.models.heads import PolicyOutput, PolicyWithValueHead
+from lit_rlhf.models.loading import (
+    check_quantization,
+    disable_cpu_4bit_repacking,
+    load_model,
+    load_tokenizer,
+    trainable_parameters,
+)
+from lit_rlhf.models.saving import atomic_dir, save_pretrained_atomic
+from lit_rlhf.models.sources import register_arch, register_path, resolve_path
+
+__all__ = [
+    "DType",
+    "LoraSettings",
+    "ModelConfig",
+    "PolicyOutput",
+    "PolicyWithValueHead",
+    "Quantization",
+    "Task",
+    "atomic_dir",
+    "check_quantization",
+    "disable_cpu_4bit_repacking",
+    "load_model",
+    "load_tokenizer",
+    "max_positions",
+    "register_arch",
+    "register_path",
+    "resolve_path",
+    "save_pretrained_atomic",
+    "trainable_parameters",
+]

@@ -1,0 +1,65 @@
+"""Named model sources: short names that stand for a local directory or an architecture.
+
+The loader resolves ``name_or_path``, ``tokenizer`` and ``arch`` through this registry before
+it treats them as hub ids or paths, and knows nothing else about where the names come from.
+A package registers its names either by calling :func:`register_path` / :func:`register_arch`
+or, so that names work in any process without an import, through the ``lit_rlhf.sources``
+entry-point group: each entry point is a function that does the registering. lit_rlhf's own
+demo registers ``demo`` (tokenizer), ``demo-tiny`` (architecture), ``demo-sft`` and
+``demo-rm`` (models) this way (see ``lit_rlhf.demo.models``).
+
+Resolvers are called lazily, on first use of a name, so a registered model may be built
+then (the demo models train on first use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+ENTRY_POINT_GROUP = "lit_rlhf.sources"
+
+_PATHS: dict[str, Callable[[], str]] = {}
+_ARCHS: dict[str, Callable[[], dict]] = {}
+_loaded_entry_points = False
+
+
+def register_path(name: str, resolve: Callable[[], object]) -> None:
+    """Make ``name`` stand for the directory that ``resolve()`` returns (called on first use)."""
+    _PATHS[name] = lambda: str(resolve())
+
+
+def register_arch(name: str, fields: Callable[[], dict]) -> None:
+    """Make ``name`` stand for the config fields (with ``model_type``) that ``fields()`` returns."""
+    _ARCHS[name] = fields
+
+
+def _load_entry_points() -> None:
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()()
+
+
+def resolve_path(name_or_path: str) -> str:
+    """The directory a registered name stands for; anything else is returned unchanged."""
+    if name_or_path not in _PATHS:
+        _load_entry_points()
+    resolve = _PATHS.get(name_or_path)
+    return resolve() if resolve is not None else name_or_path
+
+
+def registered_arch(name: str) -> dict | None:
+    """A copy of the config fields a registered architecture name stands for, or None."""
+    if name not in _ARCHS:
+        _load_entry_points()
+    fields = _ARCHS.get(name)
+    return dict(fields()) if fields is not None else None
+
+
+def registered_names() -> list[str]:
+    """Every registered name (paths and architectures), for error messages."""
+    _load_entry_points()
+    return sorted({*_PATHS, *_ARCHS})

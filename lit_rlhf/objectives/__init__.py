@@ -1,0 +1,55 @@
+"""The math of every method, as pure functions of tensors (no modules, no Trainer).
+
+One file per concept:
+
+* :mod:`~lit_rlhf.objectives.masked`: masked sum / mean / variance / whitening;
+* :mod:`~lit_rlhf.objectives.logprobs`: per-token log-probs and entropies from logits;
+* :mod:`~lit_rlhf.objectives.kl`: KL estimators (k1, abs, mse, k3) and coefficient controllers;
+* :mod:`~lit_rlhf.objectives.shaping`: per-token rewards (KL penalty + score at the last token);
+* :mod:`~lit_rlhf.objectives.advantages`: advantage estimators (GAE);
+* :mod:`~lit_rlhf.objectives.policy`: clipped policy and value losses;
+* :mod:`~lit_rlhf.objectives.lm`: summed cross-entropy and the causal-LM loss;
+* :mod:`~lit_rlhf.objectives.preference`: the pairwise reward-model loss.
+"""
+
+from lit_rlhf.objectives.advantages import gae
+from lit_rlhf.objectives.kl import AdaptiveKLController, FixedKLController, KLController, kl_penalty
+from lit_rlhf.objectives.lm import IGNORE_INDEX, causal_lm_loss, cross_entropy_sum
+from lit_rlhf.objectives.logprobs import (
+    entropy_from_logits,
+    logprobs_and_entropy,
+    logprobs_from_logits,
+)
+from lit_rlhf.objectives.masked import (
+    explained_variance,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from lit_rlhf.objectives.policy import policy_loss, value_loss
+from lit_rlhf.objectives.preference import pairwise_loss
+from lit_rlhf.objectives.shaping import compute_rewards
+
+__all__ = [
+    "IGNORE_INDEX",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "KLController",
+    "causal_lm_loss",
+    "compute_rewards",
+    "cross_entropy_sum",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "kl_penalty",
+    "logprobs_and_entropy",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "pairwise_loss",
+    "policy_loss",
+    "value_loss",
+]

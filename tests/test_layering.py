@@ -1,0 +1,193 @@
+"""The package's architecture, checked: no import cycles, and lower layers never import higher ones.
+
+Every ``import`` statement counts, also those inside functions (a lazy import is still a
+dependency). Layers, lowest first; a module may import its own layer and the ones below:
+
+0. foundation: ``objectives`` (pure tensor math) and the demo's task data and judge;
+1. parts: ``models``, ``data``, ``optim``, ``metrics``, ``callbacks``;
+2. services: ``rewards``, ``export``;
+3. methods: ``modules``;
+4. application: ``cli``, ``pipeline``, ``config_files``, and ``demo.models`` (which builds the
+   demo models by running the CLI and registers the demo's names with the loader).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "lit_rlhf"
+
+LAYERS: list[tuple[str, list[str]]] = [
+    ("foundation", ["lit_rlhf", "lit_rlhf.objectives", "lit_rlhf.demo"]),
+    ("parts", ["lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.optim", "lit_rlhf.metrics", "lit_rlhf.callbacks"]),
+    ("services", ["lit_rlhf.rewards", "lit_rlhf.export"]),
+    ("methods", ["lit_rlhf.modules"]),
+    ("application", ["lit_rlhf.cli", "lit_rlhf.pipeline", "lit_rlhf.config_files", "lit_rlhf.demo.models"]),
+]
+
+# Beyond the layer order: the loader knows nothing of the demo (the demo registers its names).
+FORBIDDEN = [("lit_rlhf.models", "lit_rlhf.demo")]
+# The math is pure: tensors in, tensors out.
+PURE = {"lit_rlhf.objectives": {"torch", "math", "typing", "__future__", "lit_rlhf.objectives"}}
+
+
+def module_files(root: Path, package: str) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` under ``root`` (a package directory)."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = [package, *path.relative_to(root).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """(package modules imported by ``name``, top-level names of everything it imports)."""
+    is_package = path.name == "__init__.py"
+    here = name if is_package else name.rpartition(".")[0]
+    inside, everything = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = here.split(".")[: len(here.split(".")) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            # `from pkg import sub` depends on the submodule where one exists, else on pkg.
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            everything.add(target)
+            # The nearest enclosing module of the package (`import lit_rlhf.models.x` names it).
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                inside.add(target)
+    return inside, everything
+
+
+def layer_of(module: str) -> int:
+    best, level = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, level = len(prefix), index
+    if level is None:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS in {__file__}")
+    return level
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def import_graph(root: Path = PACKAGE_ROOT, package: str = "lit_rlhf"):
+    modules = module_files(root, package)
+    graph, external = {}, {}
+    for name, path in modules.items():
+        graph[name], external[name] = imports_of(name, path, modules)
+    return graph, external
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+# ------------------------------------------------------------------------------ the checks
+
+
+def test_the_package_has_no_import_cycle():
+    graph, _ = import_graph()
+    assert len(graph) > 30, "the walk found too few modules: is PACKAGE_ROOT right?"
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_lower_layers_never_import_higher_ones():
+    graph, _ = import_graph()
+    wrong = [
+        f"{src} ({LAYERS[layer_of(src)][0]}) imports {dst} ({LAYERS[layer_of(dst)][0]})"
+        for src, targets in graph.items() for dst in targets if layer_of(dst) > layer_of(src)
+    ]
+    wrong += [f"{src} imports {dst}" for src, targets in graph.items() for dst in targets
+              for a, b in FORBIDDEN if _under(src, a) and _under(dst, b)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_objectives_import_nothing_but_torch_and_each_other():
+    _, external = import_graph()
+    for prefix, allowed in PURE.items():
+        for module, names in external.items():
+            if _under(module, prefix):
+                bad = {n for n in names if not any(_under(n, a) for a in allowed)}
+                assert not bad, f"{module} imports {sorted(bad)}"
+
+
+# ------------------------------------------------------------------------------ the checker itself
+
+
+def _package(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "pkg"
+    for rel, text in {"__init__.py": "", **files}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_checker_finds_a_cycle_through_a_lazy_import(tmp_path):
+    root = _package(tmp_path, {
+        "a.py": "import pkg.b\n",
+        "b.py": "def f():\n    from pkg import c\n",
+        "c.py": "from . import a\n",
+        "d.py": "import pkg.a\n",
+    })
+    graph, _ = import_graph(root, "pkg")
+    assert graph["pkg.b"] == {"pkg.c"} and graph["pkg.c"] == {"pkg.a"}
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
+
+
+def test_checker_resolves_package_and_submodule_imports(tmp_path):
+    root = _package(tmp_path, {
+        "sub/__init__.py": "from pkg.sub.x import X\n",
+        "sub/x.py": "X = 1\n",
+        "y.py": "from pkg.sub import X\nfrom pkg.sub import x\nimport torch\n",
+    })
+    graph, external = import_graph(root, "pkg")
+    assert graph["pkg.y"] == {"pkg.sub", "pkg.sub.x"}
+    assert graph["pkg.sub"] == {"pkg.sub.x"}
+    assert "torch" in external["pkg.y"]
+    assert find_cycle(graph) is None
+
+
+@pytest.mark.parametrize("module, layer", [
+    ("lit_rlhf.objectives.kl", "foundation"), ("lit_rlhf.demo.judge", "foundation"),
+    ("lit_rlhf.demo.models", "application"), ("lit_rlhf.models.loading", "parts"),
+    ("lit_rlhf.modules.online", "methods"),
+])
+def test_layers_assign_by_longest_prefix(module, layer):
+    assert LAYERS[layer_of(module)][0] == layer

@@ -15,13 +15,14 @@ Each chunk is a dict of three ``LongTensor``\\ s of shape ``(seq_length,)``:
     the tokens.
 ``position_ids``
     restart at 0 at the start of every document, and also at position 0 of the chunk for a
-    document piece continued from the previous chunk. Transformers 5 detects packing from
-    these when the model is called with ``attention_mask=None`` and ``use_cache=False``
-    (``masking_utils.find_packed_sequence_indices``: a new segment starts wherever
-    ``position_ids`` does not increase by exactly 1) and makes attention block-diagonal
-    (sdpa / eager), so documents never attend to each other. Because every document starts
-    at 0 and the previous token's position is >= 0, consecutive documents always differ by
-    something other than +1 and are always detected as separate segments.
+    document piece continued from the previous chunk. A new document starts wherever
+    ``position_ids`` does not increase by exactly 1; because every document starts at 0 and
+    the previous token's position is >= 0, consecutive documents are always told apart.
+    :class:`~lit_rlhf.modules.SFTModule` turns them into an explicit block-diagonal mask
+    (:func:`~lit_rlhf.models.attention.packed_causal_mask`), so documents never attend to
+    each other on any architecture; transformers' own detection of packing from position ids
+    (used when ``attention_mask=None``) works only where a model's code passes them to its
+    mask builder, which OPT's and BLOOM's do not.
 ``labels``
     ``input_ids`` with ``-100`` at (a) prompt tokens in completion-only mode and (b) the first
     token of every document that starts inside the chunk after position 0: under document
@@ -29,8 +30,8 @@ Each chunk is a dict of three ``LongTensor``\\ s of shape ``(seq_length,)``:
     convention as HF's ``DataCollatorWithFlattening``). The EOS closing a document keeps its
     label so the model learns to stop. Labels are *unshifted* (HF models shift internally).
 
-So: feed ``input_ids``, ``position_ids`` and ``labels`` to the model and **no**
-``attention_mask``.
+So: feed ``input_ids``, ``position_ids`` and ``labels`` to the model with the block mask
+(or, on Llama-style models that detect packing themselves, with no ``attention_mask``).
 
 Sharding
 --------

@@ -21,6 +21,7 @@ from lit_rlhf.models.config import (
 )
 from lit_rlhf.models.heads import PolicyOutput, PolicyWithValueHead
 from lit_rlhf.models.loading import (
+    attention_for,
     check_quantization,
     disable_cpu_4bit_repacking,
     load_model,
@@ -39,6 +40,7 @@ __all__ = [
     "Quantization",
     "Task",
     "atomic_dir",
+    "attention_for",
     "check_quantization",
     "disable_cpu_4bit_repacking",
     "load_model",

@@ -105,3 +105,66 @@ def use_segment_attention(model: nn.Module) -> bool:
         except (ValueError, NotImplementedError):
             pass  # stays on sdpa
     return model.config._attn_implementation == SEGMENT_SDPA
+
+
+# ------------------------------------------------------------------------------ packed SFT chunks
+
+
+def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, T) restarting position ids -> (B, 1, T, T) block-diagonal causal mask.
+
+    A new document starts wherever the position does not increase by exactly 1 (the same
+    rule as transformers' packed-sequence detection). Token ``i`` may attend to token ``j``
+    when both lie in the same document and ``j <= i``. With ``dtype=None`` the mask is bool
+    (True: attend), the form ``sdpa`` takes in any compute dtype; with a float ``dtype`` it is
+    additive (0 or the most negative value), the form ``eager`` attention adds to its scores.
+    transformers passes a 4D mask through unchanged, so isolation holds whether or not a
+    model's own code reads packed ``position_ids`` (OPT's and BLOOM's do not).
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    document = starts.long().cumsum(-1)  # (B, T) document index of every token
+    length = position_ids.size(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
+    if dtype is None:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def packed_attention_mask(
+    position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The ``attention_mask`` that keeps packed documents apart under ``attn_implementation``.
+
+    Flash attention needs none: transformers turns restarting ``position_ids`` into its
+    variable-length kernel's sequence boundaries. ``eager`` gets an additive mask in ``dtype``,
+    everything else (``sdpa``) a bool one.
+    """
+    if attn_implementation.startswith("flash_attention"):
+        return None
+    if attn_implementation == "eager":
+        return packed_causal_mask(position_ids, dtype)
+    return packed_causal_mask(position_ids)
+
+
+# model_type -> why its documents cannot be isolated inside a packed chunk.
+_UNPACKABLE = {
+    "bloom": "BLOOM takes its ALiBi positions from the attention mask, so a block mask breaks them",
+    "mpt": "MPT takes its ALiBi positions from the attention mask, so a block mask breaks them",
+}
+
+
+def packing_problem(config, seq_length: int | None) -> str | None:
+    """Why packed chunks of ``seq_length`` tokens cannot keep documents apart on this model, or None."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in _UNPACKABLE:
+        return _UNPACKABLE[model_type]
+    if getattr(config, "alibi", False):  # e.g. Falcon with alibi=True
+        return f"{model_type} with alibi=True takes its positions from the attention mask"
+    window = getattr(config, "sliding_window", None)
+    if has_local_attention(config) and window is not None and seq_length is not None and seq_length > window:
+        return (f"its sliding-window layers (window {window}) would see a full block mask at seq_length "
+                f"{seq_length}; use seq_length <= {window}")
+    return None

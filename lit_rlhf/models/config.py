@@ -71,8 +71,8 @@ class ModelConfig:
     """LoRA adapters on a frozen base; None means full fine-tuning."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
-    attn_implementation: str = "sdpa"
-    """``sdpa``, ``eager`` or ``flash_attention_2``; all honour packed ``position_ids``."""
+    attn_implementation: str | None = None
+    """``sdpa``, ``eager``, ``flash_attention_2``; None: ``sdpa`` where the architecture supports it, else ``eager``."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off by default: it executes arbitrary code."""
     revision: str | None = None

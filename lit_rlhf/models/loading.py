@@ -7,6 +7,7 @@ LoRA (peft), in that order; the same function serves every stage and role.
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 
 import torch
@@ -68,12 +69,52 @@ def _auto_class(task: Task):
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
+_KNOWN_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def attention_for(cfg: ModelConfig, config, task: Task = "causal_lm") -> str:
+    """The attention implementation to load with, checked against the architecture's support.
+
+    ``cfg.attn_implementation=None`` picks ``sdpa`` where the model class supports it, else
+    ``eager`` (Gemma2 and BLOOM refuse ``sdpa``). An explicit choice the class does not support
+    is a one-line error here, before any weights are read.
+    """
+    cls = _auto_class(task)._model_mapping.get(type(config), None)
+    if cls is None:  # remote code or an unregistered config: let transformers decide
+        return cfg.attn_implementation
+    supported = ["eager"]
+    supported += ["sdpa"] if getattr(cls, "_supports_sdpa", False) else []
+    supported += ["flash_attention_2", "flash_attention_3"] if getattr(cls, "_supports_flash_attn", False) else []
+    supported += ["flex_attention"] if getattr(cls, "_supports_flex_attn", False) else []
+    choice = cfg.attn_implementation
+    if choice is None:
+        return "sdpa" if "sdpa" in supported else "eager"
+    if choice in _KNOWN_ATTENTION and choice not in supported:
+        raise ValueError(f"model.attn_implementation={choice!r}: {cls.__name__} supports {', '.join(supported)}")
+    return choice
+
+
+def dropout_fields(config) -> list[str]:
+    """Names of the config's dropout probabilities (``*dropout*``, ``*pdrop*``) that are not 0.
+
+    Dropout is not only ``nn.Dropout`` modules: OPT calls ``F.dropout(p=self.dropout)`` with a
+    config float, Llama/Qwen/NeoX read ``attention_dropout``. Zeroing the fields before the
+    model is built is the only way to switch all of it off.
+    """
+    names = []
+    for name, value in config.to_dict().items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float) and value != 0.0:
+            names.append(name)
+    return names
+
+
 def load_model(
     cfg: ModelConfig,
     tokenizer,
     *,
     task: Task = "causal_lm",
     device: torch.device | str | None = None,
+    dropout: bool = True,
 ) -> nn.Module:
     """Build the model described by ``cfg``: weights, quantization, checkpointing, LoRA.
 
@@ -84,18 +125,24 @@ def load_model(
         device: where quantized weights are placed. Quantized weights cannot be moved after
             loading, so under DDP each rank passes its own device; unquantized models load
             on CPU and the Trainer moves them.
+        dropout: False zeroes every dropout probability of the model's config before it is
+            built (LoRA dropout stays as configured): for methods that compare two forwards
+            (PPO's ratio, a reference pass), which must agree exactly.
     """
     device = torch.device(device or "cpu")
     check_quantization(cfg.quantization, device)
-    extra = {"num_labels": 1} if task == "seq_cls" else {}
-    kwargs: dict = {"dtype": cfg.torch_dtype, "attn_implementation": cfg.attn_implementation}
+    architecture = cfg.architecture(tokenizer)  # config.json only: checks before any weights
+    extra: dict = {"num_labels": 1} if task == "seq_cls" else {}
+    if not dropout:
+        extra.update({name: 0.0 for name in dropout_fields(architecture)})
+    kwargs: dict = {"dtype": cfg.torch_dtype, "attn_implementation": attention_for(cfg, architecture, task)}
 
     with contextlib.ExitStack() as stack:
         if cfg.name_or_path is not None:
             source = resolve_path(cfg.name_or_path)
             kwargs.update(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         else:
-            config = cfg.architecture(tokenizer)
+            config = architecture
             for key, value in extra.items():
                 setattr(config, key, value)
             with _seeded(cfg.seed):
@@ -144,12 +191,26 @@ def _finish(model: nn.Module, cfg: ModelConfig, task: Task, tokenizer) -> nn.Mod
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
+        target_modules=lora_targets(cfg.lora.target_modules, model.config.model_type),
         modules_to_save=cfg.lora.modules_to_save,
         task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
         # SEQ_CLS marks the score head as `modules_to_save`: trained and saved with the adapter.
     )
     return get_peft_model(model, lora)
+
+
+def lora_targets(target_modules, model_type: str):
+    """``target_modules`` as given, or where it is None and peft has no default list for the
+    architecture (Phi-3, OLMo-2, Granite, ...), ``"all-linear"``, with a note on stderr."""
+    if target_modules is not None:
+        return target_modules
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if model_type in DEFAULTS:
+        return None  # peft's default for the architecture
+    print(f"[lit_rlhf] lora.target_modules: peft has no default for {model_type!r}; using all-linear",
+          file=sys.stderr)
+    return "all-linear"
 
 
 def disable_cpu_4bit_repacking(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ from torch import nn
 
 from lit_rlhf.models import (
     ModelConfig,
+    attention_for,
     load_model,
     load_tokenizer,
     save_pretrained_atomic,
@@ -41,6 +42,8 @@ class HFModule(L.LightningModule):
         self.optim_config = as_config(OptimConfig, optim) or OptimConfig()
         lm = self.lm_config
         self.tokenizer = load_tokenizer(lm.tokenizer, trust_remote_code=lm.trust_remote_code)
+        # An attention implementation the architecture refuses fails here, not at weight load.
+        attention_for(lm, lm.architecture(self.tokenizer), self.task)
         self.model = None
         # With adapters, checkpoints hold only trainable weights (see on_save_checkpoint).
         self.strict_loading = lm.lora is None
@@ -51,7 +54,8 @@ class HFModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.model = load_model(self.lm_config, self.tokenizer, task=self.task, device=device)
         trainable, total = trainable_parameters(self.model)
-        rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters")
+        rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "
+                       f"attention {self.model.config._attn_implementation}")
 
     def configure_optimizers(self):
         return build_optimizer(

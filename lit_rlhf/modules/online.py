@@ -197,18 +197,20 @@ class OnlineRLModule(HFModule):
         if self.policy is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        lm = load_model(self.lm_config, self.tokenizer, task="causal_lm", device=device)
+        # The ratio and the KL compare forward passes: every dropout must be off, also the
+        # config floats that models read directly (OPT's F.dropout(p=config.dropout)).
+        lm = load_model(self.lm_config, self.tokenizer, task="causal_lm", device=device, dropout=False)
         self.policy = PolicyWithValueHead(lm, value_head=self.uses_value_head)
         if self.lm_config.lora is None:
             # Full fine-tuning has no adapters to switch off: keep a frozen copy.
             self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        for module in self.modules():
-            # The ratio and the KL compare forward passes: dropout would make them disagree.
+        for module in self.modules():  # nn.Dropout modules, LoRA dropout among them
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
         self.generator = torch.Generator(device=device).manual_seed(self.seed + self.global_rank)
         trainable, total = trainable_parameters(self.policy)
-        rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters")
+        rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "
+                       f"attention {lm.config._attn_implementation}")
 
     @property
     def hf_model(self) -> nn.Module:

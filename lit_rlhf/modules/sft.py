@@ -7,6 +7,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.callbacks import check_finite
 from lit_rlhf.models import ModelConfig, max_positions
+from lit_rlhf.models.attention import packed_attention_mask, packing_problem
 from lit_rlhf.modules.base import HFModule
 from lit_rlhf.objectives.lm import causal_lm_loss
 from lit_rlhf.optim import OptimConfig
@@ -32,23 +33,28 @@ class SFTModule(HFModule):
         """
         super().__init__(lm, optim)
         self.save_hyperparameters()
+        architecture = lm.architecture(self.tokenizer)
+        name = lm.name_or_path or lm.arch
         if seq_length is not None:
-            limit = max_positions(lm.architecture(self.tokenizer))
+            limit = max_positions(architecture)
             if limit is not None and seq_length > limit:
-                raise ValueError(
-                    f"data.seq_length={seq_length} exceeds the model's {limit} positions ({lm.name_or_path or lm.arch})"
-                )
+                raise ValueError(f"data.seq_length={seq_length} exceeds the model's {limit} positions ({name})")
+        if (problem := packing_problem(architecture, seq_length)) is not None:
+            raise ValueError(f"model {name}: packed SFT cannot keep documents apart: {problem}")
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits.
+        """(B, T) ids -> (B, T, V) logits; documents inside a chunk attend only to themselves.
 
-        With ``attention_mask=None`` and no cache, transformers reads document boundaries
-        from ``position_ids`` (where they do not increase by 1) and keeps attention inside
-        each packed document.
+        ``position_ids`` (B, T) restart at every document. The block-diagonal mask built from
+        them is passed explicitly: transformers' own detection of packed sequences from
+        position ids works only where a model's code hands them to its mask builder.
         """
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        mask = None
+        if position_ids is not None:
+            mask = packed_attention_mask(position_ids, self.model.config._attn_implementation, self.lm_config.torch_dtype)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         stats = causal_lm_loss(self(batch["input_ids"], batch["position_ids"]), batch["labels"])

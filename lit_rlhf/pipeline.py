@@ -107,7 +107,7 @@ def sample_and_score(model_dir: Path, prompts: list[str], max_new_tokens: int, s
     from lit_rlhf.data.prompts import left_pad
     from lit_rlhf.demo import sentiment_score
     from lit_rlhf.models.heads import PolicyWithValueHead
-    from lit_rlhf.modules.rollout import evaluate_actions, generate
+    from lit_rlhf.modules.rollout import decode_responses, evaluate_actions, generate
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = PolicyWithValueHead(AutoModelForCausalLM.from_pretrained(model_dir).eval())
@@ -115,7 +115,7 @@ def sample_and_score(model_dir: Path, prompts: list[str], max_new_tokens: int, s
     gen = torch.Generator().manual_seed(seed)
     rollout = generate(policy, ids, mask, torch.full((len(prompts),), max_new_tokens),
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=gen)
-    responses = tokenizer.batch_decode(rollout.response_ids * rollout.response_mask, skip_special_tokens=True)
+    responses = decode_responses(tokenizer, rollout)
     scores = [sentiment_score(p + r) for p, r in zip(prompts, responses)]
     result = {"responses": responses, "score": sum(scores) / len(scores), "scores": scores}
     if ref_dir is not None:

@@ -2,9 +2,11 @@
 
 Format
 ------
-Every document (one dataset row) becomes ``tokens(text) + [eos]``; in completion-only mode
-``tokens(prompt) + tokens(completion) + [eos]`` (prompt and completion are tokenized
-separately so the boundary is exact). Tokenization uses ``add_special_tokens=False``. All
+Every document (one dataset row) becomes ``[bos] + tokens(text) + [eos]``; in completion-only
+mode ``[bos] + tokens(prompt) + tokens(completion) + [eos]`` (prompt and completion are
+tokenized separately so the boundary is exact). Tokenization uses ``add_special_tokens=False``;
+``[bos]`` is there only for tokenizers that add BOS to a text themselves (Llama, Gemma), and
+counts as prompt in completion-only mode. All
 documents are concatenated in row order into one global token stream, which is cut into
 consecutive chunks of ``seq_length`` tokens; a document may span two chunks and only the
 final partial chunk is dropped. No padding is ever produced.
@@ -138,6 +140,9 @@ class ConstantLengthDataset(IterableDataset):
         self.rows = rows
         self.tokenizer = tokenizer
         self.eos_token_id = int(tokenizer.eos_token_id)
+        # Tokenizers that open every text with BOS (Llama, Gemma) open every document with it
+        # too, as the model saw in pre-training and will see in PPO/RM prompts.
+        self.bos = [int(tokenizer.bos_token_id)] if adds_bos(tokenizer) else []
         self.seq_length = seq_length
         self.format_fn = format_fn
         self.text_field = text_field
@@ -278,7 +283,7 @@ class ConstantLengthDataset(IterableDataset):
         else:
             prompts = [[] for _ in batch]
         for prompt_ids, text_ids in zip(prompts, texts):
-            yield prompt_ids + text_ids + [self.eos_token_id], len(prompt_ids)
+            yield self.bos + prompt_ids + text_ids + [self.eos_token_id], len(self.bos) + len(prompt_ids)
 
     def _token_stream(self) -> Iterator[tuple[list[int], int]]:
         """Documents of one pass, or endlessly repeated passes in infinite mode."""
@@ -342,6 +347,16 @@ class ConstantLengthDataset(IterableDataset):
         self._check_nonempty(n_tokens)
         if self._total_chunks is None:
             self._total_chunks = g
+
+
+def adds_bos(tokenizer) -> bool:
+    """True when ``tokenizer(text)`` puts a BOS token in front of the text's own tokens."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(plain) and with_special[0] == bos
 
 
 def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:

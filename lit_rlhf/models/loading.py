@@ -75,13 +75,20 @@ _KNOWN_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "
 def attention_for(cfg: ModelConfig, config, task: Task = "causal_lm") -> str:
     """The attention implementation to load with, checked against the architecture's support.
 
+    Also fails, in one line, where transformers has no class for ``task`` (e.g. Granite has
+    no sequence-classification head, so it cannot be a reward model).
+
     ``cfg.attn_implementation=None`` picks ``sdpa`` where the model class supports it, else
     ``eager`` (Gemma2 and BLOOM refuse ``sdpa``). An explicit choice the class does not support
     is a one-line error here, before any weights are read.
     """
     cls = _auto_class(task)._model_mapping.get(type(config), None)
-    if cls is None:  # remote code or an unregistered config: let transformers decide
-        return cfg.attn_implementation
+    if cls is None:
+        if cfg.trust_remote_code:  # the class comes with the checkpoint: let transformers decide
+            return cfg.attn_implementation
+        kind = "causal-LM" if task == "causal_lm" else "sequence-classification (reward model)"
+        raise ValueError(f"model {cfg.name_or_path or config.model_type}: transformers has no {kind} class "
+                         f"for model_type {config.model_type!r}")
     supported = ["eager"]
     supported += ["sdpa"] if getattr(cls, "_supports_sdpa", False) else []
     supported += ["flash_attention_2", "flash_attention_3"] if getattr(cls, "_supports_flash_attn", False) else []

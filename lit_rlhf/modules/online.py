@@ -38,7 +38,13 @@ from torchmetrics import MeanMetric
 from lit_rlhf.callbacks import NonFiniteLossError, check_finite
 from lit_rlhf.models import ModelConfig, PolicyWithValueHead, load_model, trainable_parameters
 from lit_rlhf.modules.base import HFModule, as_config
-from lit_rlhf.modules.rollout import Rollout, evaluate_actions, generate, sample_lengths
+from lit_rlhf.modules.rollout import (
+    Rollout,
+    decode_responses,
+    evaluate_actions,
+    generate,
+    sample_lengths,
+)
 from lit_rlhf.objectives import AdaptiveKLController, FixedKLController, compute_rewards
 from lit_rlhf.optim import OptimConfig
 from lit_rlhf.rewards import RewardFunction
@@ -302,7 +308,7 @@ class OnlineRLModule(HFModule):
 
     def decode(self, rollout: Rollout) -> list[str]:
         """The responses as text (tokens after EOS and the EOS itself dropped)."""
-        return self.tokenizer.batch_decode(rollout.response_ids * rollout.response_mask, skip_special_tokens=True)
+        return decode_responses(self.tokenizer, rollout)
 
     @torch.no_grad()
     def rollout(self, batch: dict, generator: torch.Generator) -> Rollout:

@@ -181,6 +181,18 @@ def evaluate_actions(
     return logprobs, values, entropies
 
 
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """The responses as text: each row's sampled tokens up to its mask, special tokens dropped.
+
+    Only masked-in tokens are decoded. Zeroing the rest and decoding whole rows would decode
+    token id 0 at every padded slot, which is a real token in many vocabularies (``!`` in
+    GPT-2's), and the reward model would score responses with a tail of them.
+    """
+    lengths = rollout.response_mask.sum(-1).tolist()
+    rows = rollout.response_ids.tolist()
+    return tokenizer.batch_decode([row[: int(n)] for row, n in zip(rows, lengths)], skip_special_tokens=True)
+
+
 def sample_lengths(
     batch: int, min_new_tokens: int, max_new_tokens: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -7,16 +7,22 @@ fields are set to 0.1 wherever the family has them, so that "dropout off" is rea
 
 from __future__ import annotations
 
+import math
+
+import lightning as L
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from lit_rlhf.data import ConstantLengthDataset
-from lit_rlhf.models import LoraSettings, ModelConfig, load_model
+from lit_rlhf.data.preference import collate_pairs, pack_pairs
+from lit_rlhf.export import merge_adapter
+from lit_rlhf.models import LoraSettings, ModelConfig, load_model, save_pretrained_atomic
 from lit_rlhf.models.loading import dropout_fields
-from lit_rlhf.modules import PPOModule, SFTModule
+from lit_rlhf.modules import PPOModule, RewardModule, SFTModule
 from lit_rlhf.modules.ppo import PPOConfig, SamplingConfig
-from lit_rlhf.modules.rollout import evaluate_actions
-from tests.modules.ppo_helpers import LetterReward, make_batch
+from lit_rlhf.objectives import causal_lm_loss
+from tests.modules.ppo_helpers import LetterReward, make_data
 
 _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.1)
@@ -43,6 +49,8 @@ FAMILIES: dict[str, dict] = {
 }
 # Families whose documents cannot be kept apart inside a packed chunk: refused, with the reason.
 UNPACKABLE = {"bloom": "ALiBi"}
+# Families without a sequence-classification class in transformers: refused as reward models.
+NO_SEQ_CLS = {"granite"}
 
 
 def arch(family: str) -> dict:
@@ -51,6 +59,11 @@ def arch(family: str) -> dict:
 
 def _lm(family: str, **kwargs) -> ModelConfig:
     return ModelConfig(arch=arch(family), tokenizer="demo", **kwargs)
+
+
+def chunk_labels(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Labels as ConstantLengthDataset makes them: the tokens, -100 at each inner document start."""
+    return torch.where((pos == 0) & (torch.arange(len(ids)) > 0), -100, ids)
 
 
 def _packed_chunk(tokenizer):
@@ -64,49 +77,114 @@ def _packed_chunk(tokenizer):
     return ids, pos, start, end
 
 
+@pytest.mark.parametrize("targets", [None, "all-linear"], ids=["default-targets", "all-linear"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_packed_sft_keeps_documents_apart(family, tokenizer):
+def test_sft_keeps_packed_documents_apart_and_trains_with_lora(family, targets):
     if family in UNPACKABLE:
         with pytest.raises(ValueError, match=f"packed SFT cannot keep documents apart.*{UNPACKABLE[family]}"):
             SFTModule(_lm(family), seq_length=48)
         return
-    module = SFTModule(_lm(family, lora=LoraSettings(r=4, alpha=8, dropout=0.0)), seq_length=48)
+    module = SFTModule(_lm(family, lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=targets)),
+                       seq_length=48)
     module.configure_model()
-    module.eval()
+    expected = "eager" if family == "gemma2" else "sdpa"
+    assert module.model.config._attn_implementation == expected
     ids, pos, start, end = _packed_chunk(module.tokenizer)
+    # 1. isolation: a document's logits inside the chunk equal its logits alone.
+    module.eval()
     with torch.no_grad():
         packed = module(ids[None], pos[None])[0, start:end]
         alone = module(ids[None, start:end], pos[None, start:end])[0]
         leaky = module.model(input_ids=ids[None], use_cache=False).logits[0, start:end]
     torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(leaky, alone, atol=1e-3, rtol=1e-3)  # control: plain causal leaks
+    # 2. optimizer steps on the packed chunk with the LoRA targets (peft's default, or all-linear
+    #    where peft has none).
+    module.train()
+    adapters = [p for n, p in module.named_parameters() if p.requires_grad]
+    assert adapters and all("lora_" in n for n, p in module.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(adapters, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = causal_lm_loss(module(ids[None], pos[None]), chunk_labels(ids, pos)[None]).loss
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(math.isfinite(v) for v in losses) and losses[2] < losses[0]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_first_on_policy_ppo_minibatch_has_ratio_exactly_one(family):
+def test_reward_model_packs_trains_exports_and_reloads_with_the_same_scores(family, tmp_path):
+    if family in NO_SEQ_CLS:
+        with pytest.raises(ValueError, match="no sequence-classification"):
+            RewardModule(_lm(family))
+        return
+    module = RewardModule(_lm(family, lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")))
+    module.configure_model()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 11, 7, 9)]
+    pairs = [(seqs[0], seqs[2], 0.0), (seqs[1], seqs[3], 0.0)]
+    pad = module.tokenizer.pad_token_id
+    packed, padded = pack_pairs(pairs, pad), collate_pairs(pairs, pad)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # two steps, so the exported adapter and score head are not the init
+        stats, _, _ = module._pair_step(packed)
+        optimizer.zero_grad()
+        stats.loss.backward()
+        optimizer.step()
+    module.eval()
+    with torch.no_grad():
+        scores_packed = module.forward_packed(packed["input_ids"], packed["position_ids"], packed["lengths"])
+        scores_padded = module(padded["input_ids"], padded["attention_mask"])
+    torch.testing.assert_close(scores_packed, scores_padded, atol=2e-5, rtol=1e-4)  # no leak between sequences
+    save_pretrained_atomic(module.model, tmp_path / "adapter", module.tokenizer)
+    export = merge_adapter(module.lm_config, tmp_path / "adapter", tmp_path / "export",
+                           tokenizer=module.tokenizer, task="seq_cls")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    with torch.no_grad():
+        scores_reloaded = reloaded(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(scores_reloaded, scores_padded, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit-nf4"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_quantized_base_loads_and_takes_an_sft_step(family, quantization, tokenizer):
+    model = load_model(_lm(family, quantization=quantization,
+                           lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")), tokenizer)
+    ids = torch.randint(3, 100, (2, 12))
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert math.isfinite(loss.item()) and lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+    torch.optim.SGD(lora_b, lr=0.1).step()
+    assert all(p.abs().sum() > 0 for p in lora_b)  # the adapter moved off its zero init
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ppo_runs_two_rollouts_and_its_first_minibatch_has_ratio_exactly_one(family, tmp_path):
     lm = _lm(family, lora=LoraSettings(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
     assert dropout_fields(_config(family)), "the family should have dropout fields to switch off"
     module = PPOModule(lm, LetterReward(), ppo=PPOConfig(mini_batch_size=4, ppo_epochs=1),
-                       sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=6), rollout_batch_size=4)
-    module.configure_model()
-    assert dropout_fields(module.policy.base_model.config) == []
-    rollout = module.rollout(make_batch(module, 4), module.generator)
-    assert torch.equal(rollout.logprobs, rollout.ref_logprobs)  # LoRA B = 0: policy == reference
-    module.policy.train()  # the update runs in train mode: dropout would show here
-    logprobs, _, _ = evaluate_actions(module.policy, rollout)
-    assert torch.equal(logprobs, rollout.logprobs)  # ratio exactly 1
+                       sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4), rollout_batch_size=4)
+    seen = []
+    loss = module.loss
+    def recording_loss(*args):  # a copy of every minibatch's statistics (the update loop pops some)
+        value, stats = loss(*args)
+        seen.append((value.detach(), dict(stats)))
+        return value, stats
 
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_default_attention_and_lora_targets_load(family, tokenizer):
-    model = load_model(_lm(family, lora=LoraSettings(r=4, alpha=8)), tokenizer)
-    expected = "eager" if family in ("bloom", "gemma2") else "sdpa"
-    assert model.config._attn_implementation == expected
-    adapted = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    assert adapted, "LoRA found no target modules"
-    ids = torch.randint(3, 100, (2, 12))
-    model(input_ids=ids, labels=ids).loss.backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+    module.loss = recording_loss
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu",
+                        default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(module, make_data(module, 4))
+    assert dropout_fields(module.policy.base_model.config) == []  # config dropout off ...
+    assert module.rollouts_done == 2 and len(seen) == 2
+    first = seen[0][1]  # ... so the first update forward reproduces the rollout exactly
+    assert first["ratio_mean"].item() == 1.0 and first["ratio_max"].item() == 1.0
+    assert first["approx_kl"].item() == 0.0
+    assert math.isfinite(seen[1][0].item())
 
 
 def test_unsupported_attention_is_refused_before_loading(tokenizer):
@@ -119,3 +197,10 @@ def _config(family: str):
 
     fields = arch(family)
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def test_sliding_window_shorter_than_the_chunk_is_refused_and_a_longer_one_accepted():
+    windowed = {**arch("mistral"), "sliding_window": 16}
+    with pytest.raises(ValueError, match="sliding-window layers \\(window 16\\).*seq_length <= 16"):
+        SFTModule(ModelConfig(arch=windowed, tokenizer="demo"), seq_length=48)
+    SFTModule(ModelConfig(arch=windowed, tokenizer="demo"), seq_length=16)  # within the window: exact

@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import lightning as L
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from lit_rlhf.callbacks import NonFiniteLossError
@@ -46,6 +48,59 @@ class LitRLHFCLI(LightningCLI):
             self.datamodule.tokenizer = self.model.tokenizer
 
 
+# Lines of jsonargparse's error dump that describe the search, not the problem.
+_PARSER_NOISE = re.compile(
+    r"^(- )?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|"
+    r"Expected a <class 'NoneType'>|Problem with given class_path|tip:|Validation failed: )"
+)
+_PARSER_KEY = re.compile(r'^(- )?(?:Problem with given class_path .*: )?Parser key "([^"]+)":\s*(.*)$')
+
+
+_CLASS_PATH = re.compile(r"Problem with given class_path '([\w.]+)'")
+
+
+def _is_dataclass_path(path: str) -> bool:
+    import dataclasses
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, ValueError):
+        return False
+
+
+def parser_error_cause(message: str) -> str:
+    """The one line of a jsonargparse error that says what is wrong, with the config key.
+
+    jsonargparse reports a bad value deep in a config as a nested dump: every Union member it
+    tried (``Expected a <class 'NoneType'>``), the class path, and the whole ``Namespace`` it
+    was given. The cause is the first line that is none of those; the ``Parser key`` lines
+    above it give the field, e.g. ``model.init_args.lm.quantization: Expected a
+    typing.Literal['none', '8bit', '4bit-nf4', '4bit-fp4']. Got value: 3bit``.
+    """
+    field, under_class = "", False
+    for raw in message.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if chosen := _CLASS_PATH.search(line):
+            under_class = not _is_dataclass_path(chosen.group(1))
+        if match := _PARSER_KEY.match(line):
+            # A key below a chosen class is one of its init_args; below a dataclass, a field.
+            sep = ".init_args." if under_class else "."
+            field = f"{field}{sep}{match.group(2)}" if field else match.group(2)
+            under_class = False
+            line = match.group(3).strip()
+            if not line:
+                continue
+        if _PARSER_NOISE.match(line):
+            continue
+        line = line.removeprefix("- ")
+        return f"{field}: {line}" if field and not line.startswith(field) else line
+    return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python train.py`` and the ``lit-rlhf`` console script."""
     argv = sys.argv[1:] if args is None else list(args)
@@ -73,15 +128,18 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults={"precision": _default_precision()},
             # Re-running into the same log dir must not crash on an existing config.yaml.
             save_config_kwargs={"overwrite": True},
+            # Parser errors are raised, not printed with the usage: main reports their cause.
+            parser_kwargs={"exit_on_error": False,
+                           **{name: {"exit_on_error": False} for name in ("fit", "validate", "test", "predict")}},
             args=args,
         )
-    except (NonFiniteLossError, ValueError, FileNotFoundError) as err:
+    except (ArgumentError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
         if os.environ.get("LIT_RLHF_DEBUG"):
             raise
-        # Bad input and diverged runs end with one readable line, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if not isinstance(err, NonFiniteLossError) else 1)
-
+        # Bad input and diverged runs end with one readable line, not a traceback. A bad
+        # value deep in a config reaches here wrapped in jsonargparse's dump: keep its cause.
+        print(f"error: {parser_error_cause(str(err))}", file=sys.stderr)
+        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 from lit_rlhf.models import DType, ModelConfig, Task, load_model, save_pretrained_atomic
@@ -77,7 +79,15 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="weights dtype of the merged model (default: the run's lm.dtype)")
     opts = parser.parse_args(args)
-    print(export_run(opts.run_dir, opts.out_dir, opts.dtype))
+    try:
+        print(export_run(opts.run_dir, opts.out_dir, opts.dtype))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        if os.environ.get("LIT_RLHF_DEBUG"):
+            raise
+        # A missing or unfinished run, or a damaged adapter: one line, nothing half-written.
+        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

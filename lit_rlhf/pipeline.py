@@ -190,7 +190,20 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("sft_config", "rm_config", "ppo_config"):
         if not Path(getattr(opts, name)).is_file():
             parser.error(f"--{name} {getattr(opts, name)}: no such file")
+    if Path(opts.output_dir).exists() and not Path(opts.output_dir).is_dir():
+        parser.error(f"--output_dir {opts.output_dir}: exists and is not a directory")
+    try:
+        run(opts)
+    except subprocess.CalledProcessError as err:
+        # The stage printed its own error above; end with one line naming the stage, no traceback.
+        stage = next((a.split("=", 1)[1] for a in err.cmd if str(a).startswith("--trainer.default_root_dir=")), "?")
+        print(f"error: pipeline stage {Path(stage).name} failed (exit code {err.returncode}); see its output above",
+              file=sys.stderr)
+        sys.exit(1)
 
+
+def run(opts: argparse.Namespace) -> None:
+    """Every stage, the evaluation and the reports, for parsed command-line options."""
     start = time.perf_counter()
     out = Path(opts.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

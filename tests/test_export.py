@@ -73,3 +73,26 @@ def test_export_in_bfloat16_and_from_the_command_line(lora_run, tmp_path, capsys
 def test_export_of_a_missing_run_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.yaml not found"):
         export_run(tmp_path / "nope", tmp_path / "out")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "config.yaml not found: pass a run directory"),
+    ("not_a_run", "config.yaml not found: pass a run directory"),
+    ("unfinished", "no adapter/ or model/ to export (did the run finish?)"),
+])
+def test_export_command_failures_are_one_line(case, expected, tmp_path, capsys):
+    run = tmp_path / "run"
+    if case == "not_a_run":
+        run.mkdir()
+        (run / "notes.txt").write_text("hello")
+    elif case == "unfinished":  # a run that wrote its config but never reached the end of fit
+        run.mkdir()
+        (run / "config.yaml").write_text(
+            "model:\n  class_path: lit_rlhf.modules.SFTModule\n  init_args:\n    lm:\n      arch: demo-tiny\n"
+            "      tokenizer: demo\n      lora: null\n")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run), str(tmp_path / "out")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -75,3 +75,22 @@ def test_missing_stage_config_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["--output_dir", str(tmp_path), "--sft_config", str(tmp_path / "nope.yaml")])
     assert "nope.yaml: no such file" in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file_is_named(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(["--output_dir", str(tmp_path / "taken")])
+    assert exit_.value.code == 2
+    assert f"--output_dir {tmp_path / 'taken'}: exists and is not a directory" in capsys.readouterr().err
+
+
+def test_a_failing_stage_ends_in_one_line_naming_it(tmp_path, capfd):
+    bad = _overlay(tmp_path / "bad.yaml", "configs/sft/demo.yaml", "data:\n  init_args:\n    seq_length: 0\n")
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(["--output_dir", str(tmp_path / "out"), "--sft_config", str(bad), "--quiet"])
+    assert exit_.value.code == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: pipeline stage sft failed (exit code 2); see its output above"
+    assert "error: data.seq_length must be >= 2, got 0" in err  # the stage's own line, just above
+    assert not any("Traceback" in line for line in err)

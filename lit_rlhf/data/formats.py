@@ -38,11 +38,35 @@ def load_rows(
     if local.is_file():
         if local.suffix not in _BUILDERS:
             raise ValueError(f"{path}: unknown data file type {local.suffix!r}; use one of {sorted(_BUILDERS)}")
+        if local.stat().st_size == 0:
+            raise ValueError(f"{path}: the file is empty")
         builder = _BUILDERS[local.suffix]
-        return datasets.load_dataset(builder, data_files={split: str(local)}, split=split, streaming=streaming)
+        try:
+            return datasets.load_dataset(builder, data_files={split: str(local)}, split=split, streaming=streaming)
+        except Exception as err:  # datasets wraps parse errors in DatasetGenerationError
+            raise ValueError(_unreadable(local, builder, err)) from err
     return datasets.load_dataset(
         path, name, split=split, data_files=data_files, streaming=streaming, revision=revision
     )
+
+
+def _unreadable(path: Path, builder: str, err: Exception) -> str:
+    """One line saying why a local data file cannot be read, with the line number for JSON Lines."""
+    import json
+
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return f"{path}, line {number}: not valid JSON ({bad.msg}, column {bad.colno})"
+                if not isinstance(row, dict):
+                    return f"{path}, line {number}: a JSON {type(row).__name__}, not an object with fields"
+    cause = str(err.__cause__ or err).strip().splitlines()
+    return f"{path}: cannot be read as {builder}: {cause[0] if cause else type(err).__name__}"
 
 
 class TextFormatter:
@@ -109,6 +133,8 @@ def load_train_val(
     ``kwargs`` go to :func:`load_rows` (``name``, ``data_files``, ``revision``). A streamed
     train split holds out its first ``val_size`` rows.
     """
+    if val_split is None and val_size < 1:
+        raise ValueError(f"data.val_size must be >= 1 without a val_split, got {val_size}")
     train = load_rows(path, split=train_split, streaming=streaming, **kwargs)
     if val_split is not None:
         return train, load_rows(path, split=val_split, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -106,3 +107,24 @@ def test_bad_sizes_fail_at_construction():
         SFTDataModule(seq_length=1)
     with pytest.raises(ValueError, match="batch_size"):
         SFTDataModule(batch_size=0)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "the file is empty"),
+    ('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n', "line 3: not valid JSON (Expecting value, column 10)"),
+    ('{"text": "a"}\n[1, 2]\n', "line 2: a JSON list, not an object with fields"),
+])
+def test_unreadable_data_files_are_named_with_the_line(content, expected, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}") + ".*" + re.escape(expected)):
+        load_rows(str(path))
+
+
+def test_a_negative_val_size_is_named(tmp_path):
+    from lit_rlhf.data.formats import load_train_val
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a"}\n' * 4)
+    with pytest.raises(ValueError, match="data.val_size must be >= 1 without a val_split, got -1"):
+        load_train_val(str(path), val_size=-1)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lit_rlhf.models.config import looks_local
+
 
 class RewardFunction:
     """Base class: score each prompt + response; move to a device when asked."""
@@ -50,6 +52,9 @@ class _HFClassifierReward(RewardFunction):
     def __init__(self, path: str, batch_size: int, dtype: str, max_length: int, trust_remote_code: bool) -> None:
         if batch_size < 1:
             raise ValueError(f"reward batch_size must be >= 1, got {batch_size}")
+        if looks_local(path) and not Path(path).expanduser().exists():
+            # Checked here, at construction: otherwise the first rollout would fail on a hub lookup.
+            raise FileNotFoundError(f"reward.init_args.path: no such model directory {path!r}")
         self.path, self.batch_size, self.max_length = path, batch_size, max_length
         self.dtype, self.trust_remote_code = getattr(torch, dtype), trust_remote_code
         self.device = torch.device("cpu")

@@ -87,6 +87,10 @@ class ModelConfig:
             if self.name_or_path is None:
                 raise ValueError("model.tokenizer is required when the model is built from `arch`")
             self.tokenizer = self.name_or_path
+        for name in ("name_or_path", "tokenizer"):
+            value = getattr(self, name)
+            if isinstance(value, str) and looks_local(value) and not Path(value).expanduser().exists():
+                raise FileNotFoundError(f"model.{name}: no such directory {value!r}")
         if isinstance(self.lora, dict):  # when built from plain Python rather than the CLI
             self.lora = LoraSettings(**self.lora)
         if self.quantization != "none" and self.lora is None:
@@ -121,6 +125,11 @@ class ModelConfig:
         config = AutoConfig.for_model(model_type, **fields)
         assert isinstance(config, PretrainedConfig)
         return config
+
+
+def looks_local(name_or_path: str) -> bool:
+    """True for what can only be a local path (``/x``, ``./x``, ``../x``, ``~/x``), never a hub id."""
+    return name_or_path.startswith(("/", "./", "../", "~"))
 
 
 def _arch_fields(arch: str | dict) -> dict:

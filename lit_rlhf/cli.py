@@ -53,9 +53,7 @@ _PARSER_NOISE = re.compile(
     r"^(- )?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|"
     r"Expected a <class 'NoneType'>|Problem with given class_path|tip:|Validation failed: )"
 )
-_PARSER_KEY = re.compile(r'^(- )?(?:Problem with given class_path .*: )?Parser key "([^"]+)":\s*(.*)$')
-
-
+_PARSER_KEY = re.compile(r'^(- )?Parser key "([^"]+)":\s*(.*)$')
 _CLASS_PATH = re.compile(r"Problem with given class_path '([\w.]+)'")
 
 
@@ -140,6 +138,7 @@ def main(args: list[str] | None = None) -> None:
         # value deep in a config reaches here wrapped in jsonargparse's dump: keep its cause.
         print(f"error: {parser_error_cause(str(err))}", file=sys.stderr)
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
+
 
 if __name__ == "__main__":
     main()

@@ -42,8 +42,9 @@ class HFModule(L.LightningModule):
         self.optim_config = as_config(OptimConfig, optim) or OptimConfig()
         lm = self.lm_config
         self.tokenizer = load_tokenizer(lm.tokenizer, trust_remote_code=lm.trust_remote_code)
-        # An attention implementation the architecture refuses fails here, not at weight load.
-        attention_for(lm, lm.architecture(self.tokenizer), self.task)
+        # The model's config.json only (no weights): checks against it fail here, not at load.
+        self.architecture = lm.architecture(self.tokenizer)
+        attention_for(lm, self.architecture, self.task)  # an implementation the class refuses
         self.model = None
         # With adapters, checkpoints hold only trainable weights (see on_save_checkpoint).
         self.strict_loading = lm.lora is None

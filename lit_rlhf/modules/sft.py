@@ -33,7 +33,7 @@ class SFTModule(HFModule):
         """
         super().__init__(lm, optim)
         self.save_hyperparameters()
-        architecture = lm.architecture(self.tokenizer)
+        architecture = self.architecture
         name = lm.name_or_path or lm.arch
         if seq_length is not None:
             limit = max_positions(architecture)

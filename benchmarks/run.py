@@ -17,6 +17,7 @@ Workloads:
   for Llama shapes of 1.1B, 7B, 13B and 20B parameters (a stage that runs out of memory is
   reported as ``"oom"``).
 * ``gpu-tiny``: the ``gpu`` workload's code on tiny shapes, so that tests can run it on a CPU.
+* ``tiny-cpu-smoke``: the ``tiny-cpu`` workload's code on tiny shapes, for the same reason.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def _gpu_workload(archs: dict, sft_arch: dict, seq_length: int, new_tokens: int)
     )
 
 
+# The tiny-cpu workload's code on tiny shapes: what the test suite runs (figures unchecked).
+WORKLOADS["tiny-cpu-smoke"] = dict(
+    WORKLOADS["tiny-cpu"], arch=dict(TINY_ARCHS["tiny"], max_position_embeddings=512),
+    sft=dict(seq_length=64, batch_size=4), rm=dict(batch_size=4, min_len=16, max_len=64),
+    ppo=dict(batch_size=4, prompt_len=8, new_tokens=8, ppo_epochs=1),
+)
 WORKLOADS["gpu"] = _gpu_workload(GPU_ARCHS, GPU_ARCHS["1b"], seq_length=2048, new_tokens=128)
 WORKLOADS["gpu-tiny"] = _gpu_workload(TINY_ARCHS, TINY_ARCHS["tiny"], seq_length=64, new_tokens=8)
 

@@ -32,22 +32,15 @@ class TokenThroughput(L.Callback):
             pl_module.log("train/tokens_per_s", sum(self._tokens) / elapsed, rank_zero_only=True)
 
 
-def check_finite(name: str, value: torch.Tensor, step: int) -> None:
-    """Stop the run on a NaN/inf loss before it reaches the weights.
-
-    Raising (rather than ``trainer.should_stop``) matters: a graceful stop would still run
-    validation and save a checkpoint of the broken model; an exception leaves the last good
-    checkpoint as the newest one. Costs one device-to-host sync per step.
-    """
-    if not torch.isfinite(value).all():
-        raise NonFiniteLossError(
-            f"{name} is {value.detach().float().flatten()[0].item()} at step {step}: stopping; "
-            "the last good checkpoint is kept (lower the learning rate or check the data)"
-        )
-
-
 class NonFiniteLossError(RuntimeError):
-    """A loss or reward became NaN or infinite."""
+    """A loss, reward, weight or optimizer moment became NaN or infinite."""
+
+
+def newest_checkpoint(trainer) -> tuple[str, int] | None:
+    """(path, global step) of the newest checkpoint this run wrote, if any."""
+    saved = [(cb._last_checkpoint_saved, cb._last_global_step_saved)
+             for cb in trainer.checkpoint_callbacks if getattr(cb, "_last_checkpoint_saved", "")]
+    return max(saved, key=lambda item: item[1]) if saved else None
 
 
 class SampleTable(L.Callback):

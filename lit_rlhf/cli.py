@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -40,6 +41,25 @@ class LitRLHFCLI(LightningCLI):
         for source, target in self.DATA_TO_MODEL.items():
             if target in model_args and source in data_args and model_args[target] is None:
                 model_args[target] = data_args[source]
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would apply the checkpoint's hyper-parameters over the config, class path
+        # included: an RM checkpoint turned an SFT command into a RewardModule run. Here the
+        # configured run is what runs, and the checkpoint must be one of its own.
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        path = config.get("ckpt_path")
+        if path is None or path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
+            return  # Lightning's own names, resolved by the Trainer
+        from lit_rlhf.modules.base import check_checkpoint
+
+        model = config.model
+        lm = model.init_args.get("lm") if model.get("init_args") is not None else None
+        lm = lm.as_dict() if hasattr(lm, "as_dict") else lm
+        if lm is not None and not isinstance(lm, dict):
+            lm = dataclasses.asdict(lm) if dataclasses.is_dataclass(lm) else None
+        check_checkpoint(str(path), model.class_path, lm)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

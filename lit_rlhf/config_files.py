@@ -1,36 +1,125 @@
 """Config files composed from a base and overlays: ``config: base.yaml`` inside a recipe.
 
-Shared by the CLI (which expands the includes before LightningCLI parses) and the pipeline
+Shared by the CLI (which composes the files before LightningCLI parses) and the pipeline
 (which hashes every file a stage's config builds on).
+
+The one rule of composition, applied file after file in command-line order (``-c a.yaml -c
+b.yaml``: ``b`` over ``a``; a file's ``config:`` bases come before it):
+
+* mappings merge key by key, recursively;
+* everything else replaces: a list in an overlay replaces the base's list whole (an overlay's
+  ``trainer.callbacks`` is the complete list, it does not inherit fields of the base's
+  callback at the same position), and so does a scalar or ``null``;
+* a mapping whose ``class_path`` differs from the base's replaces it whole (the base's
+  ``init_args`` belong to another class).
+
+Dotted command-line overrides (``--trainer.max_steps=10``) apply after the files, as usual.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+def read_config(path: Path) -> dict:
+    """One YAML config file as a mapping; a syntax error names the file and line."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}{where}: invalid YAML: {problem} (fix the file's syntax)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of keys, got a {type(data).__name__}")
+    return data
 
 
 def config_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
     """The config files ``path`` builds on (its ``config:`` key, relative to it), then itself."""
-    import yaml
-
     path = path.resolve()
     if path in seen:
         raise ValueError(f"config include cycle: {' -> '.join(map(str, (*seen, path)))}")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    base = (yaml.safe_load(path.read_text()) or {}).get("config")
+    base = read_config(path).get("config")
     bases = [base] if isinstance(base, str) else list(base or [])
     files = [f for b in bases for f in config_chain(path.parent / b, (*seen, path))]
     return [*files, str(path)]
 
 
-def expand_config_includes(args: list[str]) -> list[str]:
-    """``-c recipe.yaml`` whose file says ``config: base.yaml`` -> ``-c base.yaml -c recipe.yaml``.
+def merge_configs(base: Any, overlay: Any) -> Any:
+    """``overlay`` over ``base`` by the module's rule (mappings merge, all else replaces)."""
+    if not (isinstance(base, dict) and isinstance(overlay, dict)):
+        return overlay
+    if "class_path" in overlay and overlay["class_path"] != base.get("class_path", overlay["class_path"]):
+        return overlay
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = merge_configs(base[key], value) if key in base else value
+    return merged
 
-    Recipes are a base plus a small overlay. jsonargparse honours a nested ``config:`` key
-    only outside subcommands, so the CLI expands it here, before parsing.
+
+def compose(files: list[str]) -> dict:
+    """The files merged in order, without their ``config:`` include keys."""
+    merged: dict = {}
+    for file in files:
+        data = {k: v for k, v in read_config(Path(file)).items() if k != "config"}
+        merged = merge_configs(merged, data)
+    return merged
+
+
+NULLS = ("null", "None", "~")
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).is_file()
+    except OSError:  # e.g. an inline YAML config longer than a file name may be
+        return False
+
+
+def null_override(arg: str, following: str | None) -> str | None:
+    """The dotted key of ``--a.b=null`` / ``--a.b null``, else None."""
+    if not arg.startswith("--") or arg.startswith("--config"):
+        return None
+    key, eq, value = arg[2:].partition("=")
+    value = value if eq else following
+    if value in NULLS and key and not key.endswith("+") and key.replace(".", "").replace("_", "").isalnum():
+        return key
+    return None
+
+
+def nested(key: str, value: Any) -> dict:
+    """``"a.b.c", v`` -> ``{"a": {"b": {"c": v}}}``."""
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def expand_config_includes(args: list[str]) -> list[str]:
+    """Every run of consecutive ``-c`` files (and their ``config:`` bases) -> one composed config.
+
+    jsonargparse itself honours a nested ``config:`` key only outside subcommands, and merges
+    lists of classes position by position; composing here applies the module's rule instead.
+    The composed config is handed over inline (as a YAML string), so nothing is written.
     """
+    import yaml
+
     out: list[str] = []
+    pending: list[str] = []  # files of the current run of -c arguments
+
+    def flush() -> None:
+        if pending:
+            out.extend(["--config", yaml.safe_dump(compose(pending), sort_keys=False)])
+            pending.clear()
+
     i = 0
     while i < len(args):
         arg = args[i]
@@ -38,12 +127,25 @@ def expand_config_includes(args: list[str]) -> list[str]:
             value, i = args[i + 1], i + 2
         elif arg.startswith("--config="):
             value, i = arg.split("=", 1)[1], i + 1
+        elif (key := null_override(arg, args[i + 1] if i + 1 < len(args) else None)) is not None:
+            # `--model.init_args.lm.lora=null`: jsonargparse refuses null for a nested dataclass
+            # on the command line (it expects a file) and turns it into the string 'None' for
+            # `str | dict | None`; as a config it means None everywhere.
+            flush()
+            out += ["--config", yaml.safe_dump(nested(key, None))]
+            i += 1 if "=" in arg else 2
+            continue
         else:
+            flush()
             out.append(arg)
             i += 1
             continue
-        # Not a file: an inline YAML string, or a typo that jsonargparse reports.
-        files = config_chain(Path(value)) if Path(value).is_file() else [value]
-        for path in files:
-            out += ["--config", path]
+        if "\n" not in value and _is_file(value):
+            pending += config_chain(Path(value))
+        elif value.endswith((".yaml", ".yml", ".json")) or ":" not in value:
+            raise FileNotFoundError(f"config file not found: {value}")
+        else:  # an inline YAML string
+            flush()
+            out += ["--config", value]
+    flush()
     return out

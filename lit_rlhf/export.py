@@ -30,7 +30,8 @@ def merge_adapter(
     from peft import PeftModel
 
     base_cfg = dataclasses.replace(lm, quantization="none", lora=None, dtype=dtype, gradient_checkpointing=False)
-    base = load_model(base_cfg, tokenizer, task=task)
+    # A reward model's score head comes with its adapter (modules_to_save), not the base.
+    base = load_model(base_cfg, tokenizer, task=task, new_head=task == "seq_cls")
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     model.config.use_cache = True  # the exported model is for inference and generation
     return save_pretrained_atomic(model, out_dir, tokenizer, **meta)

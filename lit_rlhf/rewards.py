@@ -64,14 +64,15 @@ class _HFClassifierReward(RewardFunction):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if self._model is None:
-            from lit_rlhf.models import resolve_path
+            from lit_rlhf.models import from_pretrained_checked, resolve_path
 
             self.path = resolve_path(self.path)
             self._tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
             if self._tokenizer.pad_token_id is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
-            self._model = AutoModelForSequenceClassification.from_pretrained(
-                self.path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            # A missing score head would be randomly initialised: scores of noise.
+            self._model = from_pretrained_checked(
+                AutoModelForSequenceClassification, self.path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
             )
             self._model.config.pad_token_id = self._tokenizer.pad_token_id
             self._model.requires_grad_(False).eval().to(self.device)

@@ -34,3 +34,12 @@ def tokenizer(demo):
     from lit_rlhf.models import load_tokenizer
 
     return load_tokenizer(str(demo.tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Runs ``train.py`` command lines, each in its own (forked) process; see tests/cli_runner.py."""
+    from tests.cli_runner import CLIRunner
+
+    with CLIRunner() as runner:
+        yield runner

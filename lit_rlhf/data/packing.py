@@ -151,6 +151,9 @@ class ConstantLengthDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.epoch = 0
+        # Resume: chunks of this epoch already yielded (state_dict) / still to skip.
+        self._yielded = 0
+        self._skip = 0
         self.tokenize_batch = tokenize_batch
         self._rank = rank
         self._world_size = world_size
@@ -163,9 +166,23 @@ class ConstantLengthDataset(IterableDataset):
         """Reseed the shuffle buffer with ``seed + epoch``.
 
         Takes effect in DataLoader workers only when they are (re)created after the call,
-        i.e. not with ``persistent_workers=True``.
+        i.e. not with ``persistent_workers=True``. A new epoch starts from its first chunk.
         """
-        self.epoch = epoch
+        self.epoch, self._skip = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the stream stands: ``{"epoch", "chunks"}`` (chunks yielded this epoch).
+
+        torchdata's ``StatefulDataLoader`` stores it in Lightning checkpoints (per worker), so
+        a resumed run continues with the very next chunk instead of restarting the epoch.
+        Under DDP the checkpoint holds rank 0's state; every rank has yielded the same number
+        of chunks (ranks stay in lockstep), so it is right for all of them.
+        """
+        return {"epoch": self.epoch, "chunks": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue an epoch: the next ``iter()`` skips the ``state["chunks"]`` already seen."""
+        self.epoch, self._skip = int(state["epoch"]), int(state["chunks"])
 
     def __len__(self) -> int:
         """Exact number of chunks this rank yields in one pass (summed over its workers)."""
@@ -190,7 +207,17 @@ class ConstantLengthDataset(IterableDataset):
         if self.shuffle_buffer > 0:
             rng = random.Random(self.seed + self.epoch)
             chunks = _buffer_shuffle(chunks, self.shuffle_buffer, rng)
-        return chunks
+        skip, self._skip = self._skip, 0
+        self._yielded = skip
+        return self._counted(chunks, skip)
+
+    def _counted(self, chunks: Iterator[dict], skip: int) -> Iterator[dict]:
+        # The stream is a pure function of (rows, seed, epoch, shard): re-create it and drop
+        # the chunks already trained on. Costs a re-tokenization of them, not a model pass.
+        for i, chunk in enumerate(chunks):
+            if i >= skip:
+                self._yielded = i + 1
+                yield chunk
 
     # ------------------------------------------------------------------ internals
 

@@ -23,7 +23,8 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lit_rlhf.data.formats import load_rows, load_train_val, rank_and_world
 
@@ -134,19 +135,22 @@ class PairDataset(Dataset):
         return [max(len(c), len(r)) for c, r, _ in self.pairs]
 
 
-class PairBatches(Sampler[list[int]]):
+class PairBatches(DistributedSampler):
     """Batches of pair indices with similar lengths, so little of each batch is padding.
 
     Indices are shuffled, cut into mega-batches of ``batch_size * group`` pairs, each sorted
     by length and cut into batches; batch order is shuffled again. Under DDP each rank takes
     every ``world_size``-th batch and all ranks get the same number of batches.
 
-    It is handed to the DataLoader as ``sampler`` (with ``batch_size=None``) rather than
-    ``batch_sampler``: Lightning then leaves it alone instead of swapping in a
-    DistributedSampler, which would undo the grouping.
+    It shards by itself, so it is a ``DistributedSampler`` to Lightning: any other sampler
+    Lightning wraps in its own ``DistributedSamplerWrapper`` under DDP, which would shard the
+    already-sharded batches a second time (on two processes each rank would see a quarter of
+    the data). It is handed to the DataLoader as ``sampler``, with ``batch_size=None``.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, group: int = 50):
+        # DistributedSampler.__init__ is not called: it wants a dataset and an initialised
+        # process group, and this class computes its rank's share lazily, at iteration.
         self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
         self.seed, self.group, self.epoch = seed, group, 0
 
@@ -333,6 +337,9 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: PairDataset, shuffle: bool) -> DataLoader:
         sampler = PairBatches(dataset.lengths(), self.hparams.batch_size, shuffle, self.hparams.seed)
-        # Lightning calls sampler.set_epoch(epoch) each epoch, reshuffling the batches.
-        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.hparams.num_workers,
+        # Lightning calls sampler.set_epoch(epoch) each epoch, reshuffling the batches. The
+        # train loader is stateful: checkpoints hold its position, so a resumed run goes on
+        # mid-epoch with the next batch.
+        loader_class = StatefulDataLoader if shuffle else DataLoader
+        return loader_class(dataset, batch_size=None, sampler=sampler, num_workers=self.hparams.num_workers,
                           collate_fn=_Collate(self.tokenizer.pad_token_id, self.hparams.pack))

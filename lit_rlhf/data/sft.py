@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lit_rlhf.data.formats import TextFormatter, load_rows, load_train_val
 from lit_rlhf.data.packing import ConstantLengthDataset, pack_collate
@@ -110,14 +111,15 @@ class SFTDataModule(L.LightningDataModule):
             len(self.train_set)
         len(self.val_set)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set)
+    def train_dataloader(self) -> StatefulDataLoader:
+        # Stateful: Lightning checkpoints its position, so a resumed run continues mid-epoch.
+        return self._loader(self.train_set, StatefulDataLoader)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
+        return self._loader(self.val_set, DataLoader)
 
-    def _loader(self, dataset) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset, loader_class) -> DataLoader:
+        return loader_class(
             dataset,
             batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,

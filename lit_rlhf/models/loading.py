@@ -122,6 +122,7 @@ def load_model(
     task: Task = "causal_lm",
     device: torch.device | str | None = None,
     dropout: bool = True,
+    new_head: bool = False,
 ) -> nn.Module:
     """Build the model described by ``cfg``: weights, quantization, checkpointing, LoRA.
 
@@ -135,6 +136,8 @@ def load_model(
         dropout: False zeroes every dropout probability of the model's config before it is
             built (LoRA dropout stays as configured): for methods that compare two forwards
             (PPO's ratio, a reference pass), which must agree exactly.
+        new_head: the task head may be missing from ``name_or_path`` (a reward model started
+            from a causal LM gets a new score head); any other missing weight is an error.
     """
     device = torch.device(device or "cpu")
     check_quantization(cfg.quantization, device)
@@ -164,8 +167,42 @@ def load_model(
 
         if cfg.quantized:
             kwargs.update(quantization_config=_bnb_config(cfg), device_map={"": device})
-        model = _auto_class(task).from_pretrained(source, **extra, **kwargs)
+        model = from_pretrained_checked(_auto_class(task), source, new_head=new_head or cfg.arch is not None,
+                                        **extra, **kwargs)
     return _finish(model, cfg, task, tokenizer)
+
+
+def from_pretrained_checked(auto_class, source: str, *, new_head: bool = False, **kwargs) -> nn.Module:
+    """``auto_class.from_pretrained`` that refuses to invent weights, with a one-line error.
+
+    transformers initialises whatever the checkpoint lacks and only logs a warning: a reward
+    model's export loaded as a causal LM gets a random LM head, a causal LM loaded as a
+    reward scorer a random score head, and training goes on. Here a missing weight is an
+    error, except the task head (outside ``base_model_prefix``) when ``new_head`` says a new
+    one is expected (a reward model started from a language model).
+    """
+    try:
+        model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{source}: cannot load the model's weights: {_first_line(err)}") from err
+    except Exception as err:  # safetensors' SafetensorError (a truncated file) has no common base
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{source}: cannot read the weights file (truncated or corrupt?): {_first_line(err)}") from err
+    prefix = f"{model.base_model_prefix}."
+    missing = [k for k in info.get("missing_keys", []) if not (new_head and not k.startswith(prefix))]
+    if missing:
+        hint = ("is it a reward model's export? a policy needs a language model" if "CausalLM" in auto_class.__name__
+                else "a reward model needs its trained score head; a new one is made only where "
+                     "the config says so, e.g. RewardModule's new_score_head")
+        raise ValueError(f"{source}: {len(missing)} weight(s) are not in the checkpoint and would be "
+                         f"randomly initialised, e.g. {missing[0]} ({hint})")
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _finish(model: nn.Module, cfg: ModelConfig, task: Task, tokenizer) -> nn.Module:

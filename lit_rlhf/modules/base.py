@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import lightning as L
+import torch
+import torch.distributed as dist
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lit_rlhf.callbacks import NonFiniteLossError, newest_checkpoint
 from lit_rlhf.models import (
     ModelConfig,
     attention_for,
@@ -26,6 +30,90 @@ def as_config(cls, value):
     return cls(**value) if isinstance(value, dict) else value
 
 
+def rng_state() -> dict:
+    """The global RNGs that training draws from (dropout masks): torch CPU, CUDA, ``random``.
+
+    Plain tensors and tuples of ints, so checkpoints still load with ``weights_only=True``
+    (numpy's state is an array, and nothing here draws from numpy).
+    """
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_ranks(obj) -> list:
+    """``obj`` of every rank, in rank order; a collective, so every rank must call it.
+
+    Lightning writes rank 0's checkpoint only: whatever differs per rank (RNG states) has
+    to be gathered into it, or the other ranks resume from rank 0's.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def non_finite(named_tensors) -> list[str]:
+    """Names of the tensors that hold a NaN or inf; one host sync for all of them."""
+    named = [(n, t) for n, t in named_tensors if torch.is_tensor(t) and t.is_floating_point()]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+    return [n for (n, _), good in zip(named, ok.tolist()) if not good]
+
+
+# What a checkpoint's weights must match to be resumed: the module and the model's shape.
+_MODEL_IDENTITY = ("name_or_path", "arch")
+_ADAPTER_IDENTITY = ("r", "target_modules", "modules_to_save")
+
+
+def check_checkpoint(path: str, class_path: str, lm: dict | None) -> None:
+    """Refuse a ``ckpt_path`` that is missing, not a Lightning checkpoint, or not of this run.
+
+    ``class_path`` and ``lm`` are the configured module class and its ``ModelConfig`` as a
+    dict. Reads the checkpoint memory-mapped (no copy of its tensors), before any weights load.
+    """
+    where = f"ckpt_path {path}"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{where}: no such file (give the .ckpt of an earlier run, e.g. .../checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # pickle, zip and safety errors all mean the same to the user
+        raise ValueError(f"{where}: not a Lightning checkpoint ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "loops" not in ckpt:
+        raise ValueError(f"{where}: not a Lightning training checkpoint (no state_dict/loops: "
+                         "weights alone, e.g. an export, cannot be resumed)")
+    hparams = ckpt.get("hyper_parameters") or {}
+    saved_class = hparams.get("_class_path")
+    if saved_class and saved_class.rsplit(".", 1)[-1] != class_path.rsplit(".", 1)[-1]:
+        raise ValueError(f"{where}: saved by {saved_class}, but this run configures {class_path} "
+                         "(resume a checkpoint of the same stage)")
+    saved_lm = hparams.get("lm")
+    if not (isinstance(saved_lm, dict) and isinstance(lm, dict)):
+        return
+    for key in _MODEL_IDENTITY:
+        if saved_lm.get(key) != lm.get(key):
+            raise ValueError(f"{where}: saved from model.{key}={saved_lm.get(key)!r}, this run has "
+                             f"{lm.get(key)!r} (resume with the model it was trained from)")
+    saved_lora, lora = saved_lm.get("lora"), lm.get("lora")
+    if (saved_lora is None) != (lora is None):
+        kind = lambda cfg: "full fine-tuning" if cfg is None else "LoRA"  # noqa: E731
+        raise ValueError(f"{where}: saved from {kind(saved_lora)}, this run configures {kind(lora)}")
+    for key in _ADAPTER_IDENTITY if lora is not None else ():
+        if saved_lora.get(key) != lora.get(key):
+            raise ValueError(f"{where}: saved with model.lora.{key}={saved_lora.get(key)!r}, this run has "
+                             f"{lora.get(key)!r} (the adapter's shape must match)")
+
+
 class HFModule(L.LightningModule):
     """A LightningModule around one transformers model built from a :class:`ModelConfig`.
 
@@ -35,6 +123,7 @@ class HFModule(L.LightningModule):
     """
 
     task = "causal_lm"
+    new_head = False  # may the task head be missing from name_or_path (see load_model)
 
     def __init__(self, lm: ModelConfig, optim: OptimConfig | None = None) -> None:
         super().__init__()
@@ -48,12 +137,13 @@ class HFModule(L.LightningModule):
         self.model = None
         # With adapters, checkpoints hold only trainable weights (see on_save_checkpoint).
         self.strict_loading = lm.lora is None
+        self._resume_rng: dict | None = None  # this rank's RNG state from the checkpoint
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else None
-        self.model = load_model(self.lm_config, self.tokenizer, task=self.task, device=device)
+        self.model = load_model(self.lm_config, self.tokenizer, task=self.task, device=device, new_head=self.new_head)
         trainable, total = trainable_parameters(self.model)
         rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "
                        f"attention {self.model.config._attn_implementation}")
@@ -70,16 +160,95 @@ class HFModule(L.LightningModule):
         mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
         return not (mixed and self.trainer.gradient_clip_val)
 
+    # ------------------------------------------------------------------ divergence guard
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.check_weights_finite()
+
+    def check_weights_finite(self) -> None:
+        """Stop the run the moment an optimizer step leaves a NaN/inf weight or moment.
+
+        The loss can still be finite in the step that breaks the weights (a huge update, an
+        inf gradient): checking only the loss would let the next checkpoint save them.
+        Trainable tensors only (the frozen base cannot change); one host sync per step.
+        """
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        names = {id(p): n for n, p in named}
+        for optimizer in self.trainer.optimizers if self._trainer is not None else ():
+            for param, state in optimizer.state.items():
+                named += [(f"{names.get(id(param), 'param')}:{k}", v) for k, v in state.items()]
+        if bad := non_finite(named):
+            self._diverged(f"after the optimizer step {self.global_step}, {bad[0]} is non-finite"
+                           + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+    def check_finite(self, name: str, value: torch.Tensor) -> None:
+        """Stop the run on a NaN/inf loss before it reaches the weights.
+
+        Raising (rather than ``trainer.should_stop``) matters: a graceful stop would still run
+        validation and save a checkpoint of the broken model. One host sync per call.
+        """
+        if not torch.isfinite(value).all():
+            first = value.detach().float().flatten()[0].item()
+            self._diverged(f"{name} is {first} at step {self.global_step}")
+
+    def _diverged(self, what: str) -> None:
+        newest = newest_checkpoint(self.trainer) if self._trainer is not None else None
+        kept = (f"the newest checkpoint, {newest[0]} (step {newest[1]}), is finite" if newest
+                else "no checkpoint was written")
+        raise NonFiniteLossError(f"{what}: stopping; {kept} (lower the learning rate, clip gradients "
+                                 "with trainer.gradient_clip_val, or check the data)")
+
+    # ------------------------------------------------------------------ checkpoints
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.checkpoint_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # Last line of defence: a checkpoint is never written with non-finite weights or
+        # optimizer state (whatever broke them after the step's check).
+        tensors = list(checkpoint["state_dict"].items())
+        for i, opt in enumerate(checkpoint.get("optimizer_states", [])):
+            tensors += [(f"optimizer {i} state {k}:{name}", v)
+                        for k, moments in opt.get("state", {}).items() for name, v in moments.items()]
+        if bad := non_finite(tensors):
+            self._diverged(f"refusing to save a checkpoint at step {self.global_step}: {bad[0]} is non-finite")
+        # Every rank's RNG (dropout masks), so a resumed run draws what the uninterrupted one would.
+        checkpoint["rng_states"] = gather_ranks(rng_state())
         # Plain types only, so the checkpoint loads with torch.load(weights_only=True).
         checkpoint["hyper_parameters"] = {
             k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
             for k, v in checkpoint.get("hyper_parameters", {}).items()
         }
-        # A LoRA checkpoint of a 20B base should be megabytes, not the frozen 20B weights.
+
+    def checkpoint_keys(self) -> set[str]:
+        """The state-dict entries a checkpoint holds: with adapters, the trainable ones only
+        (a LoRA checkpoint of a 20B base should be megabytes, not the frozen 20B weights)."""
         if self.lm_config.lora is not None:
-            keep = {name for name, p in self.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            return {name for name, p in self.named_parameters() if p.requires_grad}
+        return set(self.state_dict())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Non-strict loading (adapters) would silently skip weights that do not fit: check.
+        got, expected = set(checkpoint.get("state_dict", {})), self.checkpoint_keys()
+        if expected and got != expected:
+            missing, unexpected = sorted(expected - got), sorted(got - expected)
+            detail = "; ".join(f"{label} {len(keys)} (e.g. {keys[0]})" for label, keys in
+                               (("missing", missing), ("unexpected", unexpected)) if keys)
+            raise ValueError(f"checkpoint does not fit this model: {detail} (resume with the "
+                             "configuration it was saved from)")
+        states = checkpoint.get("rng_states") if self._trainer is not None else None
+        if states and len(states) == self.trainer.world_size:
+            self._resume_rng = states[self.global_rank]
+        elif states:
+            rank_zero_warn(f"the checkpoint was written by {len(states)} process(es), this run has "
+                           f"{self.trainer.world_size}: dropout masks restart from the seed")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Restored here, not at load: Lightning draws from the RNG between loading the
+        # checkpoint and the first step (sanity checks, dataloader set-up).
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
 
     @property
     def hf_model(self) -> nn.Module:

@@ -35,9 +35,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_rlhf.callbacks import NonFiniteLossError, check_finite
+from lit_rlhf.callbacks import NonFiniteLossError
 from lit_rlhf.models import ModelConfig, PolicyWithValueHead, load_model, trainable_parameters
-from lit_rlhf.modules.base import HFModule, as_config
+from lit_rlhf.modules.base import HFModule, as_config, gather_ranks
 from lit_rlhf.modules.rollout import (
     Rollout,
     decode_responses,
@@ -246,6 +246,7 @@ class OnlineRLModule(HFModule):
         advantages, returns = self.advantages(rollout, scores, rewards, mask)
         # 4. update epochs
         update = self.update_policy(rollout, advantages, returns)
+        self.check_weights_finite()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -375,7 +376,7 @@ class OnlineRLModule(HFModule):
                 ratios = []
                 for idx in minibatch.split(micro):
                     loss, stats = self.loss(rollout[idx], advantages[idx], None if returns is None else returns[idx])
-                    check_finite(f"{self.stats_prefix}/loss_total", loss, self.global_step)
+                    self.check_finite(f"{self.stats_prefix}/loss_total", loss)
                     self.manual_backward(loss / cfg.gradient_accumulation_steps)
                     ratios.append(stats["ratio_mean"])
                     epoch_kl.append(stats["approx_kl"])
@@ -481,20 +482,31 @@ class OnlineRLModule(HFModule):
         # Trainable weights only (adapter + value head, or the full policy), never the
         # frozen base or reference; plus everything that steers what comes next.
         super().on_save_checkpoint(checkpoint)
-        keep = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rl_state"] = {
             "kl_ctl": self.kl_ctl.state_dict(),
-            "generator": self.generator.get_state(),
+            # Each rank samples with its own generator: all of them, in rank order.
+            "generators": gather_ranks(self.generator.get_state()),
             "rollouts_done": self.rollouts_done,
         }
 
+    def checkpoint_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.strict_loading = False  # frozen weights are not in the checkpoint
-        state = checkpoint.get("rl_state", checkpoint.get("ppo_state"))  # ppo_state: before 0.2
+        state = checkpoint.get("rl_state", checkpoint.get("ppo_state"))  # ppo_state: older checkpoints
         if state is None:
             return
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.rollouts_done = int(state["rollouts_done"])
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])
+        if self.generator is None or self._trainer is None:
+            return
+        # Older checkpoints hold rank 0's generator only ("generator").
+        generators = state.get("generators") or [state["generator"]] * self.trainer.world_size
+        if len(generators) == self.trainer.world_size:
+            self.generator.set_state(generators[self.global_rank])
+        else:
+            rank_zero_warn(f"the checkpoint was written by {len(generators)} process(es), this run has "
+                           f"{self.trainer.world_size}: sampling restarts from the seed, so the resumed run "
+                           "is not identical to an uninterrupted one")

@@ -8,7 +8,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.utils.rnn import pad_sequence
 
-from lit_rlhf.callbacks import check_finite
 from lit_rlhf.export import merge_adapter
 from lit_rlhf.metrics import PairMetrics
 from lit_rlhf.models import ModelConfig, save_pretrained_atomic
@@ -38,14 +37,20 @@ class RewardModule(HFModule):
 
     task = "seq_cls"
 
-    def __init__(self, lm: ModelConfig, optim: OptimConfig | None = None, center_coef: float = 0.0) -> None:
+    def __init__(self, lm: ModelConfig, optim: OptimConfig | None = None, center_coef: float = 0.0,
+                 new_score_head: bool = True) -> None:
         """
         Args:
             lm: the model; with LoRA the score head is trained and saved with the adapter.
             optim: optimizer and schedule.
             center_coef: reward centering weight ``c`` in ``c * mean((r_c + r_r)^2)`` (0: off).
+            new_score_head: ``lm`` may be a causal LM without a score head, which is then
+                created with the architecture's random init; False: ``lm`` must be a
+                reward model with its head (continuing its training). Every other weight must
+                be in the checkpoint either way.
         """
         super().__init__(lm, optim)
+        self.new_head = new_score_head
         if center_coef < 0:
             raise ValueError(f"model.center_coef must be >= 0, got {center_coef}")
         self.save_hyperparameters()
@@ -119,7 +124,7 @@ class RewardModule(HFModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         stats, r_chosen, r_rejected = self._pair_step(batch)
-        check_finite("train/loss", stats.loss, self.global_step)
+        self.check_finite("train/loss", stats.loss)
         self.log("train/loss", stats.loss, prog_bar=True)
         # Train metrics over the last log_every_n_steps batches, reduced across ranks.
         self.train_metrics.update(r_chosen, r_rejected)

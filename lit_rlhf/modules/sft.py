@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
-from lit_rlhf.callbacks import check_finite
 from lit_rlhf.models import ModelConfig, max_positions
 from lit_rlhf.models.attention import packed_attention_mask, packing_problem
 from lit_rlhf.modules.base import HFModule
@@ -58,7 +57,7 @@ class SFTModule(HFModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         stats = causal_lm_loss(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
-        check_finite("train/loss", stats.loss, self.global_step)
+        self.check_finite("train/loss", stats.loss)
         self.log("train/loss", stats.loss, prog_bar=True)
         return stats.loss
 

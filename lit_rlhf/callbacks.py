@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import lightning as L
-import torch
 
 
 class TokenThroughput(L.Callback):

@@ -15,6 +15,7 @@ import sys
 import lightning as L
 import torch
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from lit_rlhf.callbacks import NonFiniteLossError
@@ -38,6 +39,10 @@ class LitRLHFCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         model_args, data_args = config.model.init_args, config.data.init_args
+        accelerator = config.get("trainer", {}).get("accelerator")
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ValueError(f"trainer.accelerator={accelerator!r}: no CUDA GPU is visible on this machine "
+                             "(use trainer.accelerator=cpu or auto, or check CUDA_VISIBLE_DEVICES)")
         for source, target in self.DATA_TO_MODEL.items():
             if target in model_args and source in data_args and model_args[target] is None:
                 model_args[target] = data_args[source]
@@ -67,6 +72,10 @@ class LitRLHFCLI(LightningCLI):
         if getattr(self.datamodule, "tokenizer", "absent") is None:
             self.datamodule.tokenizer = self.model.tokenizer
 
+
+# What a user's mistake raises (a diverged run too: NonFiniteLossError). Anything else is a
+# bug and keeps its traceback.
+USER_ERRORS = (ArgumentError, NonFiniteLossError, ValueError, OSError, MisconfigurationException)
 
 # Lines of jsonargparse's error dump that describe the search, not the problem.
 _PARSER_NOISE = re.compile(
@@ -115,8 +124,20 @@ def parser_error_cause(message: str) -> str:
         if _PARSER_NOISE.match(line):
             continue
         line = line.removeprefix("- ")
+        if line.startswith("Expected a ") and "Got value" not in line:
+            line = _union_mismatch(message) or line
         return f"{field}: {line}" if field and not line.startswith(field) else line
     return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+
+
+def _union_mismatch(message: str) -> str | None:
+    """``'17-true' is none of: int, Literal[...]`` from a Union's error dump, or None."""
+    given = re.findall(r"^\s*Given value: (.*)$", message, re.M)
+    if not given or given[-1].startswith("Namespace("):
+        return None
+    expected = [re.sub(r"<class '(\w+)'>", r"\1", m).replace("typing.", "") for m in re.findall(r"^\s*- Expected a (.*)$", message, re.M)
+                if "NoneType" not in m]
+    return f"{given[-1]!r} is none of: {'; '.join(expected)}" if expected else None
 
 
 def main(args: list[str] | None = None) -> None:
@@ -138,27 +159,54 @@ def main(args: list[str] | None = None) -> None:
             sys.argv[1:] = expand_config_includes(sys.argv[1:])
         else:
             args = expand_config_includes(list(args))
-        LitRLHFCLI(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults={"precision": _default_precision()},
-            # Re-running into the same log dir must not crash on an existing config.yaml.
-            save_config_kwargs={"overwrite": True},
-            # Parser errors are raised, not printed with the usage: main reports their cause.
-            parser_kwargs={"exit_on_error": False,
-                           **{name: {"exit_on_error": False} for name in ("fit", "validate", "test", "predict")}},
-            args=args,
-        )
-    except (ArgumentError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
+        LitRLHFCLI(**_cli_kwargs(args))
+    except USER_ERRORS as err:
         if os.environ.get("LIT_RLHF_DEBUG"):
             raise
         # Bad input and diverged runs end with one readable line, not a traceback. A bad
         # value deep in a config reaches here wrapped in jsonargparse's dump: keep its cause.
-        print(f"error: {parser_error_cause(str(err))}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
 
+
+def _cli_kwargs(args: list[str] | None, **overrides) -> dict:
+    return dict(
+        model_class=L.LightningModule,
+        datamodule_class=L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"precision": _default_precision()},
+        # Re-running into the same log dir must not crash on an existing config.yaml.
+        save_config_kwargs={"overwrite": True},
+        # Parser errors are raised, not printed with the usage: main reports their cause.
+        parser_kwargs={"exit_on_error": False,
+                       **{name: {"exit_on_error": False} for name in ("fit", "validate", "test", "predict")}},
+        args=args,
+        **overrides,
+    )
+
+
+def error_line(err: BaseException) -> str:
+    """The one line the user sees for ``err``."""
+    return parser_error_cause(str(err)) if str(err).strip() else type(err).__name__
+
+
+class _ParseOnly(LitRLHFCLI):
+    def instantiate_classes(self) -> None:  # the config is checked, nothing is built
+        pass
+
+
+def check_fit_config(args: list[str], instantiate: bool = True) -> None:
+    """Parse a ``fit`` command line (without ``fit``) and, with ``instantiate``, build its
+    module, datamodule and trainer (tokenizer and model config only, no weights), without
+    training. Raises what :func:`main` reports. The pipeline checks every stage with it
+    before the first one trains."""
+    cls = LitRLHFCLI if instantiate else _ParseOnly
+    argv, sys.argv[1:] = sys.argv[1:], []  # LightningCLI warns when given `args` beside sys.argv
+    try:
+        cls(**_cli_kwargs(expand_config_includes(list(args)), run=False, save_config_callback=None))
+    finally:
+        sys.argv[1:] = argv
 
 if __name__ == "__main__":
     main()

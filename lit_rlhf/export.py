@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -32,7 +33,13 @@ def merge_adapter(
     base_cfg = dataclasses.replace(lm, quantization="none", lora=None, dtype=dtype, gradient_checkpointing=False)
     # A reward model's score head comes with its adapter (modules_to_save), not the base.
     base = load_model(base_cfg, tokenizer, task=task, new_head=task == "seq_cls")
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except Exception as err:  # safetensors' SafetensorError has no common base with OSError
+        if not isinstance(err, (OSError, ValueError, RuntimeError)) and type(err).__name__ != "SafetensorError":
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{adapter_dir}: cannot read the adapter (truncated or corrupt?): {first}") from err
     model.config.use_cache = True  # the exported model is for inference and generation
     return save_pretrained_atomic(model, out_dir, tokenizer, **meta)
 
@@ -70,11 +77,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: DType | None = N
     return Path(out_dir)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` that reports a usage mistake as one ``error:`` line (exit 2), as the CLI does."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(args: list[str] | None = None) -> None:
     """``python -m lit_rlhf.export RUN_DIR OUT_DIR [--dtype bfloat16]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Merge a run's LoRA adapter into its base and save in HF format.")
+    parser = OneLineParser(prog="python -m lit_rlhf.export", description="Merge a run's LoRA adapter into its base and save in HF format.")
     parser.add_argument("run_dir", help="a finished run: lightning_logs/version_N")
     parser.add_argument("out_dir", help="where to write the merged model (replaced atomically)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -177,7 +178,9 @@ def write_report(path: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lit-rlhf pipeline", description=__doc__.split("\n\n")[0])
+    from lit_rlhf.export import OneLineParser
+
+    parser = OneLineParser(prog="lit-rlhf pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="everything goes under this folder")
     parser.add_argument("--sft_config", default=str(REPO / "configs/sft/demo.yaml"))
     parser.add_argument("--rm_config", default=str(REPO / "configs/rm/demo.yaml"))
@@ -194,12 +197,45 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--output_dir {opts.output_dir}: exists and is not a directory")
     try:
         run(opts)
+    except StageConfigError as err:
+        if os.environ.get("LIT_RLHF_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except subprocess.CalledProcessError as err:
         # The stage printed its own error above; end with one line naming the stage, no traceback.
         stage = next((a.split("=", 1)[1] for a in err.cmd if str(a).startswith("--trainer.default_root_dir=")), "?")
         print(f"error: pipeline stage {Path(stage).name} failed (exit code {err.returncode}); see its output above",
               file=sys.stderr)
         sys.exit(1)
+
+
+class StageConfigError(ValueError):
+    """A stage's config or inputs are wrong: found before any stage trains."""
+
+
+def check_stages(sft: Stage, rm: Stage, ppo: Stage, out: Path) -> None:
+    """Every stage's config and inputs, checked before the first stage trains.
+
+    SFT and RM are built as their runs would build them (tokenizer, model config, data
+    module; no weights). PPO reads models the earlier stages have not written yet: it is
+    built with stand-ins of the same architecture and tokenizer, the SFT stage's own model
+    as the policy and the output folder as the reward model's path, which only has to exist.
+    """
+    from lit_rlhf.cli import USER_ERRORS, check_fit_config, error_line
+    from lit_rlhf.config_files import compose, config_chain
+
+    sft_lm = compose(config_chain(sft.config)).get("model", {}).get("init_args", {}).get("lm", {})
+    policy = {k: sft_lm.get(k) for k in ("name_or_path", "arch", "tokenizer")}
+    stand_ins = {"sft": [], "rm": [], "ppo": [
+        "--config", json.dumps({"model": {"init_args": {"lm": policy, "reward": {"init_args": {"path": str(out)}}}}}),
+    ]}
+    for stage in (sft, rm, ppo):
+        try:
+            check_fit_config(["-c", str(stage.config), *stand_ins[stage.name],
+                              f"--trainer.default_root_dir={out / stage.name}"])
+        except USER_ERRORS as err:
+            raise StageConfigError(f"pipeline stage {stage.name} ({stage.config}): {error_line(err)}") from err
 
 
 def run(opts: argparse.Namespace) -> None:
@@ -209,12 +245,13 @@ def run(opts: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     extra = ["--trainer.enable_progress_bar=false"] if opts.quiet else []
     keys: dict[str, str] = {}
-    sft_model = run_stage(Stage("sft", Path(opts.sft_config)), out, keys, extra)
-    rm_model = run_stage(Stage("rm", Path(opts.rm_config)), out, keys, extra)
-    ppo = Stage("ppo", Path(opts.ppo_config), upstream=["sft", "rm"], overrides=[
-        f"--model.init_args.lm.name_or_path={sft_model}",
-        f"--model.init_args.reward.init_args.path={rm_model}",
-    ])
+    sft, rm = Stage("sft", Path(opts.sft_config)), Stage("rm", Path(opts.rm_config))
+    ppo = Stage("ppo", Path(opts.ppo_config), upstream=["sft", "rm"])
+    check_stages(sft, rm, ppo, out)
+    sft_model = run_stage(sft, out, keys, extra)
+    rm_model = run_stage(rm, out, keys, extra)
+    ppo.overrides = [f"--model.init_args.lm.name_or_path={sft_model}",
+                     f"--model.init_args.reward.init_args.path={rm_model}"]
     ppo_model = run_stage(ppo, out, keys, extra)
 
     _log("evaluation: SFT model vs PPO policy on held-out prompts (demo judge)")

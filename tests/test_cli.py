@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,67 +41,7 @@ def test_classic_recipe_values():
     assert llama["model"]["init_args"]["lm"]["quantization"] == "8bit"
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_bad_input_is_one_line_before_any_model_loads(tmp_path):
-    out = _run("fit", "-c", "configs/sft/demo.yaml", f"--trainer.default_root_dir={tmp_path}",
-               "--data.init_args.path=/no/such/file.jsonl")
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == "error: data file not found: /no/such/file.jsonl"
-    assert "Traceback" not in out.stderr
-
-
-def test_seq_length_beyond_positions_via_cli(tmp_path):
-    out = _run("fit", "-c", "configs/sft/demo.yaml", f"--trainer.default_root_dir={tmp_path}",
-               "--data.init_args.seq_length=4096")
-    assert out.returncode == 2
-    assert "seq_length=4096 exceeds the model's 512 positions" in out.stderr
-
-
-PPO_TINY = """
-model:
-  init_args:
-    lm:
-      name_or_path: null
-      arch: demo-tiny
-      tokenizer: demo
-"""
-
-BAD_VALUES = [
-    ("sft", "--data.init_args.seq_length=0", "error: data.seq_length must be >= 2, got 0"),
-    ("sft", "--data.init_args.batch_size=0", "error: data.batch_size must be >= 1, got 0"),
-    ("sft", "--model.init_args.lm.lora.r=0", "error: lora.r must be >= 1, got 0"),
-    ("sft", "--model.init_args.optim.lr=-1", "error: optim.lr must be > 0, got -1.0"),
-    ("sft", "--model.init_args.lm.quantization=3bit",
-     "error: model.init_args.lm.quantization: Expected a typing.Literal['none', '8bit', '4bit-nf4', '4bit-fp4']. "
-     "Got value: 3bit"),
-    ("sft", "--model.init_args.lm.dtype=float8", "error: model.init_args.lm.dtype: Expected a typing.Literal"),
-    ("sft", "--model.class_path=lit_rlhf.modules.NoSuchModule", "NoSuchModule"),
-    ("sft", "--trainer.max_steps=abc", "error: trainer.max_steps: Expected a <class 'int'>. Got value: abc"),
-    ("ppo", "--model.init_args.sampling.temperature=0", "error: sampling.temperature must be > 0, got 0.0"),
-    ("ppo", "--model.init_args.sampling.min_new_tokens=30", "need 1 <= min_new_tokens <= max_new_tokens, got 30 > 24"),
-    ("ppo", "--model.init_args.ppo.mini_batch_size=5", "ppo.mini_batch_size=5 does not divide the rollout batch size"),
-    ("ppo", "--model.init_args.kl.estimator=k2", "error: model.init_args.kl.estimator: Expected a typing.Literal"),
-]
-
-
-@pytest.mark.parametrize("stage, override, expected", BAD_VALUES, ids=[b[1].split("=")[0].split(".")[-1] + "-" + b[0]
-                                                                          for b in BAD_VALUES])
-def test_a_bad_value_anywhere_in_a_config_is_one_line_naming_it(stage, override, expected, tmp_path, capsys):
-    args = ["fit", "-c", str(ROOT / f"configs/{stage}/demo.yaml")]
-    if stage == "ppo":  # a tiny random policy, so that no demo model is built for this
-        (tmp_path / "tiny.yaml").write_text(PPO_TINY)
-        args += ["-c", str(tmp_path / "tiny.yaml")]
-    with pytest.raises(SystemExit) as exit_:
-        main([*args, f"--trainer.default_root_dir={tmp_path}", override])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, err[-2000:]
-    assert "Given value" not in err and "Namespace(" not in err and "Traceback" not in err
+# Bad input through the real command lines: tests/test_bad_input.py.
 
 
 @pytest.mark.parametrize("message, cause", [

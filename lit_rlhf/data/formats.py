@@ -109,6 +109,25 @@ class TextFormatter:
         if missing:
             raise ValueError(f"{source}: missing field(s) {missing}; columns are {list(columns)}")
 
+    def check_rows(self, rows, source: str) -> None:
+        """One line naming the file, line and field of the first row that cannot become text.
+
+        Run on the whole file before it is split (a split is shuffled: its row numbers are
+        not the file's). Streamed rows are checked as they are packed instead.
+        """
+        if not hasattr(rows, "column_names") or not hasattr(rows, "__len__"):
+            return
+        where = "line" if str(source).endswith(".jsonl") else "row"
+        for name in self.fields:
+            if name not in (rows.column_names or ()):
+                continue  # check_columns names it
+            for i, value in enumerate(rows[name]):
+                # A template formats any value but None; a text field must hold text.
+                bad = value is None if self.template else not (isinstance(value, str) and value.strip())
+                if bad:
+                    want = "a value" if self.template else "non-empty text"
+                    raise ValueError(f"{source}: {where} {i + 1}: field {name!r} is {value!r}, expected {want}")
+
     def __call__(self, row: dict) -> str | tuple[str, str]:
         if self.template is None:
             return row[self.text_field]
@@ -126,16 +145,20 @@ def load_train_val(
     val_size: int = 500,
     seed: int = 0,
     streaming: bool = False,
+    check=None,
     **kwargs,
 ):
     """(train, val) rows: a named validation split, or ``val_size`` rows held out of train.
 
     ``kwargs`` go to :func:`load_rows` (``name``, ``data_files``, ``revision``). A streamed
-    train split holds out its first ``val_size`` rows.
+    train split holds out its first ``val_size`` rows. ``check(rows)`` sees the train split
+    before anything is held out of it (row numbers are the file's).
     """
     if val_split is None and val_size < 1:
         raise ValueError(f"data.val_size must be >= 1 without a val_split, got {val_size}")
     train = load_rows(path, split=train_split, streaming=streaming, **kwargs)
+    if check is not None:
+        check(train)
     if val_split is not None:
         return train, load_rows(path, split=val_split, **kwargs)
     if streaming:

@@ -83,8 +83,13 @@ class SFTDataModule(L.LightningDataModule):
             return load_rows(str(demo.train_file)), load_rows(str(demo.val_file)), str(demo.root)
         train, val = load_train_val(hp.path, train_split=hp.train_split, val_split=hp.val_split,
                                     val_size=hp.val_size, seed=hp.seed, streaming=hp.streaming,
-                                    name=hp.name, data_files=hp.data_files, revision=hp.revision)
+                                    name=hp.name, data_files=hp.data_files, revision=hp.revision,
+                                    check=lambda rows: self._check(rows, hp.path))
         return train, val, hp.path
+
+    def _check(self, rows, source: str) -> None:
+        self.formatter.check_columns(rows.column_names, source)
+        self.formatter.check_rows(rows, source)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -29,7 +29,7 @@ from lit_rlhf.models.loading import (
     load_tokenizer,
     trainable_parameters,
 )
-from lit_rlhf.models.saving import atomic_dir, save_pretrained_atomic
+from lit_rlhf.models.saving import atomic_dir, remove_stale_temporaries, save_pretrained_atomic
 from lit_rlhf.models.sources import register_arch, register_path, resolve_path
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "max_positions",
     "register_arch",
     "register_path",
+    "remove_stale_temporaries",
     "resolve_path",
     "save_pretrained_atomic",
     "trainable_parameters",

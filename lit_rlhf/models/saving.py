@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -21,12 +23,13 @@ def atomic_dir(target: str | Path):
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    remove_stale_temporaries(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
     try:
         yield tmp
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old{os.getpid()}")
+            old = target.with_name(f".{target.name}.old-{_owner()}-")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:
@@ -34,6 +37,39 @@ def atomic_dir(target: str | Path):
     except BaseException:
         _rmtree(tmp)
         raise
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# .<name>.tmp-<host>-<pid>-<random> and .<name>.old-<host>-<pid>-: see atomic_dir.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-\w*$")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what :func:`atomic_dir` left in ``folder`` when its process was killed.
+
+    A temporary folder is stale when its name says it was made on this host by a process
+    that no longer runs; others (another process saving right now, another node) stay.
+    """
+    removed = []
+    for path in folder.glob(".*.*-*-*") if folder.is_dir() else ():
+        match = _TEMPORARY.match(path.name)
+        if match and match["host"] == socket.gethostname() and not _alive(int(match["pid"])):
+            _rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _rmtree(path: Path) -> None:

@@ -19,6 +19,7 @@ from lit_rlhf.models import (
     attention_for,
     load_model,
     load_tokenizer,
+    remove_stale_temporaries,
     save_pretrained_atomic,
     trainable_parameters,
 )
@@ -164,9 +165,10 @@ class HFModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.check_weights_finite()
+        # Lightning counts the step as done (global_step + 1) only after this hook returns.
+        self.check_weights_finite(self.global_step + 1)
 
-    def check_weights_finite(self) -> None:
+    def check_weights_finite(self, step: int) -> None:
         """Stop the run the moment an optimizer step leaves a NaN/inf weight or moment.
 
         The loss can still be finite in the step that breaks the weights (a huge update, an
@@ -179,7 +181,7 @@ class HFModule(L.LightningModule):
             for param, state in optimizer.state.items():
                 named += [(f"{names.get(id(param), 'param')}:{k}", v) for k, v in state.items()]
         if bad := non_finite(named):
-            self._diverged(f"after the optimizer step {self.global_step}, {bad[0]} is non-finite"
+            self._diverged(f"optimizer step {step} made {bad[0]} non-finite"
                            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
 
     def check_finite(self, name: str, value: torch.Tensor) -> None:
@@ -249,6 +251,16 @@ class HFModule(L.LightningModule):
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng)
             self._resume_rng = None
+
+    def on_fit_start(self) -> None:
+        # A run killed while exporting leaves hidden temporary folders in its log dir: the
+        # next run under the same root removes them (see remove_stale_temporaries).
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if self.trainer.is_global_zero and log_dir is not None:
+            logs = Path(log_dir).parent
+            for run_dir in [logs, *(logs.iterdir() if logs.is_dir() else ())]:
+                for path in remove_stale_temporaries(run_dir) if run_dir.is_dir() else ():
+                    rank_zero_info(f"removed {path}, left by a run that was killed while saving")
 
     @property
     def hf_model(self) -> nn.Module:

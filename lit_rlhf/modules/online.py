@@ -25,6 +25,7 @@ One training step = one iteration on one batch of prompts:
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -127,6 +128,13 @@ class KLConfig:
     horizon: int = 10000
     """Adaptive controller horizon, in episodes."""
 
+    def __post_init__(self) -> None:
+        for name in ("init_coef", "target", "horizon"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value >= 0 if name == "init_coef" else value > 0)):
+                bound = ">= 0" if name == "init_coef" else "> 0"
+                raise ValueError(f"kl.{name} must be a finite number {bound}, got {value}")
+
 
 @dataclass
 class ScoreConfig:
@@ -223,6 +231,7 @@ class OnlineRLModule(HFModule):
         return self.policy.lm
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if hasattr(self.reward_fn, "to"):
             self.reward_fn.to(self.device)
         if self.judge is not None and hasattr(self.judge, "to"):
@@ -246,7 +255,7 @@ class OnlineRLModule(HFModule):
         advantages, returns = self.advantages(rollout, scores, rewards, mask)
         # 4. update epochs
         update = self.update_policy(rollout, advantages, returns)
-        self.check_weights_finite()
+        self.check_weights_finite(self.global_step)  # manual optimization: already counted
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

@@ -91,7 +91,18 @@ def test_empty_text_is_named(tmp_path, tokenizer):
     rows = [{"text": "a fine film " * 5} for _ in range(30)] + [{"text": ""}]
     path = _write(tmp_path / "t.jsonl", rows, "jsonl")
     dm = SFTDataModule(path=str(path), seq_length=16, val_size=5, tokenizer=tokenizer, seed=1)
-    with pytest.raises(ValueError, match="row"):
+    # The file's own line (31), not the row's place in the shuffled train split.
+    with pytest.raises(ValueError, match=r"t\.jsonl: line 31: field 'text' is '', expected non-empty text"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("value", [None, 7, ["a", "list"]])
+def test_a_text_field_that_is_not_text_names_file_line_and_field(tmp_path, tokenizer, value):
+    rows = [{"text": "a fine film " * 5} for _ in range(29)] + [{"text": value}] + [{"text": "more"}] * 5
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dm = SFTDataModule(path=str(path), seq_length=16, val_size=5, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"t\.jsonl: line 30: field 'text' is"):
         dm.setup("fit")
 
 

@@ -96,12 +96,63 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     module = _module()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     trainer = _trainer(tmp_path, max_steps=10, callbacks=[ckpt, _PoisonAt(5)], limit_val_batches=0)
-    with pytest.raises(NonFiniteLossError, match="train/loss is nan at step 5"):
+    with pytest.raises(NonFiniteLossError, match=r"train/loss is nan at step 5: stopping; the newest "
+                                                 r"checkpoint, .*epoch=0-step=4.ckpt \(step 4\), is finite"):
         trainer.fit(module, _data(module))
     saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert saved == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
     state = torch.load(tmp_path / "ckpt" / saved[-1], weights_only=False)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+class _InfGradientAt(L.Callback):
+    """Before optimizer step ``step``, set one gradient to ``value``: the loss is still finite."""
+
+    def __init__(self, step, value):
+        self.step, self.value = step, value
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(self.value)
+
+
+class _BreakWeightAfter(L.Callback):
+    """After step ``step`` (before the checkpoint of that step is written) make one weight inf."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("inf")
+
+
+def _all_finite(path) -> bool:
+    ckpt = torch.load(path, weights_only=True)
+    moments = [t for opt in ckpt["optimizer_states"] for s in opt["state"].values() for t in s.values()]
+    return all(torch.isfinite(t).all() for t in [*ckpt["state_dict"].values(), *moments])
+
+
+@pytest.mark.parametrize("poison, match", [
+    # An inf gradient: AdamW's update is NaN, the weight with it; the loss of that step was finite.
+    (lambda: _InfGradientAt(3, float("inf")), r"optimizer step 4 made model\..* non-finite"),
+    # A huge gradient: exp_avg_sq overflows to inf, the update is 0, the weights stay finite.
+    (lambda: _InfGradientAt(3, 1e30), r"optimizer step 4 made model\..*:exp_avg_sq non-finite"),
+    # Broken after the step's own check, before its checkpoint: the save refuses.
+    (lambda: _BreakWeightAfter(4), r"refusing to save a checkpoint at step 4: model\..* is non-finite"),
+], ids=["inf-gradient", "optimizer-moment", "after-the-step"])
+def test_non_finite_weights_or_moments_never_reach_a_checkpoint(tmp_path, poison, match):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = _module(lr=1e-3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = _trainer(tmp_path, max_steps=8, callbacks=[poison(), ckpt], limit_val_batches=0)
+    with pytest.raises(NonFiniteLossError, match=match + r".*the newest checkpoint, .*epoch=0-step=2.ckpt \(step 2\)"):
+        trainer.fit(module, _data(module))
+    saved = sorted((tmp_path / "ckpt").iterdir())
+    assert [p.name for p in saved] == ["epoch=0-step=2.ckpt"]
+    assert _all_finite(saved[0])
 
 
 def test_seq_length_beyond_positions_fails_before_loading():

@@ -222,7 +222,7 @@ def check_stages(sft: Stage, rm: Stage, ppo: Stage, out: Path) -> None:
     built with stand-ins of the same architecture and tokenizer, the SFT stage's own model
     as the policy and the output folder as the reward model's path, which only has to exist.
     """
-    from lit_rlhf.cli import USER_ERRORS, check_fit_config, error_line
+    from lit_rlhf.lightning_cli import USER_ERRORS, check_fit_config, error_line
     from lit_rlhf.config_files import compose, config_chain
 
     sft_lm = compose(config_chain(sft.config)).get("model", {}).get("init_args", {}).get("lm", {})

@@ -117,6 +117,8 @@ def _child(job: dict) -> None:
 
 
 def _serve() -> None:
+    # This checkout's package first, as `python train.py` from ROOT would import it.
+    sys.path.insert(0, str(ROOT))
     # Imports only: no tensor op may run before fork (it would start thread pools).
     import lightning  # noqa: F401
     import peft  # noqa: F401
@@ -127,7 +129,6 @@ def _serve() -> None:
     import lit_rlhf.export  # noqa: F401
     import lit_rlhf.modules  # noqa: F401
 
-    sys.path.insert(0, str(ROOT))
     for line in sys.stdin:
         job = json.loads(line)
         pid = os.fork()

@@ -55,3 +55,41 @@ def test_classic_recipe_values():
 ])
 def test_parser_error_cause_keeps_the_field_and_the_reason(message, cause):
     assert parser_error_cause(message) == cause
+
+
+def _printed(capsys, *args) -> dict:
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args, "--print_config"])
+    assert exit_.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_null_works_for_any_optional_field_on_the_command_line(capsys):
+    config = _printed(capsys, "-c", str(ROOT / "configs/sft/demo.yaml"), "--model.init_args.lm.lora=null",
+                      "--model.init_args.lm.arch", "null", "--model.init_args.lm.name_or_path=some/model")
+    lm = config["model"]["init_args"]["lm"]
+    assert lm["lora"] is None and lm["arch"] is None and lm["name_or_path"] == "some/model"
+
+
+def test_an_overlays_list_replaces_the_bases_list(tmp_path, capsys):
+    # configs/sft/base.yaml has a val/loss-monitoring ModelCheckpoint at position 2 of its list.
+    overlay = tmp_path / "steps.yaml"
+    overlay.write_text(f"config: {ROOT / 'configs/sft/demo.yaml'}\ntrainer:\n  callbacks:\n"
+                       "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                       "      init_args:\n        every_n_train_steps: 5\n")
+    callbacks = _printed(capsys, "-c", str(overlay))["trainer"]["callbacks"]
+    assert len(callbacks) == 1
+    assert callbacks[0]["init_args"]["every_n_train_steps"] == 5
+    assert callbacks[0]["init_args"]["monitor"] is None  # not inherited from the base's callback
+
+
+def test_composition_rule():
+    from lit_rlhf.config_files import merge_configs
+
+    base = {"a": {"x": 1, "y": [1, 2]}, "m": {"class_path": "A", "init_args": {"p": 1}}, "k": 1}
+    over = {"a": {"y": [3]}, "m": {"class_path": "B", "init_args": {"q": 2}}, "k": None}
+    assert merge_configs(base, over) == {"a": {"x": 1, "y": [3]}, "m": {"class_path": "B", "init_args": {"q": 2}},
+                                         "k": None}
+    same = {"m": {"class_path": "A", "init_args": {"q": 2}}}
+    assert merge_configs(base, same)["m"] == {"class_path": "A", "init_args": {"p": 1, "q": 2}}
+    assert merge_configs(base, {"m": {"init_args": {"q": 2}}})["m"]["init_args"] == {"p": 1, "q": 2}

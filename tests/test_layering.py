@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("parts", ["lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.optim", "lit_rlhf.metrics", "lit_rlhf.callbacks"]),
     ("services", ["lit_rlhf.rewards", "lit_rlhf.export"]),
     ("methods", ["lit_rlhf.modules"]),
-    ("application", ["lit_rlhf.cli", "lit_rlhf.pipeline", "lit_rlhf.config_files", "lit_rlhf.demo.models"]),
+    ("application", ["lit_rlhf.cli", "lit_rlhf.lightning_cli", "lit_rlhf.pipeline", "lit_rlhf.config_files",
+                     "lit_rlhf.demo.models"]),
 ]
 
 # Beyond the layer order: the loader knows nothing of the demo (the demo registers its names).

@@ -86,11 +86,25 @@ def test_output_dir_that_is_a_file_is_named(tmp_path, capsys):
 
 
 def test_a_failing_stage_ends_in_one_line_naming_it(tmp_path, capfd):
-    bad = _overlay(tmp_path / "bad.yaml", "configs/sft/demo.yaml", "data:\n  init_args:\n    seq_length: 0\n")
+    # The config is fine (the up-front check passes); the data file, read when the stage
+    # runs, is empty.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = _overlay(tmp_path / "bad.yaml", "configs/sft/demo.yaml", f"data:\n  init_args:\n    path: {empty}\n")
     with pytest.raises(SystemExit) as exit_:
         pipeline.main(["--output_dir", str(tmp_path / "out"), "--sft_config", str(bad), "--quiet"])
     assert exit_.value.code == 1
     err = capfd.readouterr().err.strip().splitlines()
     assert err[-1] == "error: pipeline stage sft failed (exit code 2); see its output above"
-    assert "error: data.seq_length must be >= 2, got 0" in err  # the stage's own line, just above
+    assert f"error: {empty}: the file is empty" in err  # the stage's own line, just above
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_bad_stage_config_is_found_before_any_stage_trains(tmp_path, capfd):
+    bad = _overlay(tmp_path / "bad.yaml", "configs/rm/demo.yaml", "data:\n  init_args:\n    batch_size: 0\n")
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(["--output_dir", str(tmp_path / "out"), "--rm_config", str(bad), "--quiet"])
+    assert exit_.value.code == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: pipeline stage rm ({bad}): data.batch_size must be >= 1, got 0"
+    assert not (tmp_path / "out" / "sft" / "lightning_logs").exists()  # SFT never started

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
 from torch import nn
@@ -172,6 +175,25 @@ def test_atomic_dir_keeps_the_old_version_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert (target / "w").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp debris
+
+
+def test_temporaries_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    import subprocess
+    import sys
+
+    # A process that dies (SIGKILL) inside atomic_dir leaves its hidden temporary folder.
+    code = ("import os, signal; from lit_rlhf.models import atomic_dir\n"
+            f"with atomic_dir({str(tmp_path / 'adapter')!r}) as tmp:\n"
+            "    (tmp / 'w').write_text('half'); os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    [left] = tmp_path.iterdir()
+    assert left.name.startswith(".adapter.tmp-")
+    # Another process's temporary, still alive (this one): kept.
+    alive = tmp_path / f".adapter.tmp-{socket.gethostname()}-{os.getpid()}-abc"
+    alive.mkdir()
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        (tmp / "w").write_text("v2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "adapter"]
 
 
 def test_pretrained_models_load_in_train_mode(tmp_path, tokenizer):

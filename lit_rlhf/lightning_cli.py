@@ -1,0 +1,172 @@
+"""The LightningCLI that every ``fit`` runs, the one line a user's mistake becomes, and a
+check of a command line without training (used by the pipeline before its first stage).
+
+The entry point that dispatches to it is :mod:`lit_rlhf.cli`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+
+import lightning as L
+import torch
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningCLI
+
+from lit_rlhf.callbacks import NonFiniteLossError
+from lit_rlhf.config_files import expand_config_includes
+
+
+def _default_precision() -> str:
+    # bf16 mixed precision wherever the GPU supports it; CPUs default to full fp32.
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+class LitRLHFCLI(LightningCLI):
+    """LightningCLI with the data <-> model links every stage needs."""
+
+    # data init arg -> module init arg, copied before instantiation so the module can check
+    # them at construction, before any weights load.
+    DATA_TO_MODEL = {"seq_length": "seq_length", "batch_size": "rollout_batch_size"}
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        model_args, data_args = config.model.init_args, config.data.init_args
+        accelerator = config.get("trainer", {}).get("accelerator")
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ValueError(f"trainer.accelerator={accelerator!r}: no CUDA GPU is visible on this machine "
+                             "(use trainer.accelerator=cpu or auto, or check CUDA_VISIBLE_DEVICES)")
+        for source, target in self.DATA_TO_MODEL.items():
+            if target in model_args and source in data_args and model_args[target] is None:
+                model_args[target] = data_args[source]
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would apply the checkpoint's hyper-parameters over the config, class path
+        # included: an RM checkpoint turned an SFT command into a RewardModule run. Here the
+        # configured run is what runs, and the checkpoint must be one of its own.
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        path = config.get("ckpt_path")
+        if path is None or path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
+            return  # Lightning's own names, resolved by the Trainer
+        from lit_rlhf.modules.base import check_checkpoint
+
+        model = config.model
+        lm = model.init_args.get("lm") if model.get("init_args") is not None else None
+        lm = lm.as_dict() if hasattr(lm, "as_dict") else lm
+        if lm is not None and not isinstance(lm, dict):
+            lm = dataclasses.asdict(lm) if dataclasses.is_dataclass(lm) else None
+        check_checkpoint(str(path), model.class_path, lm)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The datamodule tokenizes with the model's tokenizer (one source of truth).
+        if getattr(self.datamodule, "tokenizer", "absent") is None:
+            self.datamodule.tokenizer = self.model.tokenizer
+
+
+# What a user's mistake raises (a diverged run too: NonFiniteLossError). Anything else is a
+# bug and keeps its traceback.
+USER_ERRORS = (ArgumentError, NonFiniteLossError, ValueError, OSError, MisconfigurationException)
+
+# Lines of jsonargparse's error dump that describe the search, not the problem.
+_PARSER_NOISE = re.compile(
+    r"^(- )?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|"
+    r"Expected a <class 'NoneType'>|Problem with given class_path|tip:|Validation failed: )"
+)
+_PARSER_KEY = re.compile(r'^(- )?Parser key "([^"]+)":\s*(.*)$')
+_CLASS_PATH = re.compile(r"Problem with given class_path '([\w.]+)'")
+
+
+def _is_dataclass_path(path: str) -> bool:
+    import dataclasses
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, ValueError):
+        return False
+
+
+def parser_error_cause(message: str) -> str:
+    """The one line of a jsonargparse error that says what is wrong, with the config key.
+
+    jsonargparse reports a bad value deep in a config as a nested dump: every Union member it
+    tried (``Expected a <class 'NoneType'>``), the class path, and the whole ``Namespace`` it
+    was given. The cause is the first line that is none of those; the ``Parser key`` lines
+    above it give the field, e.g. ``model.init_args.lm.quantization: Expected a
+    typing.Literal['none', '8bit', '4bit-nf4', '4bit-fp4']. Got value: 3bit``.
+    """
+    field, under_class = "", False
+    for raw in message.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if chosen := _CLASS_PATH.search(line):
+            under_class = not _is_dataclass_path(chosen.group(1))
+        if match := _PARSER_KEY.match(line):
+            # A key below a chosen class is one of its init_args; below a dataclass, a field.
+            sep = ".init_args." if under_class else "."
+            field = f"{field}{sep}{match.group(2)}" if field else match.group(2)
+            under_class = False
+            line = match.group(3).strip()
+            if not line:
+                continue
+        if _PARSER_NOISE.match(line):
+            continue
+        line = line.removeprefix("- ")
+        if line.startswith("Expected a ") and "Got value" not in line:
+            line = _union_mismatch(message) or line
+        return f"{field}: {line}" if field and not line.startswith(field) else line
+    return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+
+
+def _union_mismatch(message: str) -> str | None:
+    """``'17-true' is none of: int, Literal[...]`` from a Union's error dump, or None."""
+    given = re.findall(r"^\s*Given value: (.*)$", message, re.M)
+    if not given or given[-1].startswith("Namespace("):
+        return None
+    expected = [re.sub(r"<class '(\w+)'>", r"\1", m).replace("typing.", "")
+                for m in re.findall(r"^\s*- Expected a (.*)$", message, re.M) if "NoneType" not in m]
+    return f"{given[-1]!r} is none of: {'; '.join(expected)}" if expected else None
+
+
+def cli_kwargs(args: list[str] | None, **overrides) -> dict:
+    return dict(
+        model_class=L.LightningModule,
+        datamodule_class=L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"precision": _default_precision()},
+        # Re-running into the same log dir must not crash on an existing config.yaml.
+        save_config_kwargs={"overwrite": True},
+        # Parser errors are raised, not printed with the usage: main reports their cause.
+        parser_kwargs={"exit_on_error": False,
+                       **{name: {"exit_on_error": False} for name in ("fit", "validate", "test", "predict")}},
+        args=args,
+        **overrides,
+    )
+
+
+def error_line(err: BaseException) -> str:
+    """The one line the user sees for ``err``."""
+    return parser_error_cause(str(err)) if str(err).strip() else type(err).__name__
+
+
+def check_fit_config(args: list[str]) -> None:
+    """Parse a ``fit`` command line (without ``fit``) and build its module, datamodule and
+    trainer (tokenizer and model config only, no weights), without training. Raises what
+    :func:`lit_rlhf.cli.main` reports. The pipeline checks every stage with it before the
+    first one trains."""
+    argv, sys.argv[1:] = sys.argv[1:], []  # LightningCLI warns when given `args` beside sys.argv
+    try:
+        LitRLHFCLI(**cli_kwargs(expand_config_includes(list(args)), run=False, save_config_callback=None))
+    finally:
+        sys.argv[1:] = argv

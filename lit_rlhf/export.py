@@ -63,7 +63,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: DType | None = N
     model = yaml.safe_load(config_file.read_text())["model"]
     lm = ModelConfig(**model["init_args"]["lm"])
     task: Task = "seq_cls" if model["class_path"].endswith("RewardModule") else "causal_lm"
-    tokenizer = load_tokenizer(lm.tokenizer, trust_remote_code=lm.trust_remote_code)
+    tokenizer = load_tokenizer(lm.tokenizer, trust_remote_code=lm.trust_remote_code, chat_template=lm.chat_template)
     if (run_dir / "adapter").is_dir():
         return merge_adapter(lm, run_dir / "adapter", out_dir, tokenizer=tokenizer, task=task,
                              dtype=dtype or lm.dtype)

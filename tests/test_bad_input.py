@@ -5,6 +5,7 @@ failure) and no traceback."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,21 @@ def files(tmp_path_factory, cli, demo, tokenizer) -> Files:
     adapter = p["bad_adapter"] / "adapter" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:500])
     p["a_file"] = _write(root / "a_file.txt", "x")
+    # Conversational files, each with one bad row at line 30.
+    chat = [{"messages": [{"role": "user", "content": f"Film {i}?"}, {"role": "assistant", "content": "Good."}]}
+            for i in range(40)]
+    for name, bad in (("chat_no_role", [{"content": "hi"}, {"role": "assistant", "content": "x"}]),
+                      ("chat_unknown_role", [{"role": "narrator", "content": "hi"}]),
+                      ("chat_no_assistant", [{"role": "user", "content": "hi"}])):
+        rows = [dict(r) for r in chat]
+        rows[29] = {"messages": bad}
+        p[name] = _write(root / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    p["chat_ok"] = _write(root / "chat_ok.jsonl", "".join(json.dumps(r) + "\n" for r in chat))
+    user = {"role": "user", "content": "Film?"}
+    pairs = [{"prompt": "Film?", "chosen": [user, {"role": "assistant", "content": "Yes"}],
+              "rejected": [user, {"role": "assistant", "content": "No"}]} for _ in range(40)]
+    pairs[29]["rejected"] = [{"role": "user", "content": "Book?"}, {"role": "assistant", "content": "No"}]
+    p["chat_pairs_mismatch"] = _write(root / "chat_pairs.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
     p["overlay_bad_rm"] = _write(root / "bad_rm.yaml", f"config: {ROOT / RM}\nmodel:\n  init_args:\n    center_coef: -1\n")
     p["overlay_bad_ppo"] = _write(root / "bad_ppo.yaml",
                                   f"config: {ROOT / PPO}\nmodel:\n  init_args:\n    kl:\n      target: -3\n")
@@ -204,6 +220,20 @@ CASES = [
      ["{pairs_unknown}", "schema"], 2),
     ("pairs-empty", lambda f: rm(f, f"--data.init_args.path={f['empty']}"), ["{empty}", "empty"], 2),
     ("prompts-empty", lambda f: ppo(f, f"--data.init_args.path={f['empty']}"), ["{empty}", "empty"], 2),
+    # --- conversational data
+    ("chat-message-without-role", lambda f: sft(f, f"--data.init_args.path={f['chat_no_role']}", "--model.init_args.lm.chat_template=chatml"),
+     ["{chat_no_role}: line 30: field 'messages': message 0 needs 'role' and 'content'"], 2),
+    ("chat-unknown-role", lambda f: sft(f, f"--data.init_args.path={f['chat_unknown_role']}", "--model.init_args.lm.chat_template=chatml"),
+     ["{chat_unknown_role}: line 30: field 'messages': message 0 has unknown role 'narrator'"], 2),
+    ("chat-no-assistant-turn", lambda f: sft(f, f"--data.init_args.path={f['chat_no_assistant']}", "--model.init_args.lm.chat_template=chatml"),
+     ["{chat_no_assistant}: line 30: field 'messages': the conversation has no assistant turn"], 2),
+    ("chat-pair-prompt-mismatch", lambda f: rm(f, f"--data.init_args.path={f['chat_pairs_mismatch']}", "--data.init_args.val_size=4",
+                                               "--model.init_args.lm.chat_template=llama3"),
+     ["{chat_pairs_mismatch}: line 30: rejected starts with other messages than the prompt"], 2),
+    ("chat-without-template", lambda f: sft(f, f"--data.init_args.path={f['chat_ok']}"),
+     ["has no chat template for conversational data", "model.chat_template"], 2),
+    ("chat-template-unknown", lambda f: sft_demo(f, "--model.init_args.lm.chat_template=no-such-template"),
+     ["model.chat_template 'no-such-template': no such file, and not one of chatml"], 2),
     # --- the other stages' settings
     ("rm-center_coef", lambda f: rm(f, "--model.init_args.center_coef=-1"), ["model.center_coef must be >= 0"], 2),
     ("rm-max_length-0", lambda f: rm(f, "--data.init_args.max_length=0"), ["max_length", "0"], 2),

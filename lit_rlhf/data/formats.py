@@ -9,6 +9,8 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+from lit_rlhf.data.chat import as_messages, check_messages, is_conversation
+
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -135,6 +137,60 @@ class TextFormatter:
         if self.completion_template is None:
             return prompt
         return prompt, self.completion_template.format(**row)
+
+
+class ConversationFormatter:
+    """Turns a conversational row into messages: a ``messages`` list (``kind="messages"``), or
+    ``prompt`` + ``completion`` (``kind="prompt_completion"``; a prompt given as text is one
+    user message, a completion as text one assistant message)."""
+
+    def __init__(self, kind: str = "messages", messages_field: str = "messages", need_assistant: bool = True) -> None:
+        self.kind, self.messages_field, self.need_assistant = kind, messages_field, need_assistant
+
+    @property
+    def fields(self) -> list[str]:
+        return [self.messages_field] if self.kind == "messages" else ["prompt", "completion"]
+
+    def check_columns(self, columns, source: str) -> None:
+        missing = [f for f in self.fields if columns is not None and f not in columns]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {missing}; columns are {list(columns)}")
+
+    def check_rows(self, rows, source: str) -> None:
+        """One line naming the file, line (row) and field of the first bad conversation."""
+        if not hasattr(rows, "__len__"):
+            return
+        where = "line" if str(source).endswith(".jsonl") else "row"
+        for i, row in enumerate(rows):
+            self.messages(row, f"{source}: {where} {i + 1}")
+
+    def messages(self, row: dict, where: str) -> list[dict]:
+        if self.kind == "messages":
+            return check_messages(row[self.messages_field], f"{where}: field {self.messages_field!r}",
+                                  need_assistant=self.need_assistant)
+        completion = row["completion"]
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        return check_messages(as_messages(row["prompt"], f"{where}: field 'prompt'")
+                              + check_messages(completion, f"{where}: field 'completion'"),
+                              where, need_assistant=self.need_assistant)
+
+    def __call__(self, row: dict) -> list[dict]:
+        return self.messages(row, "row")
+
+
+def conversation_kind(rows, messages_field: str = "messages") -> str | None:
+    """``"messages"`` or ``"prompt_completion"`` when ``rows`` hold conversations, else None."""
+    columns = list(getattr(rows, "column_names", None) or [])
+    first = next(iter(rows), None) if columns else None
+    if first is None:
+        return None
+    if messages_field in columns and is_conversation(first[messages_field]):
+        return "messages"
+    if {"prompt", "completion"} <= set(columns) and (is_conversation(first["prompt"])
+                                                     or is_conversation(first["completion"])):
+        return "prompt_completion"
+    return None
 
 
 def load_train_val(

@@ -6,7 +6,10 @@ Every document (one dataset row) becomes ``[bos] + tokens(text) + [eos]``; in co
 mode ``[bos] + tokens(prompt) + tokens(completion) + [eos]`` (prompt and completion are
 tokenized separately so the boundary is exact). Tokenization uses ``add_special_tokens=False``;
 ``[bos]`` is there only for tokenizers that add BOS to a text themselves (Llama, Gemma), and
-counts as prompt in completion-only mode. All
+counts as prompt in completion-only mode. A conversational document (``conversational=True``:
+``format_fn`` returns a list of messages) is the conversation rendered by the tokenizer's chat
+template, which writes its own special tokens (nothing is added); with ``assistant_only`` only
+its assistant turns are trained on (:mod:`lit_rlhf.data.chat`). All
 documents are concatenated in row order into one global token stream, which is cut into
 consecutive chunks of ``seq_length`` tokens; a document may span two chunks and only the
 final partial chunk is dropped. No padding is ever produced.
@@ -57,6 +60,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lit_rlhf.data.chat import assistant_spans, check_messages, template_of, tokens_with_mask
 from lit_rlhf.data.formats import rank_and_world
 
 __all__ = ["ConstantLengthDataset", "pack_collate"]
@@ -87,6 +91,9 @@ class ConstantLengthDataset(IterableDataset):
         tokenize_batch: rows per tokenizer call.
         rank, world_size: data-parallel position; default from ``torch.distributed`` if it is
             initialised (read lazily, at iteration / ``len`` time), else 0 / 1.
+        conversational: ``format_fn`` (or ``row[text_field]``) gives messages, rendered by the
+            tokenizer's chat template.
+        assistant_only: conversational documents are trained on their assistant turns only.
 
     Yields:
         ``{"input_ids", "labels", "position_ids"}``, each a ``LongTensor`` of shape ``(T,)``.
@@ -106,6 +113,8 @@ class ConstantLengthDataset(IterableDataset):
         tokenize_batch: int = 256,
         rank: int | None = None,
         world_size: int | None = None,
+        conversational: bool = False,
+        assistant_only: bool = True,
     ) -> None:
         super().__init__()
         if getattr(tokenizer, "eos_token_id", None) is None:
@@ -147,6 +156,9 @@ class ConstantLengthDataset(IterableDataset):
         self.format_fn = format_fn
         self.text_field = text_field
         self.completion_only = completion_only
+        self.conversational = conversational
+        self.assistant_only = assistant_only
+        self.template = template_of(tokenizer) if conversational else None
         self.infinite = infinite
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -247,8 +259,12 @@ class ConstantLengthDataset(IterableDataset):
                 f"only {n_tokens} tokens in the whole dataset; lower seq_length or add data"
             )
 
-    def _format(self, index: int, row: dict) -> tuple[str, str]:
-        """Row -> (prompt, text); prompt is '' unless completion_only. Validates types."""
+    def _format(self, index: int, row: dict) -> tuple[str, str] | list[dict]:
+        """Row -> (prompt, text), prompt '' unless completion_only; or, conversational, the
+        checked messages. Validates types."""
+        if self.conversational:
+            messages = self.format_fn(row) if self.format_fn is not None else row[self.text_field]
+            return check_messages(messages, f"row {index}", need_assistant=self.assistant_only)
         if self.format_fn is None:
             if not isinstance(row, dict) and not hasattr(row, "keys"):
                 raise ValueError(
@@ -292,9 +308,9 @@ class ConstantLengthDataset(IterableDataset):
         )
         return out["input_ids"]
 
-    def _documents(self) -> Iterator[tuple[list[int], int]]:
-        """One pass over the rows -> (token ids incl. trailing EOS, number of prompt tokens)."""
-        batch: list[tuple[str, str]] = []
+    def _documents(self) -> Iterator[tuple[list[int], list[bool]]]:
+        """One pass over the rows -> (token ids, which of them are trained on)."""
+        batch: list = []
         for index, row in enumerate(self.rows):
             batch.append(self._format(index, row))
             if len(batch) == self.tokenize_batch:
@@ -303,16 +319,25 @@ class ConstantLengthDataset(IterableDataset):
         if batch:
             yield from self._tokenize_batch(batch)
 
-    def _tokenize_batch(self, batch: list[tuple[str, str]]) -> Iterator[tuple[list[int], int]]:
+    def _tokenize_batch(self, batch: list) -> Iterator[tuple[list[int], list[bool]]]:
+        if self.conversational:
+            # The template writes the special tokens (BOS, end-of-turn); nothing is added.
+            for index, messages in enumerate(batch):
+                text, spans = assistant_spans(self.tokenizer, messages, self.template, f"row {index}")
+                ids, trained = tokens_with_mask(self.tokenizer, text, spans)
+                yield ids, trained if self.assistant_only else [True] * len(ids)
+            return
         texts = self._tokenize([text for _, text in batch])
         if self.completion_only:
             prompts = self._tokenize([prompt for prompt, _ in batch])
         else:
             prompts = [[] for _ in batch]
         for prompt_ids, text_ids in zip(prompts, texts):
-            yield self.bos + prompt_ids + text_ids + [self.eos_token_id], len(self.bos) + len(prompt_ids)
+            n_prompt = len(self.bos) + len(prompt_ids)
+            ids = self.bos + prompt_ids + text_ids + [self.eos_token_id]
+            yield ids, [False] * n_prompt + [True] * (len(ids) - n_prompt)
 
-    def _token_stream(self) -> Iterator[tuple[list[int], int]]:
+    def _token_stream(self) -> Iterator[tuple[list[int], list[bool]]]:
         """Documents of one pass, or endlessly repeated passes in infinite mode."""
         while True:
             n_tokens = 0
@@ -341,9 +366,9 @@ class ConstantLengthDataset(IterableDataset):
         n_tokens = 0
         if limit == 0:  # more ranks than chunks: every rank yields nothing, consistently
             return
-        for doc, n_prompt in self._token_stream():
+        for doc, trained in self._token_stream():
             n_tokens += len(doc)
-            doc_labels = [IGNORE_INDEX] * n_prompt + doc[n_prompt:]
+            doc_labels = [t if keep else IGNORE_INDEX for t, keep in zip(doc, trained)]
             start = 0
             while start < len(doc):
                 take = min(T - filled, len(doc) - start)

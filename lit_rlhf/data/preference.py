@@ -6,7 +6,10 @@ Supported schemas (``schema="auto"`` picks by columns):
   prompt + rejected;
 * ``implicit``: ``{chosen, rejected}`` holding whole conversations (Anthropic HH style);
 * ``stack_exchange``: ``{question, response_j, response_k}`` with ``response_j`` preferred,
-  formatted ``"Question: {question}\\n\\nAnswer: {response}"``.
+  formatted ``"Question: {question}\\n\\nAnswer: {response}"``;
+* ``chat``: ``chosen``/``rejected`` as message lists, with a ``prompt`` (text or messages; the
+  sides may repeat it, as in UltraFeedback-binarized) or without (the prompt is their longest
+  common leading run of messages, HH-RLHF style); rendered by the tokenizer's chat template.
 
 A batch of B pairs is one tensor holding 2B sequences, chosen first then rejected, so the
 reward model scores both sides in one forward pass (two passes break DDP with gradient
@@ -26,14 +29,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lit_rlhf.data.chat import as_messages, check_messages, is_conversation, render, split_pair, template_of
 from lit_rlhf.data.formats import load_rows, load_train_val, rank_and_world
 
-Schema = Literal["auto", "explicit", "implicit", "stack_exchange"]
-SCHEMA_FIELDS = {
+Schema = Literal["auto", "explicit", "implicit", "stack_exchange", "chat"]
+SCHEMA_FIELDS: dict[str, tuple[str, ...]] = {
     "explicit": ("prompt", "chosen", "rejected"),
     "stack_exchange": ("question", "response_j", "response_k"),
     "implicit": ("chosen", "rejected"),
 }
+CHAT_FIELDS = ("chosen", "rejected")  # the "chat" schema; "prompt" is optional
 STACK_EXCHANGE_TEMPLATE = "Question: {question}\n\nAnswer: {response}"
 DEMO = "demo"
 
@@ -45,6 +50,22 @@ def detect_schema(columns, source: str) -> str:
             return schema
     expected = "; ".join(f"{s}: {list(f)}" for s, f in SCHEMA_FIELDS.items())
     raise ValueError(f"{source}: columns {list(columns)} match no preference schema ({expected})")
+
+
+def is_chat(rows) -> bool:
+    """Conversational pairs: the first row's ``chosen`` is a list of messages."""
+    columns = list(getattr(rows, "column_names", None) or [])
+    first = next(iter(rows), None) if {"chosen", "rejected"} <= set(columns) else None
+    return first is not None and is_conversation(first["chosen"])
+
+
+def chat_pair_texts(row: dict, tokenizer, template: str, where: str) -> tuple[str, str]:
+    """(chosen, rejected) conversations rendered as text, both with the same prompt."""
+    prompt = as_messages(row["prompt"], f"{where}: field 'prompt'") if row.get("prompt") is not None else None
+    chosen = check_messages(row["chosen"], f"{where}: field 'chosen'")
+    rejected = check_messages(row["rejected"], f"{where}: field 'rejected'")
+    prompt, chosen, rejected = split_pair(chosen, rejected, prompt, where)
+    return render(tokenizer, prompt + chosen, template), render(tokenizer, prompt + rejected, template)
 
 
 def pair_texts(row: dict, schema: str) -> tuple[str, str]:
@@ -90,23 +111,34 @@ class PairDataset(Dataset):
         source: str = "data",
     ) -> None:
         columns = rows.column_names
-        self.schema = detect_schema(columns, source) if schema == "auto" else schema
-        missing = [f for f in SCHEMA_FIELDS[self.schema] + ((margin_field,) if margin_field else ()) if f not in columns]
+        if schema == "auto":
+            schema = "chat" if is_chat(rows) else detect_schema(columns, source)
+        self.schema = schema
+        chat = schema == "chat"
+        template = template_of(tokenizer) if chat else None
+        fields = CHAT_FIELDS if chat else SCHEMA_FIELDS[self.schema]
+        missing = [f for f in fields + ((margin_field,) if margin_field else ()) if f not in columns]
         if missing:
             raise ValueError(f"{source}: missing column(s) {missing} for schema {self.schema!r}; columns are {list(columns)}")
         self.pairs: list[tuple[list[int], list[int], float]] = []
         self.stats = {"pairs": 0, "truncated": 0, "dropped_too_long": 0, "skipped_bad": 0}
         good_rows, texts = [], []
         for i, row in enumerate(rows):
-            problem = row_problem(row, self.schema)
+            problem, pair = row_problem(row, self.schema) if not chat else None, None
+            if chat:
+                try:
+                    pair = chat_pair_texts(row, tokenizer, template, f"{source} row {i}")
+                except ValueError as err:
+                    problem = str(err).removeprefix(f"{source} row {i}: ")
             if problem is not None:
                 if on_bad_row == "error":
                     raise ValueError(f"{source} row {i}: {problem} (set on_bad_row: skip to skip such rows)")
                 self.stats["skipped_bad"] += 1
                 continue
             good_rows.append(row)
-            texts.extend(pair_texts(row, self.schema))
-        ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+            texts.extend(pair or pair_texts(row, self.schema))
+        # A rendered conversation holds its own special tokens (the template's BOS): add none.
+        ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"] if texts else []
         for k, row in enumerate(good_rows):
             chosen, rejected = ids[2 * k], ids[2 * k + 1]
             if max(len(chosen), len(rejected)) > max_length:
@@ -264,7 +296,8 @@ class PreferenceDataModule(L.LightningDataModule):
         Args:
             path: ``"demo"`` (offline pairs labelled by the demo judge), a hub dataset name,
                 or local json/jsonl/csv/parquet file(s) or directory.
-            schema: ``explicit``, ``implicit``, ``stack_exchange``, or ``auto`` (by columns).
+            schema: ``explicit``, ``implicit``, ``stack_exchange``, ``chat``, or ``auto`` (by columns
+                and, for ``chat``, message lists in the first row).
             max_length: longest tokenized side of a pair.
             too_long: ``drop`` pairs with a side over ``max_length``, or ``truncate`` them.
             on_bad_row: ``error`` on an empty/non-string/identical pair, naming the row, or
@@ -304,9 +337,22 @@ class PreferenceDataModule(L.LightningDataModule):
             demo = prepare_demo()
             return load_rows(str(demo.pairs_train_file)), load_rows(str(demo.pairs_val_file)), "demo pairs"
         train, val = load_train_val(hp.path, train_split=hp.train_split, val_split=hp.val_split,
-                                    val_size=hp.val_size, seed=hp.seed,
+                                    val_size=hp.val_size, seed=hp.seed, check=self._check,
                                     name=hp.name, data_files=hp.data_files, revision=hp.revision)
         return train, val, hp.path
+
+    def _check(self, rows) -> None:
+        # Conversational pairs, checked in file order (the split's row numbers are shuffled).
+        if self.hparams.schema not in ("auto", "chat") or not is_chat(rows) or not hasattr(rows, "__len__"):
+            return
+        template, path = template_of(self.tokenizer), self.hparams.path
+        where = "line" if str(path).endswith(".jsonl") else "row"
+        for i, row in enumerate(rows):
+            try:
+                chat_pair_texts(row, self.tokenizer, template, f"{path}: {where} {i + 1}")
+            except ValueError:
+                if self.hparams.on_bad_row == "error":
+                    raise
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
+from lit_rlhf.data.chat import as_messages, is_conversation, render, template_of
 from lit_rlhf.data.formats import TextFormatter, load_train_val, rank_and_world
 
 DEMO = "demo"
@@ -96,13 +97,16 @@ class PromptDataModule(L.LightningDataModule):
         demo_max_words: int = 8,
         seed: int = 0,
         revision: str | None = None,
+        chat: bool | None = None,
         tokenizer=None,
     ) -> None:
         """
         Args:
             path: ``"demo"`` (first words of the demo reviews, like the IMDB experiment), a
                 hub dataset name, or local json/jsonl/csv/parquet file(s) or directory.
-            prompt_field: row field holding the prompt, when no template is given.
+            prompt_field: row field holding the prompt, when no template is given: text, or a
+                list of messages rendered by the tokenizer's chat template with the
+                generation prompt (the response is the assistant's turn).
             template: ``str.format`` pattern over row fields, e.g.
                 ``"Question: {question}\\n\\nAnswer: "``.
             max_prompt_length: prompts with more tokens are filtered out (and counted).
@@ -119,6 +123,8 @@ class PromptDataModule(L.LightningDataModule):
             demo_max_words: ... and at most this many.
             seed: shuffling seed.
             revision: hub dataset revision.
+            chat: render prompts with the tokenizer's chat template (a text prompt becomes one
+                user message); None: when the prompts are message lists.
             tokenizer: the policy's tokenizer; linked from the module by the CLI.
         """
         super().__init__()
@@ -131,6 +137,7 @@ class PromptDataModule(L.LightningDataModule):
         self.train_prompts: list[tuple[str, list[int]]] | None = None
         self.val_prompts: list[tuple[str, list[int]]] | None = None
         self.stats: dict[str, int] = {}
+        self.chat = False  # conversational prompts, rendered by the chat template
 
     def _texts(self) -> tuple[list[str], list[str], str]:
         hp = self.hparams
@@ -149,6 +156,16 @@ class PromptDataModule(L.LightningDataModule):
         formatter.check_columns(rows.column_names, f"{hp.path} [{hp.train_split}]")
         if hp.val_split is not None:
             val_rows = val_rows.select(range(min(hp.val_size, len(val_rows))))
+        first = next(iter(rows), None)
+        chat = hp.chat if hp.chat is not None else first is not None and is_conversation(first[hp.prompt_field])
+        if hp.template is None and chat:
+            # Conversational prompts: rendered by the chat template, ending in the header
+            # that opens the assistant's turn (the response is that turn).
+            self.chat, template = True, template_of(self.tokenizer)
+            field = hp.prompt_field
+            return tuple([render(self.tokenizer, as_messages(r[field], f"{hp.path} row {i}: field {field!r}"),
+                                 template, add_generation_prompt=True) for i, r in enumerate(split)]
+                         for split in (rows, val_rows)) + (hp.path,)
         return [formatter(r) for r in rows], [formatter(r) for r in val_rows], hp.path
 
     def _tokenize(self, texts: list[str], split: str, source: str) -> list[tuple[str, list[int]]]:
@@ -156,7 +173,8 @@ class PromptDataModule(L.LightningDataModule):
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text:
                 raise ValueError(f"{source} [{split}] row {i}: empty or non-string prompt")
-        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        # A rendered conversation holds its own special tokens (the template's BOS): add none.
+        ids = self.tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
         kept = [(t, i) for t, i in zip(texts, ids) if len(i) <= limit]
         self.stats[f"{split}_prompts"] = len(kept)
         self.stats[f"{split}_too_long"] = len(texts) - len(kept)

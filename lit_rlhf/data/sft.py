@@ -6,7 +6,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lit_rlhf.data.formats import TextFormatter, load_rows, load_train_val
+from lit_rlhf.data.chat import template_of
+from lit_rlhf.data.formats import ConversationFormatter, TextFormatter, conversation_kind, load_rows, load_train_val
 from lit_rlhf.data.packing import ConstantLengthDataset, pack_collate
 
 DEMO = "demo"
@@ -38,6 +39,8 @@ class SFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         revision: str | None = None,
+        messages_field: str = "messages",
+        assistant_only_loss: bool = True,
         tokenizer=None,
     ) -> None:
         """
@@ -61,6 +64,11 @@ class SFTDataModule(L.LightningDataModule):
             num_workers: dataloader workers per device.
             seed: shuffling and split seed.
             revision: hub dataset revision.
+            messages_field: the field of conversational rows (a list of ``{role, content}``
+                messages), rendered with the tokenizer's chat template. Rows of ``prompt`` +
+                ``completion`` message lists (or a text prompt) are conversational too.
+            assistant_only_loss: conversational rows are trained on their assistant turns
+                only (end-of-turn tokens included); False trains on every token.
             tokenizer: the model's tokenizer; linked from the module by the CLI.
         """
         super().__init__()
@@ -88,6 +96,12 @@ class SFTDataModule(L.LightningDataModule):
         return train, val, hp.path
 
     def _check(self, rows, source: str) -> None:
+        # Conversational rows are recognised from the columns and the first row's values.
+        hp = self.hparams
+        kind = conversation_kind(rows, hp.messages_field) if hp.template is None else None
+        if kind is not None:
+            self.formatter = ConversationFormatter(kind, hp.messages_field, need_assistant=hp.assistant_only_loss)
+            template_of(self.tokenizer)  # no template: one line now, not at the first batch
         self.formatter.check_columns(rows.column_names, source)
         self.formatter.check_rows(rows, source)
 
@@ -100,11 +114,14 @@ class SFTDataModule(L.LightningDataModule):
         train, val, source = self._splits()
         for rows, split in ((train, "train"), (val, "val")):
             self.formatter.check_columns(rows.column_names, f"{source} [{split}]")
+        conversational = isinstance(self.formatter, ConversationFormatter)
         common = dict(
             tokenizer=self.tokenizer,
             seq_length=hp.seq_length,
             format_fn=self.formatter,
-            completion_only=self.formatter.completion_only,
+            completion_only=not conversational and self.formatter.completion_only,
+            conversational=conversational,
+            assistant_only=hp.assistant_only_loss,
         )
         self.train_set = ConstantLengthDataset(
             train, infinite=hp.streaming, shuffle_buffer=hp.shuffle_buffer, seed=hp.seed, **common

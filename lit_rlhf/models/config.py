@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from lit_rlhf.models.sources import registered_arch, resolve_path
+from lit_rlhf.models.templates import resolve_template
 
 Quantization = Literal["none", "8bit", "4bit-nf4", "4bit-fp4"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -77,6 +78,9 @@ class ModelConfig:
     """Run code shipped with a hub model. Off by default: it executes arbitrary code."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load."""
+    chat_template: str | None = None
+    """For conversational data: a built-in template (``chatml``, ``chatml-system``, ``llama3``) or a
+    Jinja file, replacing the tokenizer's own; None keeps the tokenizer's."""
     seed: int = 0
     """Seed of the random init (``arch``), identical on every rank."""
 
@@ -91,6 +95,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, str) and looks_local(value) and not Path(value).expanduser().exists():
                 raise FileNotFoundError(f"model.{name}: no such directory {value!r}")
+        if self.chat_template is not None:
+            resolve_template(self.chat_template)  # a name or file that exists, checked now
         if isinstance(self.lora, dict):  # when built from plain Python rather than the CLI
             self.lora = LoraSettings(**self.lora)
         if self.quantization != "none" and self.lora is None:

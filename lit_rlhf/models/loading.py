@@ -15,13 +15,16 @@ from torch import nn
 
 from lit_rlhf.models.config import ModelConfig, Task
 from lit_rlhf.models.sources import resolve_path
+from lit_rlhf.models.templates import resolve_template
 
 
-def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
     """Load a tokenizer (hub id, local dir or registered name) and make sure it can pad.
 
     Tokenizers without a pad token (GPT-2, Llama) pad with EOS; one without EOS cannot
-    mark where documents end, so it is refused.
+    mark where documents end, so it is refused. ``chat_template`` (a built-in name or a
+    Jinja file, see :mod:`lit_rlhf.models.templates`) replaces the tokenizer's own template;
+    ``save_pretrained`` then writes it with the model.
     """
     from transformers import AutoTokenizer
 
@@ -30,6 +33,8 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
         raise ValueError(f"tokenizer {spec!r} has no EOS token: packing and generation need one")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = resolve_template(chat_template)
     return tokenizer
 
 

@@ -131,7 +131,8 @@ class HFModule(L.LightningModule):
         self.lm_config = as_config(ModelConfig, lm)
         self.optim_config = as_config(OptimConfig, optim) or OptimConfig()
         lm = self.lm_config
-        self.tokenizer = load_tokenizer(lm.tokenizer, trust_remote_code=lm.trust_remote_code)
+        self.tokenizer = load_tokenizer(lm.tokenizer, trust_remote_code=lm.trust_remote_code,
+                                        chat_template=lm.chat_template)
         # The model's config.json only (no weights): checks against it fail here, not at load.
         self.architecture = lm.architecture(self.tokenizer)
         attention_for(lm, self.architecture, self.task)  # an implementation the class refuses

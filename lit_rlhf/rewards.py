@@ -21,7 +21,14 @@ from lit_rlhf.models.config import looks_local
 
 
 class RewardFunction:
-    """Base class: score each prompt + response; move to a device when asked."""
+    """Base class: score each prompt + response; move to a device when asked.
+
+    Prompts arrive as text (rendered by the chat template for conversational data). A
+    subclass that sets ``wants_messages = True`` gets conversational prompts as their
+    message lists instead (text prompts stay text).
+    """
+
+    wants_messages = False
 
     def to(self, device: torch.device) -> RewardFunction:
         return self

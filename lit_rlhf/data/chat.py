@@ -115,3 +115,17 @@ def split_pair(chosen: list[dict], rejected: list[dict], prompt: list[dict] | No
     if n == 0:
         raise ValueError(f"{where}: chosen and rejected share no leading messages (give a prompt field)")
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+def drop_oldest_turns(prompt: list[dict], fits) -> tuple[list[dict], int] | None:
+    """The shortest cut of ``prompt`` for which ``fits(prompt)`` holds: its oldest messages
+    are dropped first, except a leading system message and the last message (the turn being
+    answered), which stay. Returns (prompt, number of messages dropped), or None if even the
+    shortest prompt does not fit."""
+    system = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
+    rest = prompt[len(system):]
+    for dropped in range(len(rest)):
+        candidate = system + rest[dropped:]
+        if fits(candidate):
+            return candidate, dropped
+    return None

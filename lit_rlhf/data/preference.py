@@ -29,7 +29,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lit_rlhf.data.chat import as_messages, check_messages, is_conversation, render, split_pair, template_of
+from lit_rlhf.data.chat import (
+    as_messages,
+    check_messages,
+    drop_oldest_turns,
+    is_conversation,
+    render,
+    split_pair,
+    template_of,
+)
 from lit_rlhf.data.formats import load_rows, load_train_val, rank_and_world
 
 Schema = Literal["auto", "explicit", "implicit", "stack_exchange", "chat"]
@@ -59,13 +67,29 @@ def is_chat(rows) -> bool:
     return first is not None and is_conversation(first["chosen"])
 
 
-def chat_pair_texts(row: dict, tokenizer, template: str, where: str) -> tuple[str, str]:
-    """(chosen, rejected) conversations rendered as text, both with the same prompt."""
+def chat_pair_texts(row: dict, tokenizer, template: str, where: str, max_length: int | None = None
+                    ) -> tuple[str, str, int]:
+    """(chosen, rejected) conversations rendered as text, both with the same prompt, and how
+    many of the prompt's oldest messages were dropped so that both fit ``max_length`` tokens
+    (None: no limit). The answers are never cut; a pair that does not fit even with the
+    shortest prompt is returned whole (and dropped or cut as any too-long pair)."""
     prompt = as_messages(row["prompt"], f"{where}: field 'prompt'") if row.get("prompt") is not None else None
     chosen = check_messages(row["chosen"], f"{where}: field 'chosen'")
     rejected = check_messages(row["rejected"], f"{where}: field 'rejected'")
     prompt, chosen, rejected = split_pair(chosen, rejected, prompt, where)
-    return render(tokenizer, prompt + chosen, template), render(tokenizer, prompt + rejected, template)
+
+    def texts(p: list[dict]) -> tuple[str, str]:
+        return render(tokenizer, p + chosen, template), render(tokenizer, p + rejected, template)
+
+    def fits(p: list[dict]) -> bool:
+        return all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= max_length for t in texts(p))
+
+    dropped = 0
+    if max_length is not None and not fits(prompt):
+        shortened = drop_oldest_turns(prompt, fits)
+        if shortened is not None:
+            prompt, dropped = shortened
+    return (*texts(prompt), dropped)
 
 
 def pair_texts(row: dict, schema: str) -> tuple[str, str]:
@@ -122,12 +146,17 @@ class PairDataset(Dataset):
             raise ValueError(f"{source}: missing column(s) {missing} for schema {self.schema!r}; columns are {list(columns)}")
         self.pairs: list[tuple[list[int], list[int], float]] = []
         self.stats = {"pairs": 0, "truncated": 0, "dropped_too_long": 0, "skipped_bad": 0}
+        if chat:
+            self.stats["prompt_turns_dropped"] = 0
         good_rows, texts = [], []
         for i, row in enumerate(rows):
             problem, pair = row_problem(row, self.schema) if not chat else None, None
             if chat:
                 try:
-                    pair = chat_pair_texts(row, tokenizer, template, f"{source} row {i}")
+                    # too_long: truncate drops the prompt's oldest turns before any cut.
+                    *pair, dropped = chat_pair_texts(row, tokenizer, template, f"{source} row {i}",
+                                                     max_length if too_long == "truncate" else None)
+                    self.stats["prompt_turns_dropped"] += dropped
                 except ValueError as err:
                     problem = str(err).removeprefix(f"{source} row {i}: ")
             if problem is not None:

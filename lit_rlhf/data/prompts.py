@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_rlhf.data.chat import as_messages, is_conversation, render, template_of
+from lit_rlhf.data.chat import as_messages, drop_oldest_turns, is_conversation, render, template_of
 from lit_rlhf.data.formats import TextFormatter, load_train_val, rank_and_world
 
 DEMO = "demo"
@@ -26,10 +26,15 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def collate_prompts(items: list[tuple[str, list[int]]], pad_id: int) -> dict:
-    """-> ``{"input_ids", "attention_mask": (B, T) left-padded, "prompt": list[str]}``."""
-    ids, mask = left_pad([t for _, t in items], pad_id)
-    return {"input_ids": ids, "attention_mask": mask, "prompt": [p for p, _ in items]}
+def collate_prompts(items: list[tuple], pad_id: int) -> dict:
+    """``(text, ids)`` or ``(text, ids, messages)`` items -> ``{"input_ids", "attention_mask":
+    (B, T) left-padded, "prompt": list[str]}``, plus ``"messages"`` (the conversations the
+    texts were rendered from) when every item has them."""
+    ids, mask = left_pad([item[1] for item in items], pad_id)
+    batch = {"input_ids": ids, "attention_mask": mask, "prompt": [item[0] for item in items]}
+    if items and all(len(item) > 2 and item[2] is not None for item in items):
+        batch["messages"] = [item[2] for item in items]
+    return batch
 
 
 class PromptStream(IterableDataset):
@@ -134,10 +139,12 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"data.max_prompt_length must be >= 1, got {max_prompt_length}")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        self.train_prompts: list[tuple[str, list[int]]] | None = None
-        self.val_prompts: list[tuple[str, list[int]]] | None = None
+        # (text, token ids, messages or None) per prompt
+        self.train_prompts: list[tuple] | None = None
+        self.val_prompts: list[tuple] | None = None
         self.stats: dict[str, int] = {}
         self.chat = False  # conversational prompts, rendered by the chat template
+        self.messages: dict[str, list[dict]] = {}  # rendered prompt -> its messages
 
     def _texts(self) -> tuple[list[str], list[str], str]:
         hp = self.hparams
@@ -162,9 +169,26 @@ class PromptDataModule(L.LightningDataModule):
             # Conversational prompts: rendered by the chat template, ending in the header
             # that opens the assistant's turn (the response is that turn).
             self.chat, template = True, template_of(self.tokenizer)
-            field = hp.prompt_field
-            return tuple([render(self.tokenizer, as_messages(r[field], f"{hp.path} row {i}: field {field!r}"),
-                                 template, add_generation_prompt=True) for i, r in enumerate(split)]
+            self.stats["prompt_turns_dropped"] = 0
+
+            def text(messages: list[dict]) -> str:
+                return render(self.tokenizer, messages, template, add_generation_prompt=True)
+
+            def fits(messages: list[dict]) -> bool:
+                return len(self.tokenizer(text(messages), add_special_tokens=False)["input_ids"]) <= hp.max_prompt_length
+
+            def prompt(row: dict, where: str) -> str:
+                messages = as_messages(row[hp.prompt_field], f"{where}: field {hp.prompt_field!r}")
+                # Too long: the oldest turns go first (the system message and the last turn
+                # stay); what still does not fit is filtered out below, and counted.
+                if not fits(messages) and (shorter := drop_oldest_turns(messages, fits)) is not None:
+                    messages, dropped = shorter
+                    self.stats["prompt_turns_dropped"] += dropped
+                rendered = text(messages)
+                self.messages[rendered] = messages  # for reward functions that want messages
+                return rendered
+
+            return tuple([prompt(r, f"{hp.path} row {i}") for i, r in enumerate(split)]
                          for split in (rows, val_rows)) + (hp.path,)
         return [formatter(r) for r in rows], [formatter(r) for r in val_rows], hp.path
 
@@ -175,7 +199,7 @@ class PromptDataModule(L.LightningDataModule):
                 raise ValueError(f"{source} [{split}] row {i}: empty or non-string prompt")
         # A rendered conversation holds its own special tokens (the template's BOS): add none.
         ids = self.tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
-        kept = [(t, i) for t, i in zip(texts, ids) if len(i) <= limit]
+        kept = [(t, i, self.messages.get(t)) for t, i in zip(texts, ids) if len(i) <= limit]
         self.stats[f"{split}_prompts"] = len(kept)
         self.stats[f"{split}_too_long"] = len(texts) - len(kept)
         if not kept:

@@ -246,7 +246,7 @@ class OnlineRLModule(HFModule):
         responses = self.decode(rollout)
         t1 = time.perf_counter()
         # 2. rewards: shaped scores, and per-token rewards with the KL penalty
-        scores = self.score(batch["prompt"], responses, rollout)
+        scores = self.score(self.prompts_for(self.reward_fn, batch), responses, rollout)
         mask = rollout.response_mask.float()
         rewards, kl, non_score = compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask,
                                                  self.kl_ctl.value, self.kl_config.estimator)
@@ -349,7 +349,14 @@ class OnlineRLModule(HFModule):
         with self.policy.lm.disable_adapter():
             return evaluate_actions(self.policy, rollout, self.sampling.temperature, with_values=False)[0]
 
-    def score(self, prompts: list[str], responses: list[str], rollout: Rollout) -> torch.Tensor:
+    @staticmethod
+    def prompts_for(reward_fn, batch: dict) -> list:
+        """The batch's prompts as ``reward_fn`` wants them: text, or message lists."""
+        if getattr(reward_fn, "wants_messages", False) and "messages" in batch:
+            return batch["messages"]
+        return batch["prompt"]
+
+    def score(self, prompts: list, responses: list[str], rollout: Rollout) -> torch.Tensor:
         """(B,) shaped scores: reward function, baseline, clip, missing-EOS penalty."""
         raw = self.reward_fn(prompts, responses)
         raw = torch.as_tensor(raw, dtype=torch.float32)
@@ -469,9 +476,10 @@ class OnlineRLModule(HFModule):
         responses = self.decode(rollout)
         mask = rollout.response_mask.float()
         n = len(responses)
-        self.val_score.update(torch.as_tensor(self.reward_fn(batch["prompt"], responses), dtype=torch.float32).mean(), n)
+        self.val_score.update(torch.as_tensor(self.reward_fn(self.prompts_for(self.reward_fn, batch), responses),
+                                              dtype=torch.float32).mean(), n)
         if self.judge is not None:
-            judged = torch.as_tensor(self.judge(batch["prompt"], responses), dtype=torch.float32)
+            judged = torch.as_tensor(self.judge(self.prompts_for(self.judge, batch), responses), dtype=torch.float32)
             self.val_judge.update(judged.mean(), n)
         self.val_kl.update(((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1).mean(), n)
         self.val_length.update(mask.sum(-1).mean(), n)

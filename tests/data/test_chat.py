@@ -203,3 +203,102 @@ def test_every_stage_trains_from_conversational_files_through_the_cli(cli, tmp_p
     saved = run / ("export" if stage == "rm" else "adapter")
     # The template travels with what the run exports.
     assert (saved / "chat_template.jinja").read_text() == TEMPLATES[template]
+
+
+def test_drop_oldest_turns_keeps_the_system_message_and_the_last_turn():
+    from lit_rlhf.data.chat import drop_oldest_turns
+
+    system = {"role": "system", "content": "S"}
+    turns = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+             {"role": "user", "content": "u2"}]
+    assert drop_oldest_turns([system, *turns], lambda p: len(p) <= 3) == ([system, *turns[1:]], 1)
+    assert drop_oldest_turns([system, *turns], lambda p: len(p) <= 2) == ([system, turns[2]], 2)
+    assert drop_oldest_turns([system, *turns], lambda p: len(p) <= 1) is None  # the last turn stays
+
+
+def long_chat_pairs(n: int = 12) -> list[dict]:
+    history = []
+    for k in range(6):
+        history += [{"role": "user", "content": f"Earlier question {k} about an old film or two."},
+                    {"role": "assistant", "content": f"Earlier answer {k}, rather long for the sake of it."}]
+    return [{"chosen": [*history, {"role": "user", "content": f"And film {i}?"},
+                        {"role": "assistant", "content": "Wonderful and moving."}],
+             "rejected": [*history, {"role": "user", "content": f"And film {i}?"},
+                          {"role": "assistant", "content": "Dull."}]} for i in range(n)]
+
+
+def test_too_long_chat_pairs_lose_their_oldest_turns_not_their_answers(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    from lit_rlhf.data.preference import PairDataset
+
+    tokenizer.chat_template = TEMPLATES["chatml"]
+    try:
+        rows = Dataset.from_list(long_chat_pairs())
+        full = PairDataset(rows, tokenizer, max_length=10_000)
+        limit = max(full.lengths()) // 2
+        cut = PairDataset(rows, tokenizer, max_length=limit, too_long="truncate")
+    finally:
+        tokenizer.chat_template = None
+    assert full.stats["prompt_turns_dropped"] == 0
+    assert cut.stats["pairs"] == 12 and cut.stats["prompt_turns_dropped"] > 0 and cut.stats["truncated"] == 0
+    for chosen, rejected, _ in cut.pairs:
+        assert max(len(chosen), len(rejected)) <= limit
+        text = tokenizer.decode(chosen)
+        assert text.endswith("Wonderful and moving.<|im_end|>\n") and "Earlier question 0 " not in text
+
+
+def test_too_long_chat_prompts_lose_their_oldest_turns(tmp_path, tokenizer):
+    from lit_rlhf.data import PromptDataModule
+
+    rows = [{"prompt": pair["chosen"][:-1]} for pair in long_chat_pairs(40)]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    tokenizer.chat_template = TEMPLATES["chatml"]
+    try:
+        dm = PromptDataModule(path=str(path), max_prompt_length=60, val_size=4, batch_size=4, tokenizer=tokenizer)
+        dm.setup("fit")
+    finally:
+        tokenizer.chat_template = None
+    assert dm.stats["train_prompts"] == 36 and dm.stats["train_too_long"] == 0
+    assert dm.stats["prompt_turns_dropped"] > 0
+    for text, ids, messages in dm.train_prompts:
+        assert len(ids) <= 60 and text.endswith("<|im_start|>assistant\n") and "Earlier question 0 " not in text
+        assert messages[-1]["content"].startswith("And film")  # the turn being answered stays
+
+
+class _Recorder:
+    """A reward function that asks for the prompts' messages and records what it gets."""
+
+    wants_messages = True
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, prompts, responses):
+        import torch
+
+        self.seen.append(prompts)
+        return torch.zeros(len(responses))
+
+
+def test_reward_functions_that_ask_get_the_prompt_messages(tmp_path):
+    import lightning as L
+
+    from lit_rlhf.data import PromptDataModule
+    from lit_rlhf.modules import PPOModule
+    from lit_rlhf.models import ModelConfig
+    from lit_rlhf.modules.online import SamplingConfig
+    from lit_rlhf.modules.ppo import PPOConfig
+    from tests.conftest import TINY_LLAMA
+
+    path = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(24))
+    reward = _Recorder()
+    module = PPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo", chat_template="chatml"), reward,
+                       rollout_batch_size=4, ppo=PPOConfig(mini_batch_size=4, ppo_epochs=1),
+                       sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4))
+    data = PromptDataModule(path=str(path), batch_size=4, val_size=4, max_prompt_length=128, tokenizer=module.tokenizer)
+    L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(module, data)
+    [prompts] = reward.seen
+    assert len(prompts) == 4 and all(p[0]["role"] == "system" and p[1]["role"] == "user" for p in prompts)
+    assert all(p[1]["content"].startswith("Review film") for p in prompts)

@@ -133,6 +133,7 @@ class PairDataset(Dataset):
         on_bad_row: Literal["error", "skip"] = "error",
         margin_field: str | None = None,
         source: str = "data",
+        chat_truncation: Literal["turns", "left"] = "turns",
     ) -> None:
         columns = rows.column_names
         if schema == "auto":
@@ -154,8 +155,9 @@ class PairDataset(Dataset):
             if chat:
                 try:
                     # too_long: truncate drops the prompt's oldest turns before any cut.
+                    turns = too_long == "truncate" and chat_truncation == "turns"
                     *pair, dropped = chat_pair_texts(row, tokenizer, template, f"{source} row {i}",
-                                                     max_length if too_long == "truncate" else None)
+                                                     max_length if turns else None)
                     self.stats["prompt_turns_dropped"] += dropped
                 except ValueError as err:
                     problem = str(err).removeprefix(f"{source} row {i}: ")
@@ -174,7 +176,9 @@ class PairDataset(Dataset):
                 if too_long == "drop":
                     self.stats["dropped_too_long"] += 1
                     continue
-                chosen, rejected = chosen[:max_length], rejected[:max_length]
+                # A conversation keeps its end (the answers), text its start.
+                cut = slice(-max_length, None) if chat else slice(max_length)
+                chosen, rejected = chosen[cut], rejected[cut]
                 self.stats["truncated"] += 1
                 if chosen == rejected:  # truncation cut away the only difference
                     self.stats["dropped_too_long"] += 1
@@ -306,6 +310,7 @@ class PreferenceDataModule(L.LightningDataModule):
         schema: Schema = "auto",
         max_length: int = 512,
         too_long: Literal["drop", "truncate"] = "drop",
+        chat_truncation: Literal["turns", "left"] = "turns",
         on_bad_row: Literal["error", "skip"] = "error",
         margin_field: str | None = None,
         batch_size: int = 4,
@@ -328,7 +333,12 @@ class PreferenceDataModule(L.LightningDataModule):
             schema: ``explicit``, ``implicit``, ``stack_exchange``, ``chat``, or ``auto`` (by columns
                 and, for ``chat``, message lists in the first row).
             max_length: longest tokenized side of a pair.
-            too_long: ``drop`` pairs with a side over ``max_length``, or ``truncate`` them.
+            too_long: ``drop`` pairs with a side over ``max_length``, or ``truncate`` them: text
+                keeps its first ``max_length`` tokens; a conversation first loses the prompt's
+                oldest turns (``chat_truncation: turns``), then tokens from the left, so the
+                answers are never cut.
+            chat_truncation: ``turns`` (drop the oldest prompt turns first) or ``left`` (cut
+                tokens from the left only).
             on_bad_row: ``error`` on an empty/non-string/identical pair, naming the row, or
                 ``skip`` it (counted and logged).
             margin_field: column with a per-pair margin for the loss; None for no margin.
@@ -393,6 +403,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if hp.max_train_pairs is not None:
             train = train.select(range(min(hp.max_train_pairs, len(train))))
         common = dict(schema=hp.schema, max_length=hp.max_length, too_long=hp.too_long,
+                      chat_truncation=hp.chat_truncation,
                       on_bad_row=hp.on_bad_row, margin_field=hp.margin_field)
         self.train_set = PairDataset(train, self.tokenizer, source=f"{source} [train]", **common)
         self.val_set = PairDataset(val, self.tokenizer, source=f"{source} [val]", **common)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import lightning as L
 import torch
@@ -103,6 +104,7 @@ class PromptDataModule(L.LightningDataModule):
         seed: int = 0,
         revision: str | None = None,
         chat: bool | None = None,
+        chat_truncation: Literal["turns", "left"] = "turns",
         tokenizer=None,
     ) -> None:
         """
@@ -130,6 +132,10 @@ class PromptDataModule(L.LightningDataModule):
             revision: hub dataset revision.
             chat: render prompts with the tokenizer's chat template (a text prompt becomes one
                 user message); None: when the prompts are message lists.
+            chat_truncation: a conversational prompt over ``max_prompt_length`` first loses its
+                oldest turns (``turns``; the system message and the last turn stay) and is
+                filtered out if still too long, or keeps its last ``max_prompt_length`` tokens
+                (``left``).
             tokenizer: the policy's tokenizer; linked from the module by the CLI.
         """
         super().__init__()
@@ -181,7 +187,8 @@ class PromptDataModule(L.LightningDataModule):
                 messages = as_messages(row[hp.prompt_field], f"{where}: field {hp.prompt_field!r}")
                 # Too long: the oldest turns go first (the system message and the last turn
                 # stay); what still does not fit is filtered out below, and counted.
-                if not fits(messages) and (shorter := drop_oldest_turns(messages, fits)) is not None:
+                if (hp.chat_truncation == "turns" and not fits(messages)
+                        and (shorter := drop_oldest_turns(messages, fits)) is not None):
                     messages, dropped = shorter
                     self.stats["prompt_turns_dropped"] += dropped
                 rendered = text(messages)
@@ -199,6 +206,15 @@ class PromptDataModule(L.LightningDataModule):
                 raise ValueError(f"{source} [{split}] row {i}: empty or non-string prompt")
         # A rendered conversation holds its own special tokens (the template's BOS): add none.
         ids = self.tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
+        if self.chat and self.hparams.chat_truncation == "left":
+            # The end of the prompt holds the turn to answer and the generation prompt: keep it.
+            self.stats[f"{split}_cut_left"] = 0
+            for k, (text, prompt_ids) in enumerate(zip(texts, ids)):
+                if len(prompt_ids) > limit:
+                    ids[k] = prompt_ids[-limit:]
+                    texts[k] = self.tokenizer.decode(ids[k])
+                    self.messages[texts[k]] = self.messages.get(text)
+                    self.stats[f"{split}_cut_left"] += 1
         kept = [(t, i, self.messages.get(t)) for t, i in zip(texts, ids) if len(i) <= limit]
         self.stats[f"{split}_prompts"] = len(kept)
         self.stats[f"{split}_too_long"] = len(texts) - len(kept)

@@ -302,3 +302,26 @@ def test_reward_functions_that_ask_get_the_prompt_messages(tmp_path):
     [prompts] = reward.seen
     assert len(prompts) == 4 and all(p[0]["role"] == "system" and p[1]["role"] == "user" for p in prompts)
     assert all(p[1]["content"].startswith("Review film") for p in prompts)
+
+
+def test_left_truncation_keeps_the_end_of_chat_pairs_and_prompts(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    from lit_rlhf.data import PromptDataModule
+    from lit_rlhf.data.preference import PairDataset
+
+    tokenizer.chat_template = TEMPLATES["chatml"]
+    try:
+        rows = Dataset.from_list(long_chat_pairs())
+        pairs = PairDataset(rows, tokenizer, max_length=40, too_long="truncate", chat_truncation="left")
+        path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["chosen"][:-1]} for p in long_chat_pairs(40)])
+        dm = PromptDataModule(path=str(path), max_prompt_length=30, val_size=4, batch_size=4,
+                              chat_truncation="left", tokenizer=tokenizer)
+        dm.setup("fit")
+    finally:
+        tokenizer.chat_template = None
+    assert pairs.stats["truncated"] == 12 and pairs.stats["prompt_turns_dropped"] == 0
+    assert all(tokenizer.decode(c).endswith("Wonderful and moving.<|im_end|>\n") for c, _, _ in pairs.pairs)
+    assert dm.stats["train_cut_left"] == 36 and dm.stats["train_prompts"] == 36
+    assert all(len(ids) == 30 and text.endswith("<|im_start|>assistant\n") for text, ids, _ in dm.train_prompts)
+    assert all(messages is not None for _, _, messages in dm.train_prompts)  # still known to reward functions

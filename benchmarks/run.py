@@ -341,6 +341,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's dense bf16 peak, for MFU on a GPU missing from PEAK_BF16_TFLOPS")
     parser.add_argument("--one", nargs=2, metavar=("STAGE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--in-process", action="store_true",
+                        help="for smoke tests: run the jobs in this process (faster; peak memory is then "
+                             "cumulative, not per stage)")
     opts = parser.parse_args()
     if opts.one:
         print(json.dumps(run_one(opts.workload, *opts.one, opts.steps_override, opts.peak_tflops)))
@@ -358,11 +361,14 @@ def main() -> None:
         print(f"[bench] {stage} {precision}", file=sys.stderr, flush=True)
         extra = [f"--steps-override={opts.steps_override}"] if opts.steps_override else []
         extra += [f"--peak-tflops={opts.peak_tflops}"] if opts.peak_tflops else []
-        proc = subprocess.run([sys.executable, __file__, "--workload", opts.workload, "--out", "-", *extra,
-                               "--one", stage, precision], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.exit(f"{stage} {precision} failed:\n{proc.stderr[-3000:]}")
-        figures = json.loads(proc.stdout.strip().splitlines()[-1])
+        if opts.in_process:
+            figures = run_one(opts.workload, stage, precision, opts.steps_override, opts.peak_tflops)
+        else:  # one process per job: each stage's peak memory is its own
+            proc = subprocess.run([sys.executable, __file__, "--workload", opts.workload, "--out", "-", *extra,
+                                   "--one", stage, precision], capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                sys.exit(f"{stage} {precision} failed:\n{proc.stderr[-3000:]}")
+            figures = json.loads(proc.stdout.strip().splitlines()[-1])
         suffix = "_bf16" if precision == "bf16-mixed" else ""
         results.update({k + suffix: _rounded(v) for k, v in figures.items()})
     results["wall_s"] = round(time.perf_counter() - start, 1)

@@ -23,7 +23,7 @@ def _run(tmp_path, *args) -> dict:
 @pytest.mark.slow
 def test_tiny_cpu_workload_writes_every_figure(tmp_path):
     # The tiny-cpu workload's code on tiny shapes (the real shapes take minutes in bf16 on CPU).
-    results = _run(tmp_path, "--workload", "tiny-cpu-smoke", "--steps-override", "1,1")
+    results = _run(tmp_path, "--workload", "tiny-cpu-smoke", "--steps-override", "1,1", "--in-process")
     for suffix in ("", "_bf16"):
         for name in ("sft_tokens_per_s", "rm_pairs_per_s", "ppo_episodes_per_s", "ppo_generate_tokens_per_s",
                      "sft_peak_memory_mb", "rm_peak_memory_mb", "ppo_peak_memory_mb"):
@@ -32,7 +32,7 @@ def test_tiny_cpu_workload_writes_every_figure(tmp_path):
 
 def test_gpu_workload_code_runs_on_tiny_shapes(tmp_path):
     # The GPU workload's own code (MFU, 4-bit + LoRA PPO memory) on shapes a CPU runs in seconds.
-    results = _run(tmp_path, "--workload", "gpu-tiny", "--steps-override", "1,1", "--peak-tflops", "1")
+    results = _run(tmp_path, "--workload", "gpu-tiny", "--steps-override", "1,1", "--peak-tflops", "1", "--in-process")
     assert results["sft_tokens_per_s_bf16"] > 0
     assert results["sft_mfu_bf16"] == pytest.approx(results["sft_model_tflops_bf16"] / 1.0, rel=0.01)
     assert results["ppo_nf4_lora_peak_memory_mb_tiny_bf16"] > 0

@@ -9,7 +9,7 @@ One file per concept:
 * :mod:`~lit_rlhf.objectives.advantages`: advantage estimators (GAE);
 * :mod:`~lit_rlhf.objectives.policy`: clipped policy and value losses;
 * :mod:`~lit_rlhf.objectives.lm`: summed cross-entropy and the causal-LM loss;
-* :mod:`~lit_rlhf.objectives.preference`: the pairwise reward-model loss.
+* :mod:`~lit_rlhf.objectives.preference`: the pairwise reward-model loss and the DPO family.
 """
 
 from lit_rlhf.objectives.advantages import gae
@@ -28,7 +28,7 @@ from lit_rlhf.objectives.masked import (
     masked_whiten,
 )
 from lit_rlhf.objectives.policy import policy_loss, value_loss
-from lit_rlhf.objectives.preference import pairwise_loss
+from lit_rlhf.objectives.preference import dpo_loss, pairwise_loss
 from lit_rlhf.objectives.shaping import compute_rewards
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "causal_lm_loss",
     "compute_rewards",
     "cross_entropy_sum",
+    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
     "gae",

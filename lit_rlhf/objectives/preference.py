@@ -1,8 +1,9 @@
-"""Preference losses: the pairwise (Bradley-Terry) reward-model loss."""
+"""Preference losses: the pairwise (Bradley-Terry) reward-model loss, and the direct
+preference losses of the DPO family on sequence log-probs."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,3 +41,71 @@ def pairwise_loss(
     with torch.no_grad():
         accuracy = (diff > 0).float().mean()
     return PairStats(loss, accuracy, diff.detach().mean())
+
+
+DPOLossType = Literal["sigmoid", "ipo", "hinge"]
+
+
+class DPOStats(NamedTuple):
+    loss: torch.Tensor
+    """Scalar loss (mean over pairs, plus the NLL term if any)."""
+    reward_chosen: torch.Tensor
+    """(B,) implicit rewards ``beta * (logp_c - ref_c)``, detached."""
+    reward_rejected: torch.Tensor
+    """(B,) ``beta * (logp_r - ref_r)``, detached."""
+    accuracy: torch.Tensor
+    """Fraction of pairs with reward_chosen > reward_rejected strictly; ties count as wrong."""
+
+
+def dpo_loss(
+    logp_chosen: torch.Tensor,
+    logp_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    beta: float = 0.1,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+    nll_chosen: torch.Tensor | None = None,
+    nll_coef: float = 0.0,
+) -> DPOStats:
+    """Direct preference losses on the log-ratio margin
+    ``h = (logp_c - ref_c) - (logp_r - ref_r)`` of each pair.
+
+    * ``sigmoid`` (DPO, Rafailov et al. 2023): ``-(1 - ls) * logsigmoid(beta * h) - ls * logsigmoid(-beta * h)``,
+      ``ls`` = ``label_smoothing`` (conservative DPO: the label is wrong with probability ls);
+    * ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 * beta)) ** 2``;
+    * ``hinge`` (SLiC): ``relu(1 - beta * h)``.
+
+    Args:
+        logp_chosen, logp_rejected: (B,) policy log-probs of the responses (summed over
+            response tokens, or averaged for a length-normalised, SimPO-style variant).
+        ref_chosen, ref_rejected: (B,) the same under the reference; None for the
+            reference-free variant (``h = logp_c - logp_r``).
+        beta: > 0, the inverse temperature of the implicit reward.
+        nll_chosen: (B,) mean per-token NLL of the chosen responses, weighted by
+            ``nll_coef`` (RPO: DPO plus an SFT term on the chosen side).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen = logp_chosen.float() - (0.0 if ref_chosen is None else ref_chosen.float())
+    rejected = logp_rejected.float() - (0.0 if ref_rejected is None else ref_rejected.float())
+    h = chosen - rejected
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r} (sigmoid, ipo, hinge)")
+    loss = losses.mean()
+    if nll_coef:
+        if nll_chosen is None:
+            raise ValueError("nll_coef > 0 needs nll_chosen")
+        loss = loss + nll_coef * nll_chosen.float().mean()
+    with torch.no_grad():
+        reward_chosen, reward_rejected = beta * chosen.detach(), beta * rejected.detach()
+        accuracy = (reward_chosen > reward_rejected).float().mean()
+    return DPOStats(loss, reward_chosen, reward_rejected, accuracy)

@@ -53,6 +53,7 @@ class LitRLHFCLI(LightningCLI):
             return
         config = self.config[self.config.subcommand]
         path = config.get("ckpt_path")
+        path = None if path is None else str(path)
         if path is None or path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
             return  # Lightning's own names, resolved by the Trainer
         from lit_rlhf.modules.base import check_checkpoint
@@ -62,7 +63,7 @@ class LitRLHFCLI(LightningCLI):
         lm = lm.as_dict() if hasattr(lm, "as_dict") else lm
         if lm is not None and not isinstance(lm, dict):
             lm = dataclasses.asdict(lm) if dataclasses.is_dataclass(lm) else None
-        check_checkpoint(str(path), model.class_path, lm)
+        check_checkpoint(path, model.class_path, lm)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -6,13 +6,19 @@ One file per concept:
 * :mod:`~lit_rlhf.objectives.logprobs`: per-token log-probs and entropies from logits;
 * :mod:`~lit_rlhf.objectives.kl`: KL estimators (k1, abs, mse, k3) and coefficient controllers;
 * :mod:`~lit_rlhf.objectives.shaping`: per-token rewards (KL penalty + score at the last token);
-* :mod:`~lit_rlhf.objectives.advantages`: advantage estimators (GAE);
+* :mod:`~lit_rlhf.objectives.advantages`: advantage estimators (GAE; GRPO, RLOO, REINFORCE++ on groups);
 * :mod:`~lit_rlhf.objectives.policy`: clipped policy and value losses;
 * :mod:`~lit_rlhf.objectives.lm`: summed cross-entropy and the causal-LM loss;
 * :mod:`~lit_rlhf.objectives.preference`: the pairwise reward-model loss and the DPO family.
 """
 
-from lit_rlhf.objectives.advantages import gae
+from lit_rlhf.objectives.advantages import (
+    gae,
+    group_advantages,
+    reinforce_baseline_advantages,
+    rloo_advantages,
+    zero_std_groups,
+)
 from lit_rlhf.objectives.kl import AdaptiveKLController, FixedKLController, KLController, kl_penalty
 from lit_rlhf.objectives.lm import IGNORE_INDEX, causal_lm_loss, cross_entropy_sum
 from lit_rlhf.objectives.logprobs import (
@@ -43,6 +49,7 @@ __all__ = [
     "entropy_from_logits",
     "explained_variance",
     "gae",
+    "group_advantages",
     "kl_penalty",
     "logprobs_and_entropy",
     "logprobs_from_logits",
@@ -52,5 +59,8 @@ __all__ = [
     "masked_whiten",
     "pairwise_loss",
     "policy_loss",
+    "reinforce_baseline_advantages",
+    "rloo_advantages",
     "value_loss",
+    "zero_std_groups",
 ]

@@ -1,9 +1,18 @@
 """Advantage estimators: turn rewards into the per-token weights of the policy gradient.
 
-Today: GAE (Schulman et al. 2016), which needs a value function.
+* GAE (Schulman et al. 2016), which needs a value function (PPO);
+* critic-free estimators on groups of responses to the same prompt (one advantage per
+  response, the same for all its tokens): GRPO's group-normalised reward (Shao et al. 2024;
+  Dr. GRPO without the std), RLOO's leave-one-out baseline (Ahmadian et al. 2024) and
+  REINFORCE++'s group-mean baseline whitened over the batch (Hu 2025).
+
+Group layout everywhere: ``rewards`` is (B,) with ``B = n_prompts * group_size`` and the
+``group_size`` responses of one prompt next to each other (``rewards.view(-1, group_size)``).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -51,3 +60,52 @@ def gae(
         advantages[:, t] = running
     advantages = torch.where(m, advantages, 0)
     return advantages, advantages + v
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 2 or rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size} (>= 2)")
+    return rewards.float().view(-1, group_size)
+
+
+@torch.no_grad()
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO: ``(r - mean(group)) / (std + eps)``, (B,) -> (B,).
+
+    ``scale``: ``group`` divides by the group's std (GRPO), ``batch`` by the std of the whole
+    batch's rewards, ``none`` not at all (Dr. GRPO). Stds are unbiased (``torch.std``).
+    """
+    g = _groups(rewards, group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (g.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+    return centred.flatten()
+
+
+@torch.no_grad()
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each reward minus the mean of the *other* ``group_size - 1`` rewards of its group,
+    (B,) -> (B,); equals ``G / (G - 1) * (r - mean(group))``."""
+    g = _groups(rewards, group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).flatten()
+
+
+@torch.no_grad()
+def reinforce_baseline_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++ with baseline: ``r - mean(group)``, then whitened over the whole batch, (B,) -> (B,)."""
+    centred = (_groups(rewards, group_size) - _groups(rewards, group_size).mean(dim=1, keepdim=True)).flatten()
+    return (centred - centred.mean()) / (centred.std() + eps)
+
+
+@torch.no_grad()
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> int:
+    """Groups whose rewards are all equal: they carry no signal to any group estimator."""
+    g = _groups(rewards, group_size)
+    return int((g == g[:, :1]).all(dim=1).sum())

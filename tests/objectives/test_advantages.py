@@ -81,3 +81,53 @@ def test_gae_and_rewards_are_detached():
     logp = torch.randn(2, 3, requires_grad=True)
     out = compute_rewards(torch.zeros(2), logp, torch.zeros(2, 3), torch.ones(2, 3), 0.1)
     assert not out.rewards.requires_grad
+
+
+def test_group_estimators_hand_values():
+    from lit_rlhf.objectives.advantages import (
+        group_advantages,
+        reinforce_baseline_advantages,
+        rloo_advantages,
+        zero_std_groups,
+    )
+
+    # Two prompts, G = 3: rewards (1, 2, 3) and (5, 5, 5).
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    # Group 1: mean 2, unbiased std 1 -> (-1, 0, 1) / (1 + eps); group 2: all equal -> 0.
+    assert group_advantages(r, 3, eps=0.0)[:3].tolist() == pytest.approx([-1.0, 0.0, 1.0])
+    assert group_advantages(r, 3).tolist()[3:] == [0.0, 0.0, 0.0]
+    assert group_advantages(r, 3, scale="none").tolist() == pytest.approx([-1, 0, 1, 0, 0, 0])  # Dr. GRPO
+    batch_std = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]).std().item()
+    assert group_advantages(r, 3, scale="batch", eps=0.0).tolist() == pytest.approx(
+        [-1 / batch_std, 0, 1 / batch_std, 0, 0, 0])
+    # RLOO: 1 - mean(2, 3) = -1.5, 2 - 2 = 0, 3 - 1.5 = 1.5; = 3/2 * (r - mean).
+    assert rloo_advantages(r, 3).tolist() == pytest.approx([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0])
+    # REINFORCE++: centred (-1, 0, 1, 0, 0, 0), mean 0, unbiased std sqrt(2/5).
+    s = (2 / 5) ** 0.5
+    assert reinforce_baseline_advantages(r, 3).tolist() == pytest.approx([-1 / s, 0, 1 / s, 0, 0, 0], rel=1e-6)
+    assert zero_std_groups(r, 3) == 1
+
+
+def test_group_estimators_match_a_naive_loop():
+    from lit_rlhf.objectives.advantages import group_advantages, rloo_advantages
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(5 * 4, generator=g)
+    want_grpo, want_rloo = [], []
+    for k in range(5):
+        group = r[4 * k : 4 * k + 4].tolist()
+        mean = sum(group) / 4
+        std = (sum((x - mean) ** 2 for x in group) / 3) ** 0.5
+        want_grpo += [(x - mean) / (std + 1e-4) for x in group]
+        want_rloo += [x - (sum(group) - x) / 3 for x in group]
+    assert group_advantages(r, 4).tolist() == pytest.approx(want_grpo, rel=1e-5)
+    assert rloo_advantages(r, 4).tolist() == pytest.approx(want_rloo, rel=1e-5)
+
+
+def test_groups_must_divide_the_batch():
+    from lit_rlhf.objectives.advantages import group_advantages
+
+    with pytest.raises(ValueError, match=r"rewards of shape \(7,\) do not split into groups of 4"):
+        group_advantages(torch.zeros(7), 4)
+    with pytest.raises(ValueError, match="scale must be group, batch or none"):
+        group_advantages(torch.zeros(8), 4, scale="prompt")

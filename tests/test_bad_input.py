@@ -136,6 +136,12 @@ def ppo(f: Files, *args: str) -> list[str]:
     return ["fit", "-c", PPO, f"--trainer.default_root_dir={f.root / 'runs'}", *PPO_TINY, *args]
 
 
+def dpo(f: Files, *args: str) -> list[str]:
+    return ["fit", "-c", "configs/dpo/demo.yaml", f"--trainer.default_root_dir={f.root / 'runs'}",
+            "--trainer.max_steps=1", "--model.init_args.lm.name_or_path=null", "--model.init_args.lm.arch=demo-tiny",
+            "--model.init_args.lm.tokenizer=demo", "--data.init_args.max_train_pairs=16", *args]
+
+
 def pipeline(f: Files, *args: str) -> list[str]:
     return ["pipeline", *args]
 
@@ -234,6 +240,11 @@ CASES = [
      ["has no chat template for conversational data", "model.chat_template"], 2),
     ("chat-template-unknown", lambda f: sft_demo(f, "--model.init_args.lm.chat_template=no-such-template"),
      ["model.chat_template 'no-such-template': no such file, and not one of chatml"], 2),
+    # --- DPO
+    ("dpo-beta-0", lambda f: dpo(f, "--model.init_args.beta=0"), ["beta must be > 0, got 0.0"], 2),
+    ("dpo-loss-type-unknown", lambda f: dpo(f, "--model.init_args.loss_type=kto"),
+     ["model.init_args.loss_type", "Got value: kto"], 2),
+    ("dpo-unpacked-pairs", lambda f: dpo(f, "--data.init_args.pack=false"), ["DPOModule needs packed pair batches"], 2),
     # --- the other stages' settings
     ("rm-center_coef", lambda f: rm(f, "--model.init_args.center_coef=-1"), ["model.center_coef must be >= 0"], 2),
     ("rm-max_length-0", lambda f: rm(f, "--data.init_args.max_length=0"), ["max_length", "0"], 2),

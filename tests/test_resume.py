@@ -52,3 +52,11 @@ def test_ppo_resumes_exactly_on_two_processes(cli, tmp_path):
     # Each rank samples with its own generator: every rank's state is in the checkpoint.
     args = (*PPO_TINY, "--trainer.devices=2", "--trainer.strategy=ddp")
     assert kill_and_resume(cli, tmp_path, "configs/ppo/demo.yaml", args=args) == 0.0
+
+
+@pytest.mark.slow
+def test_dpo_resumes_mid_epoch_exactly(cli, tmp_path):
+    args = ("--model.init_args.lm.name_or_path=null", "--model.init_args.lm.arch=demo-tiny",
+            "--model.init_args.lm.tokenizer=demo", "--data.init_args.max_train_pairs=64",
+            "--data.init_args.batch_size=8")
+    assert kill_and_resume(cli, tmp_path, "configs/dpo/demo.yaml", args=args) == 0.0

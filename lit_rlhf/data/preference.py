@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -119,6 +119,26 @@ def row_problem(row: dict, schema: str) -> str | None:
     return None
 
 
+class Pair(NamedTuple):
+    """One tokenized preference pair."""
+
+    chosen: list[int]
+    rejected: list[int]
+    margin: float
+    prompt_length: int
+    """Leading tokens the two sides share (the prompt, and any identical start of the answers):
+    what a policy objective such as DPO masks. Shared tokens have the same log-prob on both
+    sides, so they cancel in the DPO margin; at least one token of each side stays."""
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common leading run of ``a`` and ``b``, leaving each at least one token."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class PairDataset(Dataset):
     """Tokenized pairs; ``self.stats`` counts what was kept, truncated, dropped, skipped."""
 
@@ -145,7 +165,7 @@ class PairDataset(Dataset):
         missing = [f for f in fields + ((margin_field,) if margin_field else ()) if f not in columns]
         if missing:
             raise ValueError(f"{source}: missing column(s) {missing} for schema {self.schema!r}; columns are {list(columns)}")
-        self.pairs: list[tuple[list[int], list[int], float]] = []
+        self.pairs: list[Pair] = []
         self.stats = {"pairs": 0, "truncated": 0, "dropped_too_long": 0, "skipped_bad": 0}
         if chat:
             self.stats["prompt_turns_dropped"] = 0
@@ -184,7 +204,7 @@ class PairDataset(Dataset):
                     self.stats["dropped_too_long"] += 1
                     continue
             margin = float(row[margin_field]) if margin_field else 0.0
-            self.pairs.append((chosen, rejected, margin))
+            self.pairs.append(Pair(chosen, rejected, margin, shared_prefix(chosen, rejected)))
         self.stats["pairs"] = len(self.pairs)
         if not self.pairs:
             raise ValueError(f"{source}: no usable preference pairs ({self.stats})")
@@ -197,7 +217,7 @@ class PairDataset(Dataset):
         return [self.pairs[i] for i in index]
 
     def lengths(self) -> list[int]:
-        return [max(len(c), len(r)) for c, r, _ in self.pairs]
+        return [max(len(p.chosen), len(p.rejected)) for p in self.pairs]
 
 
 class PairBatches(DistributedSampler):
@@ -251,25 +271,32 @@ class PairBatches(DistributedSampler):
         return n // world if world > 1 else n
 
 
-def collate_pairs(pairs: list[tuple[list[int], list[int], float]], pad_id: int) -> dict[str, torch.Tensor]:
+def _prompt_lengths(pairs) -> torch.Tensor:
+    lengths = [getattr(p, "prompt_length", 0) for p in pairs]
+    return torch.tensor(lengths + lengths, dtype=torch.long)
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad B pairs into one batch of 2B sequences.
 
     Returns:
         input_ids, attention_mask: (2B, T), rows 0..B-1 chosen, B..2B-1 rejected.
         margin: (B,) float.
+        prompt_lengths: (2B,) shared leading tokens of each sequence's pair (see :class:`Pair`).
     """
-    seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
+    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         attention_mask[i, : len(s)] = 1
-    margin = torch.tensor([m for _, _, m in pairs], dtype=torch.float)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+    margin = torch.tensor([p[2] for p in pairs], dtype=torch.float)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin,
+            "prompt_lengths": _prompt_lengths(pairs)}
 
 
-def pack_pairs(pairs: list[tuple[list[int], list[int], float]], pad_id: int) -> dict[str, torch.Tensor]:
+def pack_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """Lay the 2B sequences of B pairs end to end in one row, with no padding at all.
 
     The reward model's forward pass then computes on the real tokens only. Position ids
@@ -281,13 +308,15 @@ def pack_pairs(pairs: list[tuple[list[int], list[int], float]], pad_id: int) -> 
         input_ids, position_ids: (1, N), N the total length of the 2B sequences.
         lengths: (2B,) length of each sequence; chosen sides first, then rejected ones.
         margin: (B,) float.
+        prompt_lengths: (2B,) shared leading tokens of each sequence's pair (see :class:`Pair`).
     """
-    seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
+    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
     return {
         "input_ids": torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None],
         "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
         "lengths": torch.tensor([len(s) for s in seqs], dtype=torch.long),
-        "margin": torch.tensor([m for _, _, m in pairs], dtype=torch.float),
+        "margin": torch.tensor([p[2] for p in pairs], dtype=torch.float),
+        "prompt_lengths": _prompt_lengths(pairs),
     }
 
 

@@ -58,3 +58,30 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of ``softmax(logits)`` per position: (B, T, V) -> (B, T), float32 or float64."""
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     return logprobs_and_entropy(logits, labels)[1]
+
+
+def packed_sequence_logprobs(
+    token_logprobs: torch.Tensor,
+    position_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the log-probs of each sequence's response tokens in a packed row.
+
+    Args:
+        token_logprobs: (N,) ``log p(token t | its sequence's tokens before t)``; the value at
+            a sequence's first position is ignored (nothing predicts it).
+        position_ids: (N,) positions, restarting at 0 where a sequence starts.
+        lengths: (S,) sequence lengths, summing to N.
+        prompt_lengths: (S,) leading tokens of each sequence that are not scored (>= 1 is
+            implied: a first token has no prediction).
+
+    Returns:
+        (S,) summed response log-probs, and (S,) the number of response tokens.
+    """
+    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    start = torch.repeat_interleave(prompt_lengths.clamp(min=1), lengths)
+    scored = (position_ids >= start).to(token_logprobs.dtype)
+    sums = token_logprobs.new_zeros(len(lengths)).index_add_(0, sequence, token_logprobs * scored)
+    counts = token_logprobs.new_zeros(len(lengths)).index_add_(0, sequence, scored)
+    return sums, counts

@@ -66,6 +66,9 @@ class DPOModule(HFModule):
             raise ValueError(f"model {lm.name_or_path or lm.arch}: packed pairs cannot be kept apart: {problem}")
         self.save_hyperparameters()
         self.ref_model: nn.Module | None = None
+        # Checkpoints never hold the frozen reference copy; HFModule.on_load_checkpoint checks
+        # that they hold exactly the keys they should, so loading need not be strict.
+        self.strict_loading = False
         self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in _METRICS})
 
     def configure_model(self) -> None:

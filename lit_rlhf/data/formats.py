@@ -9,7 +9,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-from lit_rlhf.data.chat import as_messages, check_messages, is_conversation
+from lit_rlhf.data.chat import check_messages, is_conversation
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -71,6 +71,11 @@ def _unreadable(path: Path, builder: str, err: Exception) -> str:
     return f"{path}: cannot be read as {builder}: {cause[0] if cause else type(err).__name__}"
 
 
+def row_label(source, index: int) -> str:
+    """``"<file>: line N"`` for JSON Lines (one row per line), else ``"<source>: row N"``; 1-based."""
+    return f"{source}: {'line' if str(source).endswith('.jsonl') else 'row'} {index + 1}"
+
+
 class TextFormatter:
     """Turns a row into training text, or into a ``(prompt, completion)`` pair.
 
@@ -119,7 +124,6 @@ class TextFormatter:
         """
         if not hasattr(rows, "column_names") or not hasattr(rows, "__len__"):
             return
-        where = "line" if str(source).endswith(".jsonl") else "row"
         for name in self.fields:
             if name not in (rows.column_names or ()):
                 continue  # check_columns names it
@@ -128,7 +132,7 @@ class TextFormatter:
                 bad = value is None if self.template else not (isinstance(value, str) and value.strip())
                 if bad:
                     want = "a value" if self.template else "non-empty text"
-                    raise ValueError(f"{source}: {where} {i + 1}: field {name!r} is {value!r}, expected {want}")
+                    raise ValueError(f"{row_label(source, i)}: field {name!r} is {value!r}, expected {want}")
 
     def __call__(self, row: dict) -> str | tuple[str, str]:
         if self.template is None:
@@ -160,23 +164,24 @@ class ConversationFormatter:
         """One line naming the file, line (row) and field of the first bad conversation."""
         if not hasattr(rows, "__len__"):
             return
-        where = "line" if str(source).endswith(".jsonl") else "row"
         for i, row in enumerate(rows):
-            self.messages(row, f"{source}: {where} {i + 1}")
+            self.messages(row, row_label(source, i))
 
     def messages(self, row: dict, where: str) -> list[dict]:
-        if self.kind == "messages":
-            return check_messages(row[self.messages_field], f"{where}: field {self.messages_field!r}",
-                                  need_assistant=self.need_assistant)
-        completion = row["completion"]
-        if isinstance(completion, str):
-            completion = [{"role": "assistant", "content": completion}]
-        return check_messages(as_messages(row["prompt"], f"{where}: field 'prompt'")
-                              + check_messages(completion, f"{where}: field 'completion'"),
-                              where, need_assistant=self.need_assistant)
+        """The row's conversation, checked; errors name ``where`` and the field(s)."""
+        fields = " + ".join(repr(f) for f in self.fields)
+        return check_messages(self(row), f"{where}: field {fields}", need_assistant=self.need_assistant)
 
     def __call__(self, row: dict) -> list[dict]:
-        return self.messages(row, "row")
+        # Assembly only: rows are checked by check_rows, packed documents by the dataset.
+        if self.kind == "messages":
+            return row[self.messages_field]
+        prompt, completion = row["prompt"], row["completion"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            return [prompt, completion]  # not messages: check_messages names the problem
+        return prompt + completion
 
 
 def conversation_kind(rows, messages_field: str = "messages") -> str | None:

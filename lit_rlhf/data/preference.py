@@ -38,7 +38,7 @@ from lit_rlhf.data.chat import (
     split_pair,
     template_of,
 )
-from lit_rlhf.data.formats import load_rows, load_train_val, rank_and_world
+from lit_rlhf.data.formats import load_rows, load_train_val, rank_and_world, row_label
 
 Schema = Literal["auto", "explicit", "implicit", "stack_exchange", "chat"]
 SCHEMA_FIELDS: dict[str, tuple[str, ...]] = {
@@ -67,16 +67,21 @@ def is_chat(rows) -> bool:
     return first is not None and is_conversation(first["chosen"])
 
 
+def chat_pair(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen answer, rejected answer) messages of a conversational row, checked."""
+    prompt = as_messages(row["prompt"], f"{where}: field 'prompt'") if row.get("prompt") is not None else None
+    chosen = check_messages(row["chosen"], f"{where}: field 'chosen'")
+    rejected = check_messages(row["rejected"], f"{where}: field 'rejected'")
+    return split_pair(chosen, rejected, prompt, where)
+
+
 def chat_pair_texts(row: dict, tokenizer, template: str, where: str, max_length: int | None = None
                     ) -> tuple[str, str, int]:
     """(chosen, rejected) conversations rendered as text, both with the same prompt, and how
     many of the prompt's oldest messages were dropped so that both fit ``max_length`` tokens
     (None: no limit). The answers are never cut; a pair that does not fit even with the
     shortest prompt is returned whole (and dropped or cut as any too-long pair)."""
-    prompt = as_messages(row["prompt"], f"{where}: field 'prompt'") if row.get("prompt") is not None else None
-    chosen = check_messages(row["chosen"], f"{where}: field 'chosen'")
-    rejected = check_messages(row["rejected"], f"{where}: field 'rejected'")
-    prompt, chosen, rejected = split_pair(chosen, rejected, prompt, where)
+    prompt, chosen, rejected = chat_pair(row, where)
 
     def texts(p: list[dict]) -> tuple[str, str]:
         return render(tokenizer, p + chosen, template), render(tokenizer, p + rejected, template)
@@ -413,11 +418,10 @@ class PreferenceDataModule(L.LightningDataModule):
         # Conversational pairs, checked in file order (the split's row numbers are shuffled).
         if self.hparams.schema not in ("auto", "chat") or not is_chat(rows) or not hasattr(rows, "__len__"):
             return
-        template, path = template_of(self.tokenizer), self.hparams.path
-        where = "line" if str(path).endswith(".jsonl") else "row"
-        for i, row in enumerate(rows):
+        template_of(self.tokenizer)  # no template: one line now
+        for i, row in enumerate(rows):  # the messages only: rendering waits for PairDataset
             try:
-                chat_pair_texts(row, self.tokenizer, template, f"{path}: {where} {i + 1}")
+                chat_pair(row, row_label(self.hparams.path, i))
             except ValueError:
                 if self.hparams.on_bad_row == "error":
                     raise

@@ -125,6 +125,7 @@ class HFModule(L.LightningModule):
 
     task = "causal_lm"
     new_head = False  # may the task head be missing from name_or_path (see load_model)
+    dropout = True  # False: the model's dropout is zeroed (methods that compare two forwards)
 
     def __init__(self, lm: ModelConfig, optim: OptimConfig | None = None) -> None:
         super().__init__()
@@ -145,7 +146,8 @@ class HFModule(L.LightningModule):
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else None
-        self.model = load_model(self.lm_config, self.tokenizer, task=self.task, device=device, new_head=self.new_head)
+        self.model = load_model(self.lm_config, self.tokenizer, task=self.task, device=device,
+                                new_head=self.new_head, dropout=self.dropout)
         trainable, total = trainable_parameters(self.model)
         rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "
                        f"attention {self.model.config._attn_implementation}")

@@ -6,11 +6,10 @@ import copy
 from typing import Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_rlhf.models import ModelConfig, load_model, trainable_parameters
+from lit_rlhf.models import ModelConfig
 from lit_rlhf.models.attention import packed_attention_mask, packing_problem
 from lit_rlhf.modules.base import HFModule
 from lit_rlhf.objectives.logprobs import logprobs_from_logits, packed_sequence_logprobs
@@ -35,6 +34,10 @@ class DPOModule(HFModule):
     log-ratios, ties wrong), ``logps/{chosen,rejected}``; the adapter (or model) is saved at
     the end of fit like SFT's.
     """
+
+    # Policy and reference passes are compared: the base model's dropout is off (the adapters'
+    # own dropout only acts when they are on, i.e. in the policy pass).
+    dropout = False
 
     def __init__(
         self,
@@ -74,15 +77,9 @@ class DPOModule(HFModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
-        # Policy and reference passes are compared: the base model's dropout must be off (the
-        # adapters' own dropout only acts when they are on, i.e. in the policy pass).
-        self.model = load_model(self.lm_config, self.tokenizer, task="causal_lm", device=device, dropout=False)
+        super().configure_model()
         if self.lm_config.lora is None and self.hparams.reference == "model":
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-        trainable, total = trainable_parameters(self.model)
-        rank_zero_info(f"DPOModule: {trainable:,} trainable of {total:,} parameters, reference: "
-                       f"{'none' if self.hparams.reference == 'none' else 'frozen copy' if self.ref_model else 'adapters off'}")
 
     def checkpoint_keys(self) -> set[str]:
         # Never the frozen reference copy: it is the starting model, rebuilt at load.

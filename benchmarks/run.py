@@ -49,9 +49,15 @@ WORKLOADS = {
         sft=dict(seq_length=256, batch_size=8),
         rm=dict(batch_size=8, min_len=32, max_len=256),
         ppo=dict(batch_size=8, prompt_len=12, new_tokens=40, ppo_epochs=4),
+        # DPO: full fine-tuning against a frozen copy, sigmoid loss; 8 pairs per step.
+        dpo=dict(batch_size=8, prompt_min=16, prompt_max=64, response_min=16, response_max=192, beta=0.1),
+        # GRPO: 4 prompts x 8 generations = 32 completions per step, exactly 32 new tokens,
+        # KL as a k3 loss term (coefficient 0.04, so the reference pass runs), token-mean loss.
+        grpo=dict(prompts=4, prompt_len=12, generations=8, new_tokens=32, kl_loss_coef=0.04),
         warmup=3,
         timed=10,
-        jobs=[(stage, precision) for precision in ("32-true", "bf16-mixed") for stage in ("sft", "rm", "ppo")],
+        jobs=[(stage, precision) for precision in ("32-true", "bf16-mixed")
+              for stage in ("sft", "rm", "ppo", "dpo")],
     ),
 }
 
@@ -90,6 +96,8 @@ WORKLOADS["tiny-cpu-smoke"] = dict(
     WORKLOADS["tiny-cpu"], arch=dict(TINY_ARCHS["tiny"], max_position_embeddings=512),
     sft=dict(seq_length=64, batch_size=4), rm=dict(batch_size=4, min_len=16, max_len=64),
     ppo=dict(batch_size=4, prompt_len=8, new_tokens=8, ppo_epochs=1),
+    dpo=dict(batch_size=2, prompt_min=4, prompt_max=8, response_min=4, response_max=16, beta=0.1),
+    grpo=dict(prompts=2, prompt_len=6, generations=4, new_tokens=8, kl_loss_coef=0.04),
 )
 WORKLOADS["gpu"] = _gpu_workload(GPU_ARCHS, GPU_ARCHS["1b"], seq_length=2048, new_tokens=128)
 WORKLOADS["gpu-tiny"] = _gpu_workload(TINY_ARCHS, TINY_ARCHS["tiny"], seq_length=64, new_tokens=8)
@@ -175,44 +183,80 @@ def bench_sft_mfu(w: dict, precision: str, tmp: Path, peak_tflops: float | None 
     return out
 
 
-def bench_rm(w: dict, precision: str, tmp: Path) -> dict:
-    from pairs import random_pairs
+class _Batches(torch.utils.data.Dataset):
+    """Pairs handed out a whole batch of indices at a time, as PairDataset does."""
+
+    def __init__(self, pairs: list) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        return [self.pairs[i] for i in index]
+
+
+def _grouped_pair_loader(pairs: list, batch_size: int, warmup: int, collate):
+    """The library's own batching of ``pairs``: length-grouped batches, each packed into one row.
+
+    Grouped batches differ widely in size, so the warm-up batches come from pairs of their own
+    and the timed steps are one whole epoch over the rest: every length range is timed once,
+    instead of whichever batches the warm-up left over.
+    """
     from torch.utils.data import DataLoader
 
-    from lit_rlhf.data.preference import PairBatches, _Collate
+    from lit_rlhf.data.preference import PairBatches
+
+    warm = warmup * batch_size
+    lengths = [max(len(p[0]), len(p[1])) for p in pairs]
+
+    def epoch(first: int, last: int) -> list[list[int]]:
+        sampler = PairBatches(lengths[first:last], batch_size, shuffle=True, seed=0)
+        return [[first + i for i in batch] for batch in sampler]
+
+    batches = epoch(0, warm) + epoch(warm, len(pairs))
+    return DataLoader(_Batches(pairs), batch_size=None, sampler=batches, collate_fn=collate)
+
+
+def bench_rm(w: dict, precision: str, tmp: Path) -> dict:
+    from pairs import random_pairs
+
+    from lit_rlhf.data.preference import _Collate
     from lit_rlhf.models import ModelConfig
     from lit_rlhf.modules import RewardModule
 
     cfg = w["rm"]
-    steps = w["warmup"] + w["timed"]
     pairs = [(chosen, rejected, 0.0) for chosen, rejected in random_pairs(w)]
-    n = len(pairs)
-
-    class Pairs(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(pairs)
-
-        def __getitem__(self, index):
-            return [pairs[i] for i in index]
-
     module = RewardModule(ModelConfig(arch=w["arch"], tokenizer="demo"))
-    # The library's own batching: length-grouped batches, each packed into one row. Grouped
-    # batches differ widely in size, so the warm-up batches come from pairs of their own and
-    # the timed steps are one whole epoch over the rest: every length range is timed once,
-    # instead of whichever batches the warm-up left over.
-    warm = w["warmup"] * cfg["batch_size"]
-    pair_lengths = [max(len(c), len(r)) for c, r, _ in pairs]
-
-    def epoch(first: int, last: int) -> list[list[int]]:
-        sampler = PairBatches(pair_lengths[first:last], cfg["batch_size"], shuffle=True, seed=0)
-        return [[first + i for i in batch] for batch in sampler]
-
-    batches = epoch(0, warm) + epoch(warm, n)
-    loader = DataLoader(Pairs(), batch_size=None, sampler=batches, collate_fn=_Collate(module.tokenizer.pad_token_id))
+    loader = _grouped_pair_loader(pairs, cfg["batch_size"], w["warmup"], _Collate(module.tokenizer.pad_token_id))
     timer = StepTimer()
-    _trainer(precision, [timer], tmp, max_steps=steps).fit(module, loader)
+    _trainer(precision, [timer], tmp, max_steps=w["warmup"] + w["timed"]).fit(module, loader)
     step = statistics.median(timer.times[w["warmup"]:])
     return {"rm_pairs_per_s": cfg["batch_size"] / step}
+
+
+def bench_dpo(w: dict, precision: str, tmp: Path) -> dict:
+    """DPO full fine-tuning against a frozen copy of the starting model (one forward per
+    model over each packed batch), sigmoid loss, on random (prompt, chosen, rejected) pairs."""
+    from pairs import random_dpo_pairs
+
+    from lit_rlhf.data.preference import Pair, _Collate, shared_prefix
+    from lit_rlhf.models import ModelConfig
+    from lit_rlhf.modules import DPOModule
+
+    cfg = w["dpo"]
+    pairs = []
+    for prompt, chosen, rejected in random_dpo_pairs(w):
+        c, r = prompt + chosen, prompt + rejected
+        pairs.append(Pair(c, r, 0.0, shared_prefix(c, r)))
+    module = DPOModule(ModelConfig(arch=w["arch"], tokenizer="demo"), beta=cfg["beta"], loss_type="sigmoid")
+    loader = _grouped_pair_loader(pairs, cfg["batch_size"], w["warmup"], _Collate(module.tokenizer.pad_token_id))
+    timer = StepTimer()
+    _trainer(precision, [timer], tmp, max_steps=w["warmup"] + w["timed"]).fit(module, loader)
+    if module.ref_model is None:
+        raise RuntimeError("the DPO benchmark must run the frozen reference copy")
+    step = statistics.median(timer.times[w["warmup"]:])
+    return {"dpo_pairs_per_s": cfg["batch_size"] / step}
 
 
 def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
@@ -320,7 +364,7 @@ def run_one(workload: str, stage: str, precision: str, steps_override: str | Non
         if kind == "sft_mfu":
             out = bench_sft_mfu(w, precision, Path(tmp), peak_tflops)
         else:
-            out = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo}[kind](w, precision, Path(tmp))
+            out = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo}[kind](w, precision, Path(tmp))
     out[f"{kind.split('_')[0]}_peak_memory_mb"] = _peak_memory_mb()
     return out
 

@@ -112,6 +112,14 @@ def files(tmp_path_factory, cli, demo, tokenizer) -> Files:
               "rejected": [user, {"role": "assistant", "content": "No"}]} for _ in range(40)]
     pairs[29]["rejected"] = [{"role": "user", "content": "Book?"}, {"role": "assistant", "content": "No"}]
     p["chat_pairs_mismatch"] = _write(root / "chat_pairs.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
+    # Explicit text pairs, each file with one bad row at line 30.
+    good = [{"prompt": f"Review {i}:", "chosen": " a fine film.", "rejected": " a dull film."} for i in range(40)]
+    for name, bad in (("pairs_empty_response", {"prompt": "Review:", "chosen": "", "rejected": " dull."}),
+                      ("pairs_long_prompt", {"prompt": "Review of a long film " * 60, "chosen": " fine.",
+                                             "rejected": " dull."})):
+        rows = [dict(r) for r in good]
+        rows[29] = bad
+        p[name] = _write(root / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     p["overlay_bad_rm"] = _write(root / "bad_rm.yaml", f"config: {ROOT / RM}\nmodel:\n  init_args:\n    center_coef: -1\n")
     p["overlay_bad_ppo"] = _write(root / "bad_ppo.yaml",
                                   f"config: {ROOT / PPO}\nmodel:\n  init_args:\n    kl:\n      target: -3\n")
@@ -245,6 +253,16 @@ CASES = [
     ("dpo-loss-type-unknown", lambda f: dpo(f, "--model.init_args.loss_type=kto"),
      ["model.init_args.loss_type", "Got value: kto"], 2),
     ("dpo-unpacked-pairs", lambda f: dpo(f, "--data.init_args.pack=false"), ["DPOModule needs packed pair batches"], 2),
+    ("dpo-precompute-without-reference", lambda f: dpo(f, "--model.init_args.reference=none",
+                                                       "--model.init_args.precompute_reference=true"),
+     ["precompute_reference: true needs a reference model, but reference is 'none'"], 2),
+    ("dpo-target-margin-negative", lambda f: dpo(f, "--model.init_args.target_margin=-1"), ["target_margin must be >= 0"], 2),
+    ("dpo-empty-response", lambda f: dpo(f, f"--data.init_args.path={f['pairs_empty_response']}", "--data.init_args.val_size=4"),
+     ["{pairs_empty_response}: line 30: field 'chosen' is empty"], 2),
+    ("dpo-prompt-fills-max-length", lambda f: dpo(f, f"--data.init_args.path={f['pairs_long_prompt']}",
+                                                  "--data.init_args.val_size=4", "--data.init_args.max_train_pairs=null",
+                                                  "--data.init_args.max_length=64", "--data.init_args.too_long=truncate"),
+     ["{pairs_long_prompt}: line 30: chosen and rejected are identical in their first 64 tokens", "no room"], 2),
     # --- the other stages' settings
     ("rm-center_coef", lambda f: rm(f, "--model.init_args.center_coef=-1"), ["model.center_coef must be >= 0"], 2),
     ("rm-max_length-0", lambda f: rm(f, "--data.init_args.max_length=0"), ["max_length", "0"], 2),

@@ -71,6 +71,11 @@ def _unreadable(path: Path, builder: str, err: Exception) -> str:
     return f"{path}: cannot be read as {builder}: {cause[0] if cause else type(err).__name__}"
 
 
+ROW_COLUMN = "_row"
+"""A column of file-order row numbers, added (``load_train_val(row_numbers=True)``) before the
+held-out split shuffles the rows, so that a later error can still name the file's line."""
+
+
 def row_label(source, index: int) -> str:
     """``"<file>: line N"`` for JSON Lines (one row per line), else ``"<source>: row N"``; 1-based."""
     return f"{source}: {'line' if str(source).endswith('.jsonl') else 'row'} {index + 1}"
@@ -207,21 +212,26 @@ def load_train_val(
     seed: int = 0,
     streaming: bool = False,
     check=None,
+    row_numbers: bool = False,
     **kwargs,
 ):
     """(train, val) rows: a named validation split, or ``val_size`` rows held out of train.
 
     ``kwargs`` go to :func:`load_rows` (``name``, ``data_files``, ``revision``). A streamed
     train split holds out its first ``val_size`` rows. ``check(rows)`` sees the train split
-    before anything is held out of it (row numbers are the file's).
+    before anything is held out of it (row numbers are the file's). ``row_numbers``: add each
+    row's number in its split as column :data:`ROW_COLUMN` (not for streamed splits).
     """
     if val_split is None and val_size < 1:
         raise ValueError(f"data.val_size must be >= 1 without a val_split, got {val_size}")
+    numbered = lambda rows: rows.add_column(ROW_COLUMN, list(range(len(rows)))) if row_numbers else rows  # noqa: E731
     train = load_rows(path, split=train_split, streaming=streaming, **kwargs)
     if check is not None:
         check(train)
+    if not streaming:
+        train = numbered(train)
     if val_split is not None:
-        return train, load_rows(path, split=val_split, **kwargs)
+        return train, numbered(load_rows(path, split=val_split, **kwargs))
     if streaming:
         return train.skip(val_size), train.take(val_size)
     if len(train) <= val_size:

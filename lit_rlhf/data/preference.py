@@ -38,7 +38,7 @@ from lit_rlhf.data.chat import (
     split_pair,
     template_of,
 )
-from lit_rlhf.data.formats import load_rows, load_train_val, rank_and_world, row_label
+from lit_rlhf.data.formats import ROW_COLUMN, load_rows, load_train_val, rank_and_world, row_label
 
 Schema = Literal["auto", "explicit", "implicit", "stack_exchange", "chat"]
 SCHEMA_FIELDS: dict[str, tuple[str, ...]] = {
@@ -134,6 +134,9 @@ class Pair(NamedTuple):
     """Leading tokens the two sides share (the prompt, and any identical start of the answers):
     what a policy objective such as DPO masks. Shared tokens have the same log-prob on both
     sides, so they cancel in the DPO margin; at least one token of each side stays."""
+    reference: tuple[float, float] | None = None
+    """(chosen, rejected) summed response log-probs under a fixed reference model, once
+    computed (DPO's ``precompute_reference``); None until then."""
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -159,7 +162,12 @@ class PairDataset(Dataset):
         margin_field: str | None = None,
         source: str = "data",
         chat_truncation: Literal["turns", "left"] = "turns",
+        file: str | None = None,
     ) -> None:
+        # Errors name the file's line where the rows carry their file-order number (ROW_COLUMN).
+        def where(i: int, row: dict) -> str:
+            return row_label(file, row[ROW_COLUMN]) if file is not None and ROW_COLUMN in row else f"{source} row {i}"
+
         columns = rows.column_names
         if schema == "auto":
             schema = "chat" if is_chat(rows) else detect_schema(columns, source)
@@ -181,21 +189,21 @@ class PairDataset(Dataset):
                 try:
                     # too_long: truncate drops the prompt's oldest turns before any cut.
                     turns = too_long == "truncate" and chat_truncation == "turns"
-                    *pair, dropped = chat_pair_texts(row, tokenizer, template, f"{source} row {i}",
+                    *pair, dropped = chat_pair_texts(row, tokenizer, template, where(i, row),
                                                      max_length if turns else None)
                     self.stats["prompt_turns_dropped"] += dropped
                 except ValueError as err:
-                    problem = str(err).removeprefix(f"{source} row {i}: ")
+                    problem = str(err).removeprefix(f"{where(i, row)}: ")
             if problem is not None:
                 if on_bad_row == "error":
-                    raise ValueError(f"{source} row {i}: {problem} (set on_bad_row: skip to skip such rows)")
+                    raise ValueError(f"{where(i, row)}: {problem} (set on_bad_row: skip to skip such rows)")
                 self.stats["skipped_bad"] += 1
                 continue
-            good_rows.append(row)
+            good_rows.append((i, row))
             texts.extend(pair or pair_texts(row, self.schema))
         # A rendered conversation holds its own special tokens (the template's BOS): add none.
         ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"] if texts else []
-        for k, row in enumerate(good_rows):
+        for k, (i, row) in enumerate(good_rows):
             chosen, rejected = ids[2 * k], ids[2 * k + 1]
             if max(len(chosen), len(rejected)) > max_length:
                 if too_long == "drop":
@@ -205,8 +213,13 @@ class PairDataset(Dataset):
                 cut = slice(-max_length, None) if chat else slice(max_length)
                 chosen, rejected = chosen[cut], rejected[cut]
                 self.stats["truncated"] += 1
-                if chosen == rejected:  # truncation cut away the only difference
-                    self.stats["dropped_too_long"] += 1
+                if chosen == rejected:  # the prompt filled max_length: no response is left to compare
+                    if on_bad_row == "error":
+                        raise ValueError(
+                            f"{where(i, row)}: chosen and rejected are identical in their first {max_length} "
+                            "tokens: the prompt leaves no room for the responses (raise data.max_length, set "
+                            "data.too_long: drop, or on_bad_row: skip to skip such rows)")
+                    self.stats["skipped_bad"] += 1
                     continue
             margin = float(row[margin_field]) if margin_field else 0.0
             self.pairs.append(Pair(chosen, rejected, margin, shared_prefix(chosen, rejected)))
@@ -223,6 +236,15 @@ class PairDataset(Dataset):
 
     def lengths(self) -> list[int]:
         return [max(len(p.chosen), len(p.rejected)) for p in self.pairs]
+
+    def set_reference(self, logps: torch.Tensor) -> None:
+        """Keep each pair's reference log-probs, (n, 2) chosen and rejected, in pair order."""
+        if logps.shape != (len(self.pairs), 2):
+            raise ValueError(f"reference log-probs {tuple(logps.shape)} for {len(self.pairs)} pairs")
+        self.pairs = [p._replace(reference=(c, r)) for p, (c, r) in zip(self.pairs, logps.tolist())]
+
+    def has_reference(self) -> bool:
+        return all(p.reference is not None for p in self.pairs)
 
 
 class PairBatches(DistributedSampler):
@@ -281,6 +303,14 @@ def _prompt_lengths(pairs) -> torch.Tensor:
     return torch.tensor(lengths + lengths, dtype=torch.long)
 
 
+def _with_reference(batch: dict, pairs) -> dict:
+    """Add ``reference_logps`` (2B,) float32, chosen first, when every pair has them."""
+    refs = [getattr(p, "reference", None) for p in pairs]
+    if refs and all(r is not None for r in refs):
+        batch["reference_logps"] = torch.tensor([r[0] for r in refs] + [r[1] for r in refs], dtype=torch.float32)
+    return batch
+
+
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad B pairs into one batch of 2B sequences.
 
@@ -288,6 +318,7 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids, attention_mask: (2B, T), rows 0..B-1 chosen, B..2B-1 rejected.
         margin: (B,) float.
         prompt_lengths: (2B,) shared leading tokens of each sequence's pair (see :class:`Pair`).
+        reference_logps: (2B,) the pairs' precomputed reference log-probs, if they all have them.
     """
     seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
     width = max(len(s) for s in seqs)
@@ -297,8 +328,8 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         attention_mask[i, : len(s)] = 1
     margin = torch.tensor([p[2] for p in pairs], dtype=torch.float)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin,
-            "prompt_lengths": _prompt_lengths(pairs)}
+    return _with_reference({"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin,
+                            "prompt_lengths": _prompt_lengths(pairs)}, pairs)
 
 
 def pack_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -314,15 +345,16 @@ def pack_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
         lengths: (2B,) length of each sequence; chosen sides first, then rejected ones.
         margin: (B,) float.
         prompt_lengths: (2B,) shared leading tokens of each sequence's pair (see :class:`Pair`).
+        reference_logps: (2B,) the pairs' precomputed reference log-probs, if they all have them.
     """
     seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
-    return {
+    return _with_reference({
         "input_ids": torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None],
         "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
         "lengths": torch.tensor([len(s) for s in seqs], dtype=torch.long),
         "margin": torch.tensor([p[2] for p in pairs], dtype=torch.float),
         "prompt_lengths": _prompt_lengths(pairs),
-    }
+    }, pairs)
 
 
 class _Collate:
@@ -410,21 +442,29 @@ class PreferenceDataModule(L.LightningDataModule):
             demo = prepare_demo()
             return load_rows(str(demo.pairs_train_file)), load_rows(str(demo.pairs_val_file)), "demo pairs"
         train, val = load_train_val(hp.path, train_split=hp.train_split, val_split=hp.val_split,
-                                    val_size=hp.val_size, seed=hp.seed, check=self._check,
+                                    val_size=hp.val_size, seed=hp.seed, check=self._check, row_numbers=True,
                                     name=hp.name, data_files=hp.data_files, revision=hp.revision)
         return train, val, hp.path
 
     def _check(self, rows) -> None:
-        # Conversational pairs, checked in file order (the split's row numbers are shuffled).
-        if self.hparams.schema not in ("auto", "chat") or not is_chat(rows) or not hasattr(rows, "__len__"):
+        # Every row, in file order, before the held-out split shuffles them.
+        hp = self.hparams
+        if not hasattr(rows, "__len__"):
             return
-        template_of(self.tokenizer)  # no template: one line now
-        for i, row in enumerate(rows):  # the messages only: rendering waits for PairDataset
-            try:
-                chat_pair(row, row_label(self.hparams.path, i))
-            except ValueError:
-                if self.hparams.on_bad_row == "error":
-                    raise
+        if hp.schema in ("auto", "chat") and is_chat(rows):
+            template_of(self.tokenizer)  # no template: one line now
+            for i, row in enumerate(rows):  # the messages only: rendering waits for PairDataset
+                try:
+                    chat_pair(row, row_label(hp.path, i))
+                except ValueError:
+                    if hp.on_bad_row == "error":
+                        raise
+            return
+        schema = detect_schema(rows.column_names, hp.path) if hp.schema == "auto" else hp.schema
+        if hp.on_bad_row == "error" and schema in SCHEMA_FIELDS and all(f in rows.column_names for f in SCHEMA_FIELDS[schema]):
+            for i, row in enumerate(rows):
+                if (problem := row_problem(row, schema)) is not None:
+                    raise ValueError(f"{row_label(hp.path, i)}: {problem} (set on_bad_row: skip to skip such rows)")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -438,8 +478,9 @@ class PreferenceDataModule(L.LightningDataModule):
         common = dict(schema=hp.schema, max_length=hp.max_length, too_long=hp.too_long,
                       chat_truncation=hp.chat_truncation,
                       on_bad_row=hp.on_bad_row, margin_field=hp.margin_field)
-        self.train_set = PairDataset(train, self.tokenizer, source=f"{source} [train]", **common)
-        self.val_set = PairDataset(val, self.tokenizer, source=f"{source} [val]", **common)
+        file = None if hp.path == DEMO else hp.path
+        self.train_set = PairDataset(train, self.tokenizer, source=f"{source} [train]", file=file, **common)
+        self.val_set = PairDataset(val, self.tokenizer, source=f"{source} [val]", file=file, **common)
         for split, ds in (("train", self.train_set), ("val", self.val_set)):
             rank_zero_info(f"{source} [{split}] schema={ds.schema}: {ds.stats}")
         if self.trainer is not None and self.trainer.logger is not None:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lit_rlhf.data.preference import PairDataset, pack_pairs
 from lit_rlhf.models import ModelConfig
-from lit_rlhf.models.attention import packed_attention_mask, packing_problem
-from lit_rlhf.modules.base import HFModule
-from lit_rlhf.objectives.logprobs import logprobs_from_logits, packed_sequence_logprobs
+from lit_rlhf.models.attention import (
+    SEGMENT_SDPA,
+    packed_attention_mask,
+    packing_problem,
+    use_segment_attention,
+)
+from lit_rlhf.modules.base import HFModule, gather_ranks
+from lit_rlhf.objectives.logprobs import (
+    logprobs_from_logits,
+    packed_sequence_logprobs,
+    response_token_mask,
+)
 from lit_rlhf.objectives.preference import DPOLossType, dpo_loss
 from lit_rlhf.optim import OptimConfig
 
@@ -48,6 +60,9 @@ class DPOModule(HFModule):
         label_smoothing: float = 0.0,
         nll_coef: float = 0.0,
         reference: Literal["model", "none"] = "model",
+        precompute_reference: bool = False,
+        length_normalize: bool = False,
+        target_margin: float = 0.0,
     ) -> None:
         """
         Args:
@@ -59,12 +74,20 @@ class DPOModule(HFModule):
             label_smoothing: conservative DPO's probability that a label is flipped (sigmoid).
             nll_coef: weight of the chosen responses' mean token NLL (RPO); 0: off.
             reference: ``model`` (adapters off, or a frozen copy) or ``none`` (reference-free).
+            precompute_reference: compute the reference log-probs of every train and val pair
+                once, before the first step, and keep them with the pairs: no reference pass
+                per step, and a full fine-tuning run frees its frozen copy afterwards.
+            length_normalize: score each response by its mean token log-prob instead of the
+                sum (SimPO; with ``reference: none`` and a ``target_margin`` it is SimPO's loss).
+            target_margin: SimPO's gamma, a margin the scaled log-ratio must exceed (sigmoid).
         """
         super().__init__(lm, optim)
         # The settings are checked now, by the loss itself, before any weights load.
         zero = torch.zeros(1)
         dpo_loss(zero, zero, zero, zero, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                 nll_chosen=zero, nll_coef=nll_coef)
+                 nll_chosen=zero, nll_coef=nll_coef, target_margin=target_margin)
+        if precompute_reference and reference == "none":
+            raise ValueError("model.precompute_reference: true needs a reference model, but reference is 'none'")
         if (problem := packing_problem(self.architecture, None)) is not None:
             raise ValueError(f"model {lm.name_or_path or lm.arch}: packed pairs cannot be kept apart: {problem}")
         self.save_hyperparameters()
@@ -78,6 +101,8 @@ class DPOModule(HFModule):
         if self.model is not None:
             return
         super().configure_model()
+        # Plain SDPA on every call, except packed batches: one attention per sequence.
+        use_segment_attention(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
         if self.lm_config.lora is None and self.hparams.reference == "model":
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
 
@@ -86,23 +111,82 @@ class DPOModule(HFModule):
         return {k for k in super().checkpoint_keys() if not k.startswith("ref_model.")}
 
     def sequence_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2B,) summed response log-probs and (2B,) response token counts under ``model``."""
-        ids, positions = batch["input_ids"], batch["position_ids"]
-        mask = packed_attention_mask(positions, model.config._attn_implementation, self.lm_config.torch_dtype)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        token = logprobs_from_logits(logits[:, :-1], ids[:, 1:])[0]  # token t predicted from t - 1
-        token = torch.cat([token.new_zeros(1), token])
-        return packed_sequence_logprobs(token, positions[0], batch["lengths"], batch["prompt_lengths"])
+        """(2B,) summed response log-probs and (2B,) response token counts under ``model``.
+
+        One forward over the packed row ``(1, N)``. Attention stays inside each sequence: one
+        causal SDPA per sequence (segment attention, switched on at load), else a block mask.
+        The LM head runs only where a response token is predicted (``logits_to_keep``, which
+        also applies a model's own logit scaling or soft-capping).
+        """
+        ids, positions, lengths = batch["input_ids"], batch["position_ids"], batch["lengths"]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        implementation = base.config._attn_implementation
+        if implementation == SEGMENT_SDPA:  # the all-ones mask: transformers builds no mask
+            extra = {"attention_mask": torch.ones_like(ids), "segment_lengths": lengths.tolist()}
+        else:
+            extra = {"attention_mask": packed_attention_mask(positions, implementation, self.lm_config.torch_dtype)}
+        scored = response_token_mask(positions[0], lengths, batch["prompt_lengths"]).nonzero()[:, 0]  # (M,)
+        # token t is predicted from position t - 1 (t >= 1: a sequence's first token is never scored)
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=scored - 1,
+                       **extra).logits
+        token = ids.new_zeros(ids.size(1), dtype=torch.float32).index_put(
+            (scored,), logprobs_from_logits(logits, ids[:, scored])[0])
+        return packed_sequence_logprobs(token, positions[0], lengths, batch["prompt_lengths"])
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> torch.Tensor | None:
+        """(2B,) summed response log-probs under the reference; None without one."""
         if self.hparams.reference == "none":
             return None
+        if "reference_logps" in batch:  # precomputed
+            return batch["reference_logps"]
+        if self.hparams.precompute_reference:
+            raise RuntimeError("precompute_reference: a batch came without reference log-probs "
+                               "(are its pairs from the datamodule's train_set/val_set?)")
+        return self._reference_pass(batch)
+
+    def _reference_pass(self, batch: dict) -> torch.Tensor:
         if self.ref_model is not None:
             return self.sequence_logps(self.ref_model, batch)[0]
         # LoRA: the same base with the adapters switched off is the starting model, exactly.
         with self.model.disable_adapter():
             return self.sequence_logps(self.model, batch)[0]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.precompute_reference:
+            self.precompute_reference_logps()
+
+    @torch.no_grad()
+    def precompute_reference_logps(self) -> None:
+        """Reference log-probs of every pair of the datamodule's ``train_set`` and ``val_set``,
+        kept on the pairs (batches then carry ``reference_logps``). Each rank computes every
+        ``world``-th batch; the results are gathered so that every rank holds all of them."""
+        datamodule = self.trainer.datamodule
+        sets = [getattr(datamodule, name, None) for name in ("train_set", "val_set")]
+        if not isinstance(sets[0], PairDataset):
+            raise ValueError("precompute_reference needs a PreferenceDataModule (its train_set of pairs)")
+        start, rank, world = time.perf_counter(), self.global_rank, self.trainer.world_size
+        batch_size = datamodule.hparams.batch_size
+        for dataset in (d for d in sets if isinstance(d, PairDataset) and not d.has_reference()):
+            # Similar lengths together, as in training; rank r takes batches r, r + world, ...
+            lengths = dataset.lengths()
+            order = sorted(range(len(dataset)), key=lengths.__getitem__)
+            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][rank::world]
+            mine = []
+            for indices in batches:
+                batch = self.transfer_batch_to_device(pack_pairs(dataset[indices], 0), self.device, 0)
+                with self.trainer.precision_plugin.forward_context():
+                    logps = self._reference_pass(batch).float().cpu()
+                mine += [(i, c, r) for i, (c, r) in zip(indices, logps.view(2, -1).t().tolist())]
+            gathered = [item for part in gather_ranks(mine) for item in part]
+            logps = torch.zeros(len(dataset), 2, dtype=torch.float64)
+            logps[[i for i, _, _ in gathered]] = torch.tensor([[c, r] for _, c, r in gathered], dtype=torch.float64)
+            dataset.set_reference(logps)
+        if self.ref_model is not None:  # the frozen copy has done its work
+            self.ref_model = None
+        rank_zero_info(f"DPO: reference log-probs of {sum(len(d) for d in sets if d is not None)} pairs "
+                       f"precomputed in {time.perf_counter() - start:.1f} s")
 
     def _step(self, batch: dict) -> dict[str, torch.Tensor]:
         if "lengths" not in batch:
@@ -110,12 +194,17 @@ class DPOModule(HFModule):
         # 1. policy and reference log-probs of both sides, one forward each
         logps, counts = self.sequence_logps(self.model, batch)
         ref = self.reference_logps(batch)
+        counts = counts.clamp(min=1)
+        nll_chosen = -(logps / counts).chunk(2)[0]  # RPO's mean token NLL of the chosen side
+        h = self.hparams
+        if h.length_normalize:  # SimPO: mean token log-probs, for the reference too
+            logps = logps / counts
+            ref = ref / counts if ref is not None else None
         lc, lr = logps.chunk(2)
         rc, rr = ref.chunk(2) if ref is not None else (None, None)
         # 2. the loss on the log-ratio margin (plus RPO's NLL on the chosen side)
-        h = self.hparams
         stats = dpo_loss(lc, lr, rc, rr, beta=h.beta, loss_type=h.loss_type, label_smoothing=h.label_smoothing,
-                         nll_chosen=-lc / counts.chunk(2)[0].clamp(min=1), nll_coef=h.nll_coef)
+                         nll_chosen=nll_chosen, nll_coef=h.nll_coef, target_margin=h.target_margin)
         return {"loss": stats.loss, "rewards/chosen": stats.reward_chosen.mean(),
                 "rewards/rejected": stats.reward_rejected.mean(), "rewards/accuracy": stats.accuracy,
                 "rewards/margin": (stats.reward_chosen - stats.reward_rejected).mean(),

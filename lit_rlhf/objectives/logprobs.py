@@ -60,6 +60,12 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return logprobs_and_entropy(logits, labels)[1]
 
 
+def response_token_mask(position_ids: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """(N,) bool, True at the response tokens of a packed row: each sequence's tokens from
+    position ``max(prompt_length, 1)`` on (see :func:`packed_sequence_logprobs` for the shapes)."""
+    return position_ids >= torch.repeat_interleave(prompt_lengths.clamp(min=1), lengths)
+
+
 def packed_sequence_logprobs(
     token_logprobs: torch.Tensor,
     position_ids: torch.Tensor,
@@ -80,8 +86,7 @@ def packed_sequence_logprobs(
         (S,) summed response log-probs, and (S,) the number of response tokens.
     """
     sequence = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-    start = torch.repeat_interleave(prompt_lengths.clamp(min=1), lengths)
-    scored = (position_ids >= start).to(token_logprobs.dtype)
+    scored = response_token_mask(position_ids, lengths, prompt_lengths).to(token_logprobs.dtype)
     sums = token_logprobs.new_zeros(len(lengths)).index_add_(0, sequence, token_logprobs * scored)
     counts = token_logprobs.new_zeros(len(lengths)).index_add_(0, sequence, scored)
     return sums, counts

@@ -67,12 +67,15 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     nll_chosen: torch.Tensor | None = None,
     nll_coef: float = 0.0,
+    target_margin: float = 0.0,
 ) -> DPOStats:
     """Direct preference losses on the log-ratio margin
     ``h = (logp_c - ref_c) - (logp_r - ref_r)`` of each pair.
 
-    * ``sigmoid`` (DPO, Rafailov et al. 2023): ``-(1 - ls) * logsigmoid(beta * h) - ls * logsigmoid(-beta * h)``,
-      ``ls`` = ``label_smoothing`` (conservative DPO: the label is wrong with probability ls);
+    * ``sigmoid`` (DPO, Rafailov et al. 2023): ``-(1 - ls) * logsigmoid(z) - ls * logsigmoid(-z)``,
+      ``z = beta * h - target_margin``, ``ls`` = ``label_smoothing`` (conservative DPO: the
+      label is wrong with probability ls); SimPO (Meng et al. 2024) is this with mean token
+      log-probs, no reference and ``target_margin`` = its gamma;
     * ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 * beta)) ** 2``;
     * ``hinge`` (SLiC): ``relu(1 - beta * h)``.
 
@@ -84,16 +87,20 @@ def dpo_loss(
         beta: > 0, the inverse temperature of the implicit reward.
         nll_chosen: (B,) mean per-token NLL of the chosen responses, weighted by
             ``nll_coef`` (RPO: DPO plus an SFT term on the chosen side).
+        target_margin: >= 0, subtracted from ``beta * h`` in the sigmoid loss (SimPO's gamma).
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if target_margin < 0 or (target_margin and loss_type != "sigmoid"):
+        raise ValueError(f"target_margin must be >= 0 and is for loss_type sigmoid, got {target_margin} with {loss_type}")
     chosen = logp_chosen.float() - (0.0 if ref_chosen is None else ref_chosen.float())
     rejected = logp_rejected.float() - (0.0 if ref_rejected is None else ref_rejected.float())
     h = chosen - rejected
     if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        z = beta * h - target_margin
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":

@@ -242,7 +242,7 @@ def test_too_long_chat_pairs_lose_their_oldest_turns_not_their_answers(tmp_path,
         tokenizer.chat_template = None
     assert full.stats["prompt_turns_dropped"] == 0
     assert cut.stats["pairs"] == 12 and cut.stats["prompt_turns_dropped"] > 0 and cut.stats["truncated"] == 0
-    for chosen, rejected, _, _ in cut.pairs:
+    for chosen, rejected, *_ in cut.pairs:
         assert max(len(chosen), len(rejected)) <= limit
         text = tokenizer.decode(chosen)
         assert text.endswith("Wonderful and moving.<|im_end|>\n") and "Earlier question 0 " not in text
@@ -321,7 +321,7 @@ def test_left_truncation_keeps_the_end_of_chat_pairs_and_prompts(tmp_path, token
     finally:
         tokenizer.chat_template = None
     assert pairs.stats["truncated"] == 12 and pairs.stats["prompt_turns_dropped"] == 0
-    assert all(tokenizer.decode(c).endswith("Wonderful and moving.<|im_end|>\n") for c, _, _, _ in pairs.pairs)
+    assert all(tokenizer.decode(c).endswith("Wonderful and moving.<|im_end|>\n") for c, *_ in pairs.pairs)
     assert dm.stats["train_cut_left"] == 36 and dm.stats["train_prompts"] == 36
     assert all(len(ids) == 30 and text.endswith("<|im_start|>assistant\n") for text, ids, _ in dm.train_prompts)
     assert all(messages is not None for _, _, messages in dm.train_prompts)  # still known to reward functions

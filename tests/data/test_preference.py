@@ -27,7 +27,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 def test_schema_adapters_on_fixture_files(tokenizer, name, schema, chosen_start):
     ds = PairDataset(load_rows(str(FIXTURES / name)), tokenizer, max_length=128)
     assert ds.schema == schema and len(ds) == 12
-    chosen, rejected, margin, _ = ds.pairs[0]
+    chosen, rejected, margin, *_ = ds.pairs[0]
     assert tokenizer.decode(chosen).startswith(chosen_start)
     assert chosen != rejected and margin == 0.0
 
@@ -70,7 +70,18 @@ def test_max_length_policies_are_counted(tokenizer):
     cut = PairDataset(_rows(("short good", "short bad"), ("good " + long, "bad " + long)), tokenizer,
                       max_length=32, too_long="truncate")
     assert len(cut) == 2 and cut.stats["truncated"] == 1
-    assert all(len(c) <= 32 and len(r) <= 32 for c, r, _, _ in cut.pairs)
+    assert all(len(p.chosen) <= 32 and len(p.rejected) <= 32 for p in cut.pairs)
+
+
+def test_a_prompt_that_fills_max_length_is_a_bad_row(tokenizer):
+    # Truncated to 32 tokens, both sides are the prompt alone: nothing left to compare.
+    prompt = "a wonderful film " * 40
+    rows = _rows(("short good", "short bad"), (prompt + "good", prompt + "bad"))
+    with pytest.raises(ValueError, match=r"row 1: chosen and rejected are identical in their first 32 tokens: "
+                                         r"the prompt leaves no room"):
+        PairDataset(rows, tokenizer, max_length=32, too_long="truncate")
+    skipped = PairDataset(rows, tokenizer, max_length=32, too_long="truncate", on_bad_row="skip")
+    assert len(skipped) == 1 and skipped.stats["skipped_bad"] == 1
 
 
 def test_length_grouped_batches_cover_everything_and_waste_little_padding():

@@ -15,13 +15,14 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from lit_rlhf.data import ConstantLengthDataset
-from lit_rlhf.data.preference import collate_pairs, pack_pairs
+from lit_rlhf.data.preference import Pair, collate_pairs, pack_pairs
 from lit_rlhf.export import merge_adapter
 from lit_rlhf.models import LoraSettings, ModelConfig, load_model, save_pretrained_atomic
 from lit_rlhf.models.loading import dropout_fields
-from lit_rlhf.modules import PPOModule, RewardModule, SFTModule
+from lit_rlhf.modules import DPOModule, PPOModule, RewardModule, SFTModule
 from lit_rlhf.modules.ppo import PPOConfig, SamplingConfig
 from lit_rlhf.objectives import causal_lm_loss
+from lit_rlhf.objectives.logprobs import logprobs_from_logits
 from tests.modules.ppo_helpers import LetterReward, make_data
 
 _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -185,6 +186,37 @@ def test_ppo_runs_two_rollouts_and_its_first_minibatch_has_ratio_exactly_one(fam
     assert first["ratio_mean"].item() == 1.0 and first["ratio_max"].item() == 1.0
     assert first["approx_kl"].item() == 0.0
     assert math.isfinite(seen[1][0].item())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dpo_packed_log_probs_equal_each_sequence_alone_and_start_at_the_reference(family):
+    lm = _lm(family, lora=LoraSettings(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
+    if family in UNPACKABLE:
+        with pytest.raises(ValueError, match=UNPACKABLE[family]):
+            DPOModule(lm)
+        return
+    module = DPOModule(lm)
+    module.configure_model()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 500, (4,), generator=g).tolist()
+    sides = [prompt + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    pairs = [Pair(sides[0], sides[2], 0.0, len(prompt)), Pair(sides[1], sides[3], 0.0, len(prompt))]
+    batch = pack_pairs(pairs, 0)
+    module.train()  # LoRA dropout is on in the policy pass, the base model's is off
+    module.model.eval()
+    with torch.no_grad():
+        packed, counts = module.sequence_logps(module.model, batch)
+        alone = []
+        for seq in [p.chosen for p in pairs] + [p.rejected for p in pairs]:
+            ids = torch.tensor([seq])
+            logits = module.model(input_ids=ids, use_cache=False).logits  # every position, the model's own head
+            alone.append(logprobs_from_logits(logits[:, :-1], ids[:, 1:])[0, len(prompt) - 1:].sum())
+        torch.testing.assert_close(packed, torch.stack(alone), atol=1e-4, rtol=1e-5)  # no leak between sequences
+        assert counts.tolist() == [5, 9, 3, 7]
+        module.model.train()
+        out = module._step(batch)  # zero-initialised LoRA B: the policy is the reference, exactly
+    assert torch.equal(module.sequence_logps(module.model, batch)[0], module.reference_logps(batch))
+    assert out["loss"].item() == pytest.approx(math.log(2), abs=1e-7) and out["rewards/margin"].item() == 0.0
 
 
 def test_unsupported_attention_is_refused_before_loading(tokenizer):

@@ -66,11 +66,69 @@ def test_at_step_zero_the_policy_is_the_reference(lora):
     assert out["rewards/accuracy"].item() == 0.0  # ties count as wrong
 
 
+def test_length_normalized_scores_are_mean_token_log_probs():
+    module = _ready(_module(lora=None, length_normalize=True))
+    _, batch = _batch(module.tokenizer)
+    sums, counts = module.sequence_logps(module.model, batch)
+    out = module._step(batch)
+    assert out["logps/chosen"].item() == pytest.approx((sums / counts).chunk(2)[0].mean().item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(math.log(2), abs=1e-7)  # still the reference at step 0
+
+
+def _fit(tmp_path, demo, name, steps, lora=LORA, **kwargs):
+    rows = demo.pairs_train_file.read_text().splitlines()[:24]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    torch.manual_seed(0)
+    module = _module(lora=lora, optim=OptimConfig(lr=5e-3, warmup_steps=0), beta=0.5, **kwargs)
+    data = PreferenceDataModule(path=str(path), val_split="train", batch_size=8, tokenizer=module.tokenizer)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, default_root_dir=tmp_path / name,
+                        enable_progress_bar=False, num_sanity_val_steps=0, logger=False, enable_checkpointing=False)
+    trainer.fit(module, data)
+    return module, data
+
+
+@pytest.mark.parametrize("lora", [LORA, None], ids=["lora-adapters-off", "full-frozen-copy"])
+def test_precomputed_reference_trains_as_the_reference_pass_does(tmp_path, demo, lora):
+    # The same 3 steps with the reference computed each step, and precomputed once at fit
+    # start: the same weights (up to float reordering of the differently packed passes).
+    live, _ = _fit(tmp_path, demo, "live", 3, lora=lora)
+    cached, data = _fit(tmp_path, demo, "cached", 3, lora=lora, precompute_reference=True)
+    assert data.train_set.has_reference() and data.val_set.has_reference()
+    assert cached.ref_model is None  # a full fine-tuning run frees its frozen copy
+    live_w = dict(live.model.named_parameters())
+    start_w = dict(_ready(_module(lora=lora)).model.named_parameters())
+    moved = 0.0
+    for name, w in cached.model.named_parameters():
+        if w.requires_grad:
+            torch.testing.assert_close(w, live_w[name], atol=2e-6, rtol=0)
+            moved = max(moved, (w - start_w[name]).abs().max().item())
+    assert moved > 1e-3  # they trained: the comparison is not of two untouched models
+
+
+def test_precomputed_reference_equals_the_starting_model_on_each_pair(tmp_path, demo):
+    cached, data = _fit(tmp_path, demo, "cached", 1, lora=None, precompute_reference=True)
+    start = _ready(_module(lora=None))  # the same seed: the starting model
+    for pair in data.train_set.pairs[:6]:
+        want = start._reference_pass(pack_pairs([pair], 0))
+        assert list(pair.reference) == pytest.approx(want.tolist(), abs=1e-4)
+    # The trained policy is exported as a plain transformers causal LM, with its tokenizer.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = tmp_path / "cached" / "model"
+    reloaded = AutoModelForCausalLM.from_pretrained(export).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(export)("A film that moved me.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, cached.model.eval()(input_ids=ids).logits)
+
+
 def test_bad_settings_fail_before_any_weights_load():
     with pytest.raises(ValueError, match="beta must be > 0"):
         _module(beta=0.0)
     with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
         _module(loss_type="kto")
+    with pytest.raises(ValueError, match="precompute_reference: true needs a reference model"):
+        _module(reference="none", precompute_reference=True)
 
 
 @pytest.mark.slow

@@ -69,6 +69,9 @@ def test_dpo_losses_hand_values():
     nll = torch.tensor([1.0, 2.0, 3.0])
     base = dpo_loss(lc, lr, rc, rr, beta=beta).loss.item()
     assert dpo_loss(lc, lr, rc, rr, beta=beta, nll_chosen=nll, nll_coef=0.5).loss.item() == pytest.approx(base + 1.0)
+    # SimPO's margin gamma: -logsigmoid(beta * h - gamma), here without a reference.
+    want = sum(_softplus(-(beta * x - 0.3)) for x in (2.0, -3.0, 1.0)) / 3
+    assert dpo_loss(lc, lr, None, None, beta=beta, target_margin=0.3).loss.item() == pytest.approx(want, rel=1e-6)
 
 
 def test_dpo_loss_at_the_reference_is_log2_and_its_gradient_favours_chosen():
@@ -88,6 +91,8 @@ def test_dpo_loss_at_the_reference_is_log2_and_its_gradient_favours_chosen():
     (dict(loss_type="kto"), "unknown loss_type 'kto'"),
     (dict(label_smoothing=0.5), "label_smoothing must be in"),
     (dict(nll_coef=1.0), "nll_coef > 0 needs nll_chosen"),
+    (dict(target_margin=-0.1), "target_margin must be >= 0"),
+    (dict(target_margin=0.5, loss_type="ipo"), "is for loss_type sigmoid"),
 ])
 def test_dpo_loss_refuses_bad_settings(kwargs, match):
     from lit_rlhf.objectives.preference import dpo_loss

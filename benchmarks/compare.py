@@ -29,8 +29,9 @@ HERE = Path(__file__).resolve().parent
 
 # (figure, target ratio in fp32, target in bf16); higher is better for all of them.
 TARGETS = [("sft_tokens_per_s", 1.0, 1.2), ("rm_pairs_per_s", 1.5, 1.5), ("ppo_episodes_per_s", 2.0, 2.0),
-           ("ppo_generate_tokens_per_s", None, None)]
-MEMORY = ["sft_peak_memory_mb", "rm_peak_memory_mb", "ppo_peak_memory_mb"]
+           ("ppo_generate_tokens_per_s", None, None), ("dpo_pairs_per_s", 1.5, 1.5),
+           ("grpo_completions_per_s", 1.5, 1.5), ("grpo_generate_tokens_per_s", None, None)]
+MEMORY = ["sft_peak_memory_mb", "rm_peak_memory_mb", "ppo_peak_memory_mb", "dpo_peak_memory_mb", "grpo_peak_memory_mb"]
 
 
 def _run(script: str, workload: str, stage: str, extra: list[str]) -> dict:
@@ -77,10 +78,13 @@ def main() -> None:
     parser.add_argument("--stages", default="sft,rm,ppo")
     parser.add_argument("--steps-override", metavar="[WARMUP,]TIMED", help="for smoke tests")
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each stage per implementation")
+    parser.add_argument("--precisions", default="32-true,bf16-mixed", help="comma-separated precisions to run")
+    parser.add_argument("--tag", default="", help="appended to the output file names (e.g. -bf16)")
     opts = parser.parse_args()
     if opts.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {opts.repeats}")
     extra = [f"--steps-override={opts.steps_override}"] if opts.steps_override else []
+    extra.append(f"--precisions={opts.precisions}")
     runs: dict[str, list[dict]] = {"lit_rlhf": [{} for _ in range(opts.repeats)],
                                    "trl": [{} for _ in range(opts.repeats)]}
     scripts = [("lit_rlhf", "run.py"), ("trl", "trl_baseline.py")]
@@ -96,7 +100,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, repeats in runs.items():
         result = {**repeats[0], **median_of(repeats), "repeats": repeats}
-        path = out_dir / f"{opts.workload}-{name}-{date}.json"
+        path = out_dir / f"{opts.workload}-{name}-{date}{opts.tag}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(path)

@@ -10,8 +10,8 @@ compare across implementations (see WORKLOADS).
 
 Workloads:
 
-* ``tiny-cpu``: SFT, RM and PPO throughput of an 8.3M-parameter Llama in fp32 and bf16 mixed,
-  the workload that ``benchmarks/trl_baseline.py`` runs on TRL.
+* ``tiny-cpu``: SFT, RM, PPO, DPO and GRPO throughput of an 8.3M-parameter Llama in fp32 and
+  bf16 mixed, the workload that ``benchmarks/trl_baseline.py`` runs on TRL.
 * ``gpu``: SFT model FLOPs utilisation (MFU) of a 1.1B Llama in bf16 mixed at 2,048 tokens,
   and the peak GPU memory of one PPO step (rollout + update) with a 4-bit NF4 base + LoRA
   for Llama shapes of 1.1B, 7B, 13B and 20B parameters (a stage that runs out of memory is
@@ -57,7 +57,7 @@ WORKLOADS = {
         warmup=3,
         timed=10,
         jobs=[(stage, precision) for precision in ("32-true", "bf16-mixed")
-              for stage in ("sft", "rm", "ppo", "dpo")],
+              for stage in ("sft", "rm", "ppo", "dpo", "grpo")],
     ),
 }
 
@@ -298,6 +298,50 @@ def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
 
 
 
+def bench_grpo(w: dict, precision: str, tmp: Path) -> dict:
+    """GRPO full fine-tuning: prompts x generations completions of exactly ``new_tokens`` tokens,
+    group-normalised advantages, token-mean loss, the k3 KL as a loss term (so the reference
+    pass runs), one update per batch, gradients clipped at 1.0."""
+    from pairs import low_id_fraction, random_prompts
+
+    from lit_rlhf.models import ModelConfig, load_tokenizer
+    from lit_rlhf.modules import GRPOModule
+    from lit_rlhf.modules.grpo import GRPOConfig
+    from lit_rlhf.modules.online import SamplingConfig
+    from lit_rlhf.rewards import RewardFunction
+
+    cfg = w["grpo"]
+
+    class LowIds(GRPOModule):
+        """The reward needs token ids, not text: score the rollout's ids (nothing else changes)."""
+
+        def score(self, prompts, responses, rollout, fields=None):
+            ids, mask = rollout.response_ids.tolist(), rollout.response_mask.tolist()
+            return torch.tensor([low_id_fraction(t for t, m in zip(row, keep) if m) for row, keep in zip(ids, mask)])
+
+    tokenizer = load_tokenizer("demo")
+    module = LowIds(
+        ModelConfig(arch=w["arch"], tokenizer="demo"), RewardFunction(),
+        sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"], stop_at_eos=False,
+                                temperature=1.0, top_k=0, top_p=1.0),
+        grpo=GRPOConfig(num_generations=cfg["generations"], kl_loss_coef=cfg["kl_loss_coef"], scale="group",
+                        loss_aggregation="token_mean", num_iterations=1, max_grad_norm=1.0),
+        rollout_batch_size=cfg["prompts"],
+    )
+    sample_s: list[float] = []
+    log_step = module._log_step
+    module._log_step = lambda stats: (sample_s.append(float(stats["time/sample_s"])), log_step(stats))
+    steps = w["warmup"] + w["timed"]
+    ids = torch.tensor(random_prompts(w)).view(steps, cfg["prompts"], cfg["prompt_len"])
+    batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "prompt": tokenizer.batch_decode(x)} for x in ids]
+    timer = StepTimer()
+    _trainer(precision, [timer], tmp, limit_train_batches=steps).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    completions = cfg["prompts"] * cfg["generations"]
+    step = statistics.median(timer.times[w["warmup"]:])
+    return {"grpo_completions_per_s": completions / step,
+            "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / statistics.median(sample_s[w["warmup"]:])}
+
+
 def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
     """Peak memory of PPO steps (rollout + update) on a 4-bit NF4 base with LoRA adapters.
 
@@ -364,7 +408,8 @@ def run_one(workload: str, stage: str, precision: str, steps_override: str | Non
         if kind == "sft_mfu":
             out = bench_sft_mfu(w, precision, Path(tmp), peak_tflops)
         else:
-            out = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo}[kind](w, precision, Path(tmp))
+            out = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo,
+                   "grpo": bench_grpo}[kind](w, precision, Path(tmp))
     out[f"{kind.split('_')[0]}_peak_memory_mb"] = _peak_memory_mb()
     return out
 
@@ -380,6 +425,7 @@ def main() -> None:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny-cpu")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--stages", help="comma-separated stage names to run (default: all of the workload's)")
+    parser.add_argument("--precisions", default="32-true,bf16-mixed", help="comma-separated Lightning precisions")
     parser.add_argument("--steps-override", metavar="[WARMUP,]TIMED",
                         help="for smoke tests: TIMED timed steps after WARMUP (default 1) warm-up steps")
     parser.add_argument("--peak-tflops", type=float,
@@ -401,6 +447,8 @@ def main() -> None:
     wanted = opts.stages.split(",") if opts.stages else None
     for stage, precision in w["jobs"]:
         if wanted is not None and stage.partition(":")[0] not in wanted and stage not in wanted:
+            continue
+        if precision not in opts.precisions.split(","):
             continue
         print(f"[bench] {stage} {precision}", file=sys.stderr, flush=True)
         extra = [f"--steps-override={opts.steps_override}"] if opts.steps_override else []

@@ -6,7 +6,8 @@
 The workload (model, batch shapes, warm-up and timed steps, threads) is read from
 ``benchmarks/run.py``'s WORKLOADS, so both scripts measure the same thing, and the output
 uses the same names (``sft_tokens_per_s``, ``rm_pairs_per_s``, ``ppo_episodes_per_s``,
-``ppo_generate_tokens_per_s``, ``*_peak_memory_mb``; ``_bf16`` appended for bf16 mixed
+``ppo_generate_tokens_per_s``, ``dpo_pairs_per_s``, ``grpo_completions_per_s``,
+``grpo_generate_tokens_per_s``, ``*_peak_memory_mb``; ``_bf16`` appended for bf16 mixed
 precision), so the two JSON files compare key by key.
 
 Trainers (TRL 1.12.0; this is the last release that still has PPO, under ``trl.experimental.ppo``):
@@ -20,9 +21,42 @@ Trainers (TRL 1.12.0; this is the last release that still has PPO, under ``trl.e
 * PPO: ``trl.experimental.ppo.PPOTrainer``: separate policy, reference (TRL's own copy of the
   policy), value model and reward model (both sequence classifiers, 1 label), exactly
   ``new_tokens`` sampled tokens (``stop_token=None``), one mini-batch per rollout batch.
+* DPO: ``DPOTrainer``, full fine-tuning, ``loss_type=["sigmoid"]``, the workload's ``beta``, no
+  precomputed reference log-probs, ``max_length`` = ``prompt_max + response_max`` (nothing is
+  truncated; checked: the batches hold every token of every pair). Reference: TRL's own, from
+  ``ref_model=None``; TRL 1.12 builds it by loading ``model.config._name_or_path`` again (it does
+  not copy the model in memory), so the random-init policy is saved and given to TRL as a path
+  (``_init_checkpoint``): policy and reference load the same weights in fp32. Data: TRL 1.12 has
+  no pre-tokenized input for DPO (``_prepare_dataset`` always extracts the prompt, appends EOS to
+  both responses' text and tokenizes ``prompt``/``chosen``/``rejected``), so a subclass skips
+  ``_prepare_dataset`` and the collator gets run.py's ids as they are (no EOS appended) in the
+  ``prompt_ids``/``chosen_ids``/``rejected_ids`` columns it reads. ``DataCollatorForPreference``
+  stacks the B prompt+chosen rows and then the B prompt+rejected rows into one (2B, L) batch,
+  right-padded to the longest of the 2B rows (``pad_to_multiple_of=None``), and the policy and
+  the reference each run one forward over it; ``dpo_padding_fraction`` reports the padding.
+  TRL's default random sampler.
+* GRPO: ``GRPOTrainer``, full fine-tuning, one python reward function (``low_id_fraction`` of
+  the ``completion_ids`` that TRL passes reward functions next to the decoded text),
+  ``per_device_train_batch_size`` = prompts x generations = 32 (TRL counts GRPO batches in
+  completions), ``num_generations=8``, ``steps_per_generation=1``, ``num_iterations=1``: one
+  generation batch per optimizer step, sampled by HF ``generate`` (KV cache; no vLLM) inside the
+  training step. Temperature 1, ``top_p=1``, ``top_k=0`` (transformers adds no top-k warper for
+  0), exactly ``new_tokens`` tokens (``max_completion_length`` and ``min_new_tokens`` through
+  ``generation_kwargs``, so EOS cannot end a completion; checked). ``beta`` = the workload's
+  ``kl_loss_coef`` (TRL's KL is the k3 estimator ``exp(r) - r - 1`` added to the per-token loss),
+  so a reference forward runs every step; the reference is built as DPO's (reloaded from the
+  initial checkpoint). ``scale_rewards="group"`` (group mean and std), ``loss_type="dapo"``
+  (TRL 1.12's default and its token mean: summed over the completion tokens of the generation
+  batch, divided by their count; ``"bnpo"`` divides by the local batch's count, the same here).
+  With generation and optimizer steps aligned, TRL runs no old-log-prob pass (the ratio is
+  the current log-probs against themselves, detached). Prompts: TRL 1.12 tokenizes the
+  ``prompt`` text column itself, and the demo tokenizer (2,048 tokens, while the model has
+  8,000) cannot round-trip the ids: decoded and re-tokenized, the 12-token prompts become 1 to
+  9 tokens. So the column holds the ids written out as text and a subclass's
+  ``_tokenize_prompts`` parses them back (checked: every prompt is ``prompt_len`` tokens).
 
 Everything else is left at TRL's defaults (AdamW, linear schedule, grad-norm clip 1.0 in the
-Trainer-based SFT/RM), except what the workload fixes or what would add work that run.py does
+Trainer-based SFT/RM/DPO/GRPO), except what the workload fixes or what would add work that run.py does
 not do: no gradient checkpointing (TRL defaults to it), no logging/reporting, saving,
 evaluation or sample generations.
 
@@ -30,7 +64,9 @@ Timing: a ``TrainerCallback`` times each optimizer step from ``on_step_begin`` t
 ``on_step_end`` (after the batch is fetched, like Lightning's ``on_train_batch_start``).
 PPOTrainer runs its own loop and only fires ``on_step_end``, once per PPO update, so there a
 step is the time between consecutive ``on_step_end`` calls (the first from ``on_train_begin``):
-one rollout batch (generation, reference/value/reward passes) plus its PPO epochs. The figure
+one rollout batch (generation, reference/value/reward passes) plus its PPO epochs. GRPOTrainer
+generates, scores and runs the reference pass in ``_prepare_inputs``, inside the training step,
+so its timed step holds all of them. The figure
 is the median over the timed steps after the warm-up steps. Each (stage, precision) runs in its
 own process so that peak RSS (``ru_maxrss``) belongs to that stage alone.
 
@@ -38,7 +74,10 @@ Precision: fp32, and bf16 mixed (``bf16=True``; autocast on CPU). PPOTrainer bui
 ``Accelerator`` that ignores ``bf16`` in its config, so for PPO the bf16 run sets
 ``ACCELERATE_MIXED_PRECISION=bf16`` (what ``accelerate launch --mixed_precision bf16`` does).
 Accelerate then autocasts only the prepared policy+value forward of the PPO epochs; TRL runs
-generation and the reference/value/reward passes of the rollout in fp32.
+generation and the reference/value/reward passes of the rollout in fp32. DPO and GRPO use the
+Trainer's accelerator, whose ``prepare_model`` wraps the forward of the policy and of TRL's
+reference in autocast, so their bf16 runs autocast every pass: policy and reference forwards,
+and in GRPO every ``generate`` step too (checked on a layer's output dtype).
 
 Where the work differs from run.py's (read ratios with these in mind):
 
@@ -48,8 +87,15 @@ Where the work differs from run.py's (read ratios with these in mind):
   clip gradients (lit_rlhf clips at 1.0); and its bf16 autocasts only the PPO epochs.
 * RM: TRL's random batches are padded to their longest pair (``rm_padding_fraction`` reports
   how much); run.py uses lit_rlhf's length-grouped batches.
-* SFT/RM: the Trainer clips gradients at 1.0 (run.py's Lightning Trainer does not), and TRL
-  computes per-step metrics (SFT: entropy and token accuracy over the full logits).
+* DPO: TRL pads the 2B sequences of a batch to one width (``dpo_padding_fraction``), where
+  lit_rlhf's DPOModule packs them into one unpadded row; TRL also computes per-step metrics
+  over the full logits (entropy, mean chosen/rejected logits).
+* GRPO: TRL computes the entropy of every completion position in the training forward (for its
+  metrics), decodes prompts and completions to text every step, and runs no old-log-prob pass
+  (lit_rlhf's rollout computes old log-probs).
+* SFT/RM/DPO/GRPO: the Trainer clips gradients at 1.0 (run.py's Lightning Trainer does not for
+  SFT/RM), and TRL computes per-step metrics (SFT: entropy and token accuracy over the full
+  logits).
 """
 
 from __future__ import annotations
@@ -273,6 +319,129 @@ def bench_ppo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
             "ppo_generate_tokens_per_s": cfg["batch_size"] * cfg["new_tokens"] / sample}
 
 
+def _init_checkpoint(w: dict, tokenizer, out_dir: str) -> str:
+    """The random-init policy (``_model(..., seed=0)``) saved: DPO's and GRPO's reference loads from it.
+
+    DPOTrainer (``ref_model=None``) and GRPOTrainer (``beta != 0``) build the reference with
+    ``create_model_from_path(model.config._name_or_path)``: a fresh load of the policy's checkpoint,
+    not a copy of the model in memory. So both get the policy as this path, and TRL loads the
+    policy and its reference (fp32) from the same weights.
+    """
+    path = os.path.join(out_dir, "init")
+    _model(_llama_config(w, tokenizer), "causal_lm", seed=0).save_pretrained(path)
+    return path
+
+
+def bench_dpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
+    from datasets import Dataset
+    from pairs import random_dpo_pairs
+    from trl import DPOConfig, DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        # TRL 1.12's `_prepare_dataset` always extracts, EOS-terminates and tokenizes `prompt`/`chosen`/
+        # `rejected` text; the columns its collator reads are `prompt_ids`/`chosen_ids`/`rejected_ids`.
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    cfg = w["dpo"]
+    steps = w["warmup"] + w["timed"]
+    triples = random_dpo_pairs(w)  # the same (prompt, chosen, rejected) ids as run.py
+    dataset = Dataset.from_dict({"prompt_ids": [p for p, _, _ in triples], "chosen_ids": [c for _, c, _ in triples],
+                                 "rejected_ids": [r for _, _, r in triples]})
+    args = DPOConfig(**_common_args(precision, steps, out_dir, cfg["batch_size"]),
+                     max_length=cfg["prompt_max"] + cfg["response_max"],  # nothing is truncated
+                     beta=cfg["beta"], loss_type=["sigmoid"], precompute_ref_log_probs=False)
+    timer = _timer()
+    trainer = PreTokenizedDPOTrainer(model=_init_checkpoint(w, tokenizer, out_dir), ref_model=None, args=args,
+                                     train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    if trainer.ref_model is None:
+        raise RuntimeError("DPOTrainer built no reference model")
+    # Record how much of each batch is padding: the collator stacks the 2 * batch_size rows
+    # prompt+chosen and prompt+rejected and right-pads them all to the longest one.
+    collate, real, padded = trainer.data_collator, [], []
+
+    def recording_collate(examples):
+        batch = collate(examples)
+        if batch["input_ids"].shape[0] != 2 * len(examples):
+            raise RuntimeError(f"DPO batch has {batch['input_ids'].shape[0]} rows for {len(examples)} pairs")
+        real.append(int(batch["attention_mask"].sum()))
+        padded.append(batch["attention_mask"].numel())
+        return batch
+
+    trainer.data_collator = recording_collate
+    trainer.train()
+    expected_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in triples)
+    if sum(real) != expected_tokens:
+        raise RuntimeError(f"DPO trained on {sum(real)} tokens, expected {expected_tokens} (truncated or dropped)")
+    _check_no_checkpointing(trainer.model, trainer.ref_model)
+    _check_precision(trainer, precision)
+    step = _median_after_warmup(timer.times, w, "dpo")
+    return {"dpo_pairs_per_s": cfg["batch_size"] / step, "dpo_padding_fraction": 1 - sum(real) / sum(padded)}
+
+
+def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
+    from datasets import Dataset
+    from pairs import low_id_fraction, random_prompts
+    from trl import GRPOConfig, GRPOTrainer
+
+    class PreTokenizedGRPOTrainer(GRPOTrainer):
+        # TRL 1.12 reads prompts only as text (`processing_class(text=prompts)`), and the demo
+        # tokenizer (2,048 tokens) cannot round-trip the workload's ids (vocabulary 8,000): the
+        # `prompt` column holds the ids written out, and this parses them back.
+        def _tokenize_prompts(self, prompts):
+            return [[int(t) for t in prompt.split()] for prompt in prompts], None, {}
+
+    def low_id_reward(completions, completion_ids, **kwargs):
+        return [low_id_fraction(ids) for ids in completion_ids]
+
+    cfg = w["grpo"]
+    steps = w["warmup"] + w["timed"]
+    completions = cfg["prompts"] * cfg["generations"]
+    dataset = Dataset.from_dict({"prompt": [" ".join(map(str, p)) for p in random_prompts(w)]})
+    args = GRPOConfig(
+        # TRL counts the batch in completions: 32 completions per optimizer step.
+        **_common_args(precision, steps, out_dir, completions),
+        num_generations=cfg["generations"],
+        steps_per_generation=1,  # generate every step, one optimizer step per generation batch
+        num_iterations=1,
+        max_completion_length=cfg["new_tokens"],
+        generation_kwargs={"min_new_tokens": cfg["new_tokens"]},  # EOS never ends a completion
+        temperature=1.0, top_p=1.0, top_k=0,  # top_k=0: transformers adds no top-k warper
+        beta=cfg["kl_loss_coef"],  # k3 KL term: the reference pass runs
+        loss_type="dapo",  # token mean over the generation batch
+        scale_rewards="group",
+        use_vllm=False,
+    )
+    timer = _timer()
+    trainer = PreTokenizedGRPOTrainer(model=_init_checkpoint(w, tokenizer, out_dir), reward_funcs=low_id_reward,
+                                      args=args, train_dataset=dataset, processing_class=tokenizer,
+                                      callbacks=[timer])
+    if trainer.ref_model is None:
+        raise RuntimeError("GRPOTrainer built no reference model")
+
+    # Time the sampling alone (HF generate, KV cache) and check the prompt and completion lengths.
+    generate_s: list[float] = []
+    generate_single_turn = trainer._generate_single_turn
+
+    def timed_generate(prompt_ids, *rest, **kwargs):
+        start = time.perf_counter()
+        completion_ids, logprobs = generate_single_turn(prompt_ids, *rest, **kwargs)
+        generate_s.append(time.perf_counter() - start)
+        lengths = {len(ids) for ids in prompt_ids}, {len(ids) for ids in completion_ids}
+        if len(completion_ids) != completions or lengths != ({cfg["prompt_len"]}, {cfg["new_tokens"]}):
+            raise RuntimeError(f"generated {len(completion_ids)} completions, prompt/completion lengths {lengths}")
+        return completion_ids, logprobs
+
+    trainer._generate_single_turn = timed_generate
+    trainer.train()
+    _check_no_checkpointing(trainer.model, trainer.ref_model)
+    _check_precision(trainer, precision)
+    step = _median_after_warmup(timer.times, w, "grpo")
+    sample = _median_after_warmup(generate_s, w, "grpo generation")
+    return {"grpo_completions_per_s": completions / step,
+            "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / sample}
+
+
 def _peak_memory_mb() -> float:
     import torch
 
@@ -291,7 +460,8 @@ def run_one(w: dict, stage: str, precision: str) -> dict:
     torch.set_num_threads(w["threads"])
     torch.manual_seed(0)
     tokenizer = load_tokenizer("demo")
-    bench = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo}[stage]
+    bench = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo,
+             "grpo": bench_grpo}[stage]
     with tempfile.TemporaryDirectory() as tmp:
         out = bench(w, precision, tokenizer, tmp)
     if torch.get_num_threads() != w["threads"]:
@@ -312,7 +482,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="tiny-cpu", help="a key of run.py's WORKLOADS")
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--stages", default="sft,rm,ppo")
+    parser.add_argument("--stages", default="sft,rm,ppo,dpo,grpo")
+    parser.add_argument("--precisions", default="32-true,bf16-mixed", help="comma-separated precisions")
     parser.add_argument("--steps-override", metavar="[WARMUP,]TIMED",
                         help="for smoke tests: TIMED timed steps after WARMUP (default 1) warm-up steps")
     parser.add_argument("--one", nargs=3, metavar=("WORKLOAD_JSON", "STAGE", "PRECISION"), help=argparse.SUPPRESS)
@@ -335,6 +506,8 @@ def main() -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ACCELERATE_MIXED_PRECISION", None)  # each child decides its own precision
     for precision, suffix in (("32-true", ""), ("bf16-mixed", "_bf16")):
+        if precision not in opts.precisions.split(","):
+            continue
         for stage in opts.stages.split(","):
             print(f"[trl-bench] {stage} {precision}", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, __file__, "--out", "-", "--one", json.dumps(w), stage, precision],

@@ -7,13 +7,22 @@ Any callable with that signature works (give it as a ``class_path`` in the confi
   mean/std stored beside it;
 * :class:`TextClassificationReward`: a transformers text-classification model, scored by the
   logit of one label, as in the classic IMDB sentiment experiment;
-* :class:`JudgeReward`: the offline demo's lexicon judge.
+* :class:`JudgeReward`: the offline demo's lexicon judge;
+* rule checks ("verifiable rewards"): :class:`ExactAnswerReward` (the final answer against
+  the row's ``answer`` field), :class:`RegexFormatReward`, :class:`LengthPenalty`;
+* :class:`WeightedRewards`: a weighted sum of several, each logged on its own.
+
+A function that needs fields of the prompt's data row (e.g. ``answer``) names them in
+``fields``; the online modules pass them as keyword arguments, one value per response
+(``data.init_args.fields`` says which columns the prompts carry).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -29,12 +38,146 @@ class RewardFunction:
     """
 
     wants_messages = False
+    fields: tuple[str, ...] = ()
+    """Data-row fields this function is called with, as keyword arguments (lists of B values)."""
 
     def to(self, device: torch.device) -> RewardFunction:
         return self
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
         raise NotImplementedError
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """Scalars about the last call worth logging (e.g. ``accuracy``); none by default."""
+        return {}
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def final_answer(response: str, extract: Literal["last_number", "stripped"] = "last_number") -> str | None:
+    """The answer a response gives: its last number (``last_number``), or the whole response
+    stripped of surrounding white space (``stripped``); None when there is none."""
+    if extract == "stripped":
+        return response.strip() or None
+    numbers = _NUMBER.findall(response)
+    return numbers[-1] if numbers else None
+
+
+def same_answer(given: str | None, expected) -> bool:
+    """Numbers compare by value (``"46.0"`` is ``46``), anything else as stripped text."""
+    if given is None or expected is None:
+        return False
+    expected = str(expected).strip()
+    try:
+        return float(given) == float(expected)
+    except ValueError:
+        return given.strip() == expected
+
+
+class ExactAnswerReward(RewardFunction):
+    """``correct`` when the response's final answer equals the row's answer, else ``wrong``.
+
+    Logs ``accuracy`` (the fraction of correct answers) through :meth:`statistics`.
+    """
+
+    def __init__(self, answer_field: str = "answer", extract: Literal["last_number", "stripped"] = "last_number",
+                 correct: float = 1.0, wrong: float = 0.0) -> None:
+        """
+        Args:
+            answer_field: the prompt row's column holding the expected answer.
+            extract: ``last_number`` (the last number in the response) or ``stripped`` (the
+                whole response, stripped).
+            correct, wrong: the two scores.
+        """
+        self.fields = (answer_field,)
+        self.answer_field, self.extract, self.correct, self.wrong = answer_field, extract, correct, wrong
+        self._accuracy = torch.zeros(())
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
+        right = torch.tensor([same_answer(final_answer(r, self.extract), a)
+                              for r, a in zip(responses, fields[self.answer_field])])
+        self._accuracy = right.float().mean()
+        return torch.where(right, self.correct, self.wrong).float()
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"accuracy": self._accuracy}
+
+
+class RegexFormatReward(RewardFunction):
+    """``reward`` when the response matches ``pattern`` (whole response, or anywhere), else 0."""
+
+    def __init__(self, pattern: str, reward: float = 1.0, full_match: bool = True) -> None:
+        """
+        Args:
+            pattern: a Python regular expression, e.g. ``"\\d+"`` for a bare number.
+            reward: the score of a matching response.
+            full_match: the whole response (stripped) must match; False: a match anywhere.
+        """
+        try:
+            self.regex = re.compile(pattern, re.DOTALL)
+        except re.error as err:
+            raise ValueError(f"reward pattern {pattern!r} is not a regular expression: {err}") from None
+        self.reward, self.full_match = reward, full_match
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
+        match = self.regex.fullmatch if self.full_match else self.regex.search
+        return torch.tensor([self.reward if match(r.strip() if self.full_match else r) else 0.0 for r in responses])
+
+
+class LengthPenalty(RewardFunction):
+    """``-coef * max(0, words - max_words)``: nothing up to ``max_words`` words, then linear."""
+
+    def __init__(self, max_words: int, coef: float = 0.1) -> None:
+        if max_words < 0 or coef < 0:
+            raise ValueError(f"LengthPenalty needs max_words >= 0 and coef >= 0, got {max_words}, {coef}")
+        self.max_words, self.coef = max_words, coef
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
+        return torch.tensor([-self.coef * max(0, len(r.split()) - self.max_words) for r in responses])
+
+
+class WeightedRewards(RewardFunction):
+    """``sum_i weight_i * function_i``; each function's mean is logged as ``rewards/<name>``.
+
+    Names are the class names in snake case (``exact_answer``, ``regex_format``, ...), with
+    ``_2``, ``_3`` appended to repeats; each function's own statistics follow as
+    ``rewards/<name>/<statistic>`` (e.g. ``rewards/exact_answer/accuracy``).
+    """
+
+    def __init__(self, functions: list[RewardFunction], weights: list[float] | None = None) -> None:
+        if not functions:
+            raise ValueError("WeightedRewards needs at least one function")
+        weights = [1.0] * len(functions) if weights is None else list(weights)
+        if len(weights) != len(functions):
+            raise ValueError(f"WeightedRewards: {len(weights)} weights for {len(functions)} functions")
+        if any(getattr(f, "wants_messages", False) for f in functions):
+            raise ValueError("WeightedRewards passes text prompts; a function that wants messages cannot be combined")
+        self.functions, self.weights = functions, weights
+        self.names: list[str] = []
+        for f in functions:
+            name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(f).__name__.removesuffix("Reward")).lower()
+            self.names.append(name if name not in self.names else f"{name}_{self.names.count(name) + 1}")
+        self.fields = tuple(dict.fromkeys(field for f in functions for field in getattr(f, "fields", ())))
+        self._last: dict[str, torch.Tensor] = {}
+
+    def to(self, device: torch.device) -> WeightedRewards:
+        self.functions = [f.to(device) if hasattr(f, "to") else f for f in self.functions]
+        return self
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
+        total, self._last = torch.zeros(len(responses)), {}
+        for name, weight, f in zip(self.names, self.weights, self.functions):
+            score = torch.as_tensor(f(prompts, responses, **{k: fields[k] for k in getattr(f, "fields", ())}),
+                                    dtype=torch.float32).cpu()
+            self._last[name] = score.mean()
+            for key, value in (f.statistics() if hasattr(f, "statistics") else {}).items():
+                self._last[f"{name}/{key}"] = value
+            total = total + weight * score
+        return total
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return dict(self._last)
 
 
 class JudgeReward(RewardFunction):
@@ -47,7 +190,7 @@ class JudgeReward(RewardFunction):
         """
         self.scale = scale
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
         from lit_rlhf.demo import sentiment_score
 
         return torch.tensor([self.scale * sentiment_score(p + r) for p, r in zip(prompts, responses)])
@@ -138,7 +281,7 @@ class RewardModelReward(_HFClassifierReward):
                 self.mean, self.std = float(meta["reward_mean"]), float(meta["reward_std"])
         return loaded
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
         logits = self.logits([p + r for p, r in zip(prompts, responses)])
         if logits.size(-1) != 1:
             raise ValueError(f"reward model {self.path} has {logits.size(-1)} outputs; expected 1")
@@ -169,7 +312,7 @@ class TextClassificationReward(_HFClassifierReward):
         super().__init__(path, batch_size, dtype, max_length, trust_remote_code)
         self.label = label
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
         model, _ = self._load()
         labels = {v: int(k) for k, v in model.config.id2label.items()}
         if self.label not in labels:

@@ -26,7 +26,9 @@ def test_tiny_cpu_workload_writes_every_figure(tmp_path):
     results = _run(tmp_path, "--workload", "tiny-cpu-smoke", "--steps-override", "1,1", "--in-process")
     for suffix in ("", "_bf16"):
         for name in ("sft_tokens_per_s", "rm_pairs_per_s", "ppo_episodes_per_s", "ppo_generate_tokens_per_s",
-                     "sft_peak_memory_mb", "rm_peak_memory_mb", "ppo_peak_memory_mb"):
+                     "dpo_pairs_per_s", "grpo_completions_per_s", "grpo_generate_tokens_per_s",
+                     "sft_peak_memory_mb", "rm_peak_memory_mb", "ppo_peak_memory_mb", "dpo_peak_memory_mb",
+                     "grpo_peak_memory_mb"):
             assert results[name + suffix] > 0, name + suffix
 
 

@@ -93,3 +93,24 @@ def test_composition_rule():
     same = {"m": {"class_path": "A", "init_args": {"q": 2}}}
     assert merge_configs(base, same)["m"] == {"class_path": "A", "init_args": {"p": 1, "q": 2}}
     assert merge_configs(base, {"m": {"init_args": {"q": 2}}})["m"]["init_args"] == {"p": 1, "q": 2}
+
+
+def test_weighted_rule_rewards_compose_in_a_config(tmp_path, capsys):
+    # The README's example: several reward functions with weights, and the row field they need.
+    overlay = tmp_path / "rewards.yaml"
+    overlay.write_text(
+        f"config: {ROOT / 'configs' / 'grpo' / 'arithmetic.yaml'}\n"
+        "model:\n  init_args:\n    reward:\n      class_path: lit_rlhf.rewards.WeightedRewards\n      init_args:\n"
+        "        functions:\n          - class_path: lit_rlhf.rewards.ExactAnswerReward\n"
+        "          - class_path: lit_rlhf.rewards.RegexFormatReward\n            init_args: {pattern: '\\d+'}\n"
+        "        weights: [1.0, 0.1]\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "-c", str(overlay), "--print_config"])
+    assert exit_.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    reward = config["model"]["init_args"]["reward"]
+    assert reward["class_path"] == "lit_rlhf.rewards.WeightedRewards"
+    assert [f["class_path"] for f in reward["init_args"]["functions"]] == [
+        "lit_rlhf.rewards.ExactAnswerReward", "lit_rlhf.rewards.RegexFormatReward"]
+    assert reward["init_args"]["weights"] == [1.0, 0.1]
+    assert config["data"]["init_args"]["fields"] == ["answer"]

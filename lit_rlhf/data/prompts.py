@@ -14,6 +14,7 @@ from lit_rlhf.data.chat import as_messages, drop_oldest_turns, is_conversation, 
 from lit_rlhf.data.formats import TextFormatter, load_train_val, rank_and_world
 
 DEMO = "demo"
+ARITHMETIC = "arithmetic"  # the arithmetic demo (lit_rlhf.demo.arithmetic)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,13 +29,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def collate_prompts(items: list[tuple], pad_id: int) -> dict:
-    """``(text, ids)`` or ``(text, ids, messages)`` items -> ``{"input_ids", "attention_mask":
-    (B, T) left-padded, "prompt": list[str]}``, plus ``"messages"`` (the conversations the
-    texts were rendered from) when every item has them."""
+    """``(text, ids)``, ``(text, ids, messages)`` or ``(text, ids, messages, fields)`` items ->
+    ``{"input_ids", "attention_mask": (B, T) left-padded, "prompt": list[str]}``, plus
+    ``"messages"`` (the conversations the texts were rendered from) when every item has them,
+    and ``"fields"``: ``{name: list of B values}``, the data-row fields the items carry."""
     ids, mask = left_pad([item[1] for item in items], pad_id)
     batch = {"input_ids": ids, "attention_mask": mask, "prompt": [item[0] for item in items]}
     if items and all(len(item) > 2 and item[2] is not None for item in items):
         batch["messages"] = [item[2] for item in items]
+    if items and all(len(item) > 3 and item[3] for item in items):
+        batch["fields"] = {name: [item[3][name] for item in items] for name in items[0][3]}
     return batch
 
 
@@ -105,6 +109,7 @@ class PromptDataModule(L.LightningDataModule):
         revision: str | None = None,
         chat: bool | None = None,
         chat_truncation: Literal["turns", "left"] = "turns",
+        fields: list[str] | None = None,
         tokenizer=None,
     ) -> None:
         """
@@ -136,6 +141,8 @@ class PromptDataModule(L.LightningDataModule):
                 oldest turns (``turns``; the system message and the last turn stay) and is
                 filtered out if still too long, or keeps its last ``max_prompt_length`` tokens
                 (``left``).
+            fields: row columns each prompt carries to the reward functions (e.g.
+                ``[answer]`` for :class:`~lit_rlhf.rewards.ExactAnswerReward`).
             tokenizer: the policy's tokenizer; linked from the module by the CLI.
         """
         super().__init__()
@@ -151,10 +158,13 @@ class PromptDataModule(L.LightningDataModule):
         self.stats: dict[str, int] = {}
         self.chat = False  # conversational prompts, rendered by the chat template
         self.messages: dict[str, list[dict]] = {}  # rendered prompt -> its messages
+        self.row_fields: dict[str, list[dict]] = {}  # split -> each row's `fields`
 
     def _texts(self) -> tuple[list[str], list[str], str]:
         hp = self.hparams
         if hp.path == DEMO:
+            if hp.fields:
+                raise ValueError(f"data.fields {hp.fields}: the demo prompts have no fields (give a file's path)")
             from lit_rlhf.demo import make_prompts, prepare_demo, read_jsonl
 
             demo = prepare_demo()
@@ -163,12 +173,24 @@ class PromptDataModule(L.LightningDataModule):
             return (make_prompts(train, hp.demo_min_words, hp.demo_max_words, hp.seed),
                     make_prompts(val, hp.demo_min_words, hp.demo_max_words, hp.seed + 1), "demo prompts")
         formatter = TextFormatter(hp.prompt_field, hp.template)
-        rows, val_rows = load_train_val(hp.path, train_split=hp.train_split, val_split=hp.val_split,
+        path, val_split = hp.path, hp.val_split
+        if path == ARITHMETIC:  # the arithmetic demo's problems: {prompt, answer} rows
+            from lit_rlhf.demo.arithmetic import prepare_arithmetic
+
+            path, val_split = str(prepare_arithmetic().prompts_dir), "validation"
+        rows, val_rows = load_train_val(path, train_split=hp.train_split, val_split=val_split,
                                         val_size=hp.val_size, seed=hp.seed,
                                         name=hp.name, data_files=hp.data_files, revision=hp.revision)
         formatter.check_columns(rows.column_names, f"{hp.path} [{hp.train_split}]")
-        if hp.val_split is not None:
+        if val_split is not None:
             val_rows = val_rows.select(range(min(hp.val_size, len(val_rows))))
+        if hp.fields:
+            missing = [f for f in hp.fields if f not in rows.column_names]
+            if missing:
+                raise ValueError(f"{hp.path}: data.fields {missing} are not columns of the prompts "
+                                 f"(columns: {rows.column_names})")
+            self.row_fields = {split: [{f: r[f] for f in hp.fields} for r in part]
+                               for split, part in (("train", rows), ("val", val_rows))}
         first = next(iter(rows), None)
         chat = hp.chat if hp.chat is not None else first is not None and is_conversation(first[hp.prompt_field])
         if hp.template is None and chat:
@@ -215,7 +237,8 @@ class PromptDataModule(L.LightningDataModule):
                     texts[k] = self.tokenizer.decode(ids[k])
                     self.messages[texts[k]] = self.messages.get(text)
                     self.stats[f"{split}_cut_left"] += 1
-        kept = [(t, i, self.messages.get(t)) for t, i in zip(texts, ids) if len(i) <= limit]
+        fields = self.row_fields.get(split) or [None] * len(texts)
+        kept = [(t, i, self.messages.get(t), f) for t, i, f in zip(texts, ids, fields) if len(i) <= limit]
         self.stats[f"{split}_prompts"] = len(kept)
         self.stats[f"{split}_too_long"] = len(texts) - len(kept)
         if not kept:

@@ -11,6 +11,7 @@ from lit_rlhf.data.formats import ConversationFormatter, TextFormatter, conversa
 from lit_rlhf.data.packing import ConstantLengthDataset, pack_collate
 
 DEMO = "demo"
+ARITHMETIC = "arithmetic"  # the arithmetic demo (lit_rlhf.demo.arithmetic)
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -89,11 +90,16 @@ class SFTDataModule(L.LightningDataModule):
 
             demo = prepare_demo()
             return load_rows(str(demo.train_file)), load_rows(str(demo.val_file)), str(demo.root)
-        train, val = load_train_val(hp.path, train_split=hp.train_split, val_split=hp.val_split,
+        path, val_split = hp.path, hp.val_split
+        if path == ARITHMETIC:  # the arithmetic demo's SFT slice: {prompt, completion} rows
+            from lit_rlhf.demo.arithmetic import prepare_arithmetic
+
+            path, val_split = str(prepare_arithmetic().sft_dir), "validation"
+        train, val = load_train_val(path, train_split=hp.train_split, val_split=val_split,
                                     val_size=hp.val_size, seed=hp.seed, streaming=hp.streaming,
                                     name=hp.name, data_files=hp.data_files, revision=hp.revision,
-                                    check=lambda rows: self._check(rows, hp.path))
-        return train, val, hp.path
+                                    check=lambda rows: self._check(rows, path))
+        return train, val, path
 
     def _check(self, rows, source: str) -> None:
         # Conversational rows are recognised from the columns and the first row's values.

@@ -167,19 +167,23 @@ def prepare_demo(
     params = dict(
         version=FORMAT_VERSION, n_train=n_train, n_val=n_val, seed=seed, vocab_size=VOCAB_SIZE
     )
-    paths = DemoPaths.under(root)
-    if _read_done(root) == params:
-        return paths
+    build_once(root, params, _build)
+    return DemoPaths.under(root)
 
+
+def build_once(root: Path, params: dict, build) -> None:
+    """Run ``build(tmp, params)`` into a temporary sibling of ``root`` and rename it into place,
+    unless ``root/DONE`` already holds ``params`` (see :func:`prepare_demo`)."""
+    if _read_done(root) == params:
+        return
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache is normally shared
-        _build(tmp, params)
+        build(tmp, params)
         _publish(tmp, root, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already if our rename won
-    return paths
 
 
 def _publish(tmp: Path, root: Path, params: dict) -> None:

@@ -9,7 +9,9 @@ architecture is named:
 * ``demo-sft``, ``demo-rm``: the SFT policy and the reward model that the PPO demo starts
   from. If the cache lacks them, the single-stage demos run once (the same
   ``configs/<stage>/demo.yaml`` files a user runs) and their results are exported to the
-  cache as plain HF models.
+  cache as plain HF models;
+* ``arithmetic`` (tokenizer) and ``arithmetic-sft`` (the SFT model the arithmetic GRPO demo
+  starts from, built by ``configs/sft/arithmetic.yaml``).
 
 This module sits above the loader and the exporter: it runs the CLI in a subprocess and
 exports its run; the loader never imports it.
@@ -23,7 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEMO_MODELS = {"demo-sft": "sft", "demo-rm": "rm"}
+# name -> (cache folder, the config that builds it)
+DEMO_MODELS = {"demo-sft": ("sft", "sft/demo.yaml"), "demo-rm": ("rm", "rm/demo.yaml"),
+               "arithmetic-sft": ("arithmetic-sft", "sft/arithmetic.yaml")}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -32,7 +36,10 @@ def register() -> None:
     from lit_rlhf.demo import TINY_LLAMA, prepare_demo
     from lit_rlhf.models.sources import register_arch, register_path
 
+    from lit_rlhf.demo.arithmetic import ARITHMETIC, prepare_arithmetic
+
     register_path("demo", lambda: prepare_demo().tokenizer_dir)
+    register_path(ARITHMETIC, lambda: prepare_arithmetic().tokenizer_dir)
     register_arch("demo-tiny", lambda: {"model_type": "llama", **TINY_LLAMA})
     for name in DEMO_MODELS:
         register_path(name, lambda name=name: ensure_demo_model(name))
@@ -48,14 +55,14 @@ def is_demo_model(name: str | None) -> bool:
 
 
 def ensure_demo_model(name: str) -> Path:
-    """Path of the demo model ``name`` (``demo-sft``/``demo-rm``), training it if absent."""
+    """Path of the demo model ``name`` (a key of :data:`DEMO_MODELS`), training it if absent."""
     from lit_rlhf.export import export_run
 
-    stage = DEMO_MODELS[name]
+    stage, recipe = DEMO_MODELS[name]
     target = demo_models_root() / stage
     if (target / "config.json").is_file():
         return target
-    config = REPO / "configs" / stage / "demo.yaml"
+    config = REPO / "configs" / recipe
     if not config.is_file():
         raise FileNotFoundError(f"{name}: {config} not found; run from a lit_rlhf checkout to build demo models")
     print(f"[lit_rlhf] building {name}: python train.py fit -c {config.relative_to(REPO)} (once; cached in {target})",

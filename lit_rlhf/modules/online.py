@@ -203,7 +203,9 @@ class OnlineRLModule(HFModule):
         self._negative_kl_steps = 0
         self._warned_negative_kl = False
         self.last_samples: list[dict] = []
+        self.num_generations = 1  # responses per prompt; a group method sets more
         self.val_score, self.val_judge, self.val_kl, self.val_length = (MeanMetric() for _ in range(4))
+        self.val_accuracy = MeanMetric()
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -230,6 +232,17 @@ class OnlineRLModule(HFModule):
     def hf_model(self) -> nn.Module:
         return self.policy.lm
 
+    def setup(self, stage: str) -> None:
+        # Before any weights load: the reward functions' row fields must come with the prompts.
+        hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", None)
+        if hparams is None or "fields" not in hparams:
+            return
+        for role, fn in (("reward", self.reward_fn), ("judge", self.judge)):
+            missing = [f for f in getattr(fn, "fields", ()) if f not in (hparams.fields or [])]
+            if missing:
+                raise ValueError(f"model.{role} {type(fn).__name__} needs the prompt rows' field(s) {missing}: "
+                                 f"add them to data.init_args.fields (now {hparams.fields})")
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if hasattr(self.reward_fn, "to"):
@@ -241,14 +254,22 @@ class OnlineRLModule(HFModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         t0 = time.perf_counter()
-        # 1. rollout
+        # 1. rollout (num_generations responses per prompt, each prompt's rows together)
         rollout = self.rollout(batch, self.generator)
         responses = self.decode(rollout)
+        prompts = self.grouped(batch["prompt"])
         t1 = time.perf_counter()
         # 2. rewards: shaped scores, and per-token rewards with the KL penalty
-        scores = self.score(self.prompts_for(self.reward_fn, batch), responses, rollout)
+        scores = self.score(self.grouped(self.prompts_for(self.reward_fn, batch)), responses, rollout,
+                            self.row_fields(self.reward_fn, batch))
+        reward_stats = self.reward_fn.statistics() if hasattr(self.reward_fn, "statistics") else {}
         mask = rollout.response_mask.float()
-        rewards, kl, non_score = compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask,
+        # Without old log-probs (a single on-policy update, see needs_old_logprobs) or a
+        # reference, there is no KL in the reward: the method measures it in its loss.
+        logprobs, ref = rollout.logprobs, rollout.ref_logprobs
+        if logprobs is None or ref is None:
+            logprobs = ref = torch.zeros_like(mask)
+        rewards, kl, non_score = compute_rewards(scores, logprobs, ref, mask,
                                                  self.kl_ctl.value, self.kl_config.estimator)
         t2 = time.perf_counter()
         # 3. advantages: the method's estimator
@@ -280,13 +301,19 @@ class OnlineRLModule(HFModule):
             "time/score_s": torch.tensor(t2 - t1),
             "time/learn_s": torch.tensor(t3 - t2),
             "time/episodes_per_s": torch.tensor(global_batch / max(t3 - t0, 1e-9)),
+            **{f"rewards/{name}": torch.as_tensor(value, dtype=torch.float32) for name, value in reward_stats.items()},
+            **self.rollout_statistics(rollout, scores),
             **update,
         }
+        if rollout.logprobs is None or rollout.ref_logprobs is None:  # no KL in the reward (see above)
+            for name in ("objective/kl", "objective/kl_coef", "objective/non_score_reward"):
+                stats.pop(name)
         self._log_step(stats)
-        self._watch_kl(float(global_kl))
+        if rollout.logprobs is not None and rollout.ref_logprobs is not None:
+            self._watch_kl(float(global_kl))
         self.last_samples = [
             {"prompt": p, "response": r, "score": s, "kl": k}
-            for p, r, s, k in zip(batch["prompt"], responses, scores.tolist(), seq_kl.tolist())
+            for p, r, s, k in zip(prompts, responses, scores.tolist(), seq_kl.tolist())
         ]
 
     # ------------------------------------------------------------------------------ what a method gives
@@ -314,29 +341,63 @@ class OnlineRLModule(HFModule):
         """
         raise NotImplementedError
 
+    def rollout_statistics(self, rollout: Rollout, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """More per-rollout statistics to log (name -> scalar); none by default."""
+        return {}
+
+    def needs_old_logprobs(self) -> bool:
+        """False when the rollout's own policy pass would only repeat the first update's
+        forward (one update per rollout, on-policy): the loss then uses its own detached
+        log-probs as the old ones, and the pass is skipped."""
+        return True
+
+    def needs_reference(self) -> bool:
+        """False when nothing uses the reference (no KL anywhere): its pass is skipped."""
+        return True
+
     # ------------------------------------------------------------------------------ the shared parts
+
+    def grouped(self, items: list) -> list:
+        """Each prompt's item repeated for its ``num_generations`` responses (rows of a group are adjacent)."""
+        return [item for item in items for _ in range(self.num_generations)]
+
+    def row_fields(self, reward_fn, batch: dict, num_generations: int | None = None) -> dict[str, list]:
+        """The data-row fields ``reward_fn`` asks for (its ``fields``), one value per response."""
+        wanted = getattr(reward_fn, "fields", ())
+        available = batch.get("fields", {})
+        missing = [name for name in wanted if name not in available]
+        if missing:
+            raise ValueError(f"{type(reward_fn).__name__} needs the prompt rows' field(s) {missing}: add them to "
+                             f"data.init_args.fields (the batch has {sorted(available)})")
+        g = self.num_generations if num_generations is None else num_generations
+        return {name: [v for v in available[name] for _ in range(g)] for name in wanted}
 
     def decode(self, rollout: Rollout) -> list[str]:
         """The responses as text (tokens after EOS and the EOS itself dropped)."""
         return decode_responses(self.tokenizer, rollout)
 
     @torch.no_grad()
-    def rollout(self, batch: dict, generator: torch.Generator) -> Rollout:
-        """Sample responses, then old log-probs (and values), and reference log-probs."""
+    def rollout(self, batch: dict, generator: torch.Generator, num_generations: int | None = None,
+                old_logprobs: bool | None = None) -> Rollout:
+        """Sample ``num_generations`` (default: the module's) responses per prompt, then the
+        old log-probs (and values) and the reference log-probs, each when needed."""
         s = self.sampling
+        g = self.num_generations if num_generations is None else num_generations
         self.policy.eval()  # as at inference; dropout is off either way
         try:
-            lengths = sample_lengths(batch["input_ids"].size(0), s.min_new_tokens, s.max_new_tokens, generator)
+            lengths = sample_lengths(batch["input_ids"].size(0) * g, s.min_new_tokens, s.max_new_tokens, generator)
             start = time.perf_counter()
             rollout = generate(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
                                eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
-                               pad_token_id=self.tokenizer.pad_token_id,
-                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
+                               pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature,
+                               top_k=s.top_k, top_p=s.top_p, generator=generator, num_generations=g)
             self.last_sample_s = time.perf_counter() - start
-            # Same weights, masks and positions as every later update forward: ratio 1 at start.
-            rollout.logprobs, rollout.values, _ = evaluate_actions(self.policy, rollout, s.temperature,
-                                                                   with_values=self.uses_value_head)
-            rollout.ref_logprobs = self.reference_logprobs(rollout)
+            if self.needs_old_logprobs() if old_logprobs is None else old_logprobs:
+                # Same weights, masks and positions as every later update forward: ratio 1 at start.
+                rollout.logprobs, rollout.values, _ = evaluate_actions(self.policy, rollout, s.temperature,
+                                                                       with_values=self.uses_value_head)
+            if self.needs_reference():
+                rollout.ref_logprobs = self.reference_logprobs(rollout)
         finally:
             self.policy.train()
         return rollout
@@ -356,9 +417,12 @@ class OnlineRLModule(HFModule):
             return batch["messages"]
         return batch["prompt"]
 
-    def score(self, prompts: list, responses: list[str], rollout: Rollout) -> torch.Tensor:
-        """(B,) shaped scores: reward function, baseline, clip, missing-EOS penalty."""
-        raw = self.reward_fn(prompts, responses)
+    def score(self, prompts: list, responses: list[str], rollout: Rollout, fields: dict | None = None) -> torch.Tensor:
+        """(B,) shaped scores: reward function, baseline, clip, missing-EOS penalty.
+
+        ``fields``: the data-row fields the reward function asks for, one value per response.
+        """
+        raw = self.reward_fn(prompts, responses, **(fields or {}))
         raw = torch.as_tensor(raw, dtype=torch.float32)
         if raw.shape != (len(prompts),):
             raise ValueError(f"reward function returned shape {tuple(raw.shape)}; expected ({len(prompts)},)")
@@ -472,25 +536,37 @@ class OnlineRLModule(HFModule):
         self._val_generator = torch.Generator(device=self.device).manual_seed(10_000 + self.seed + self.global_rank)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        rollout = self.rollout(batch, self._val_generator)
+        # One response per prompt, with the old log-probs: the KL to the reference is reported.
+        rollout = self.rollout(batch, self._val_generator, num_generations=1, old_logprobs=True)
         responses = self.decode(rollout)
         mask = rollout.response_mask.float()
         n = len(responses)
-        self.val_score.update(torch.as_tensor(self.reward_fn(self.prompts_for(self.reward_fn, batch), responses),
-                                              dtype=torch.float32).mean(), n)
+        fields = self.row_fields(self.reward_fn, batch, num_generations=1)
+        scores = self.reward_fn(self.prompts_for(self.reward_fn, batch), responses, **fields)
+        self.val_score.update(torch.as_tensor(scores, dtype=torch.float32).mean(), n)
+        stats = self.reward_fn.statistics() if hasattr(self.reward_fn, "statistics") else {}
+        accuracy = next((v for k, v in stats.items() if k == "accuracy" or k.endswith("/accuracy")), None)
+        if accuracy is not None:  # an answer checker's fraction of correct answers
+            self.val_accuracy.update(torch.as_tensor(accuracy, dtype=torch.float32), n)
         if self.judge is not None:
-            judged = torch.as_tensor(self.judge(self.prompts_for(self.judge, batch), responses), dtype=torch.float32)
+            judged = torch.as_tensor(self.judge(self.prompts_for(self.judge, batch), responses,
+                                                **self.row_fields(self.judge, batch, num_generations=1)),
+                                     dtype=torch.float32)
             self.val_judge.update(judged.mean(), n)
-        self.val_kl.update(((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1).mean(), n)
+        if rollout.ref_logprobs is not None:
+            self.val_kl.update(((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1).mean(), n)
         self.val_length.update(mask.sum(-1).mean(), n)
 
     def on_validation_epoch_end(self) -> None:
-        out = {"val/score": self.val_score.compute(), "val/kl": self.val_kl.compute(),
-               "val/response_length": self.val_length.compute()}
+        out = {"val/score": self.val_score.compute(), "val/response_length": self.val_length.compute()}
+        if self.val_kl.update_count:
+            out["val/kl"] = self.val_kl.compute()
         if self.judge is not None:
             out["val/judge_score"] = self.val_judge.compute()
+        if self.val_accuracy.update_count:
+            out["val/accuracy"] = self.val_accuracy.compute()
         self.log_dict(out, prog_bar=True)
-        for metric in (self.val_score, self.val_judge, self.val_kl, self.val_length):
+        for metric in (self.val_score, self.val_judge, self.val_kl, self.val_length, self.val_accuracy):
             metric.reset()
 
     # ------------------------------------------------------------------------------ checkpoints

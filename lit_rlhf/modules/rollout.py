@@ -110,6 +110,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    num_generations: int = 1,
 ) -> Rollout:
     """Sample a response for every (left-padded) prompt, reusing the KV cache.
 
@@ -117,18 +118,27 @@ def generate(
         policy: a :class:`~lit_rlhf.models.heads.PolicyWithValueHead` (or anything with its call
             signature).
         query_ids, query_mask: (B, Tq) left-padded prompts.
-        max_new_tokens: (B,) per-row length limit (from a length sampler); a row also stops
-            at its first EOS (``eos_token_id=None``: never, for fixed-length benchmarks).
+        max_new_tokens: (B * G,) per-row length limit (from a length sampler); a row also
+            stops at its first EOS (``eos_token_id=None``: never, for fixed-length benchmarks).
             Nothing forces a minimum length.
+        num_generations: G independent responses per prompt (a group), rows ``b * G .. b * G
+            + G - 1`` for prompt b. Each prompt is prefilled once and its KV cache repeated.
 
     Returns:
-        A :class:`Rollout` with queries and responses (log-probs and values not yet filled).
+        A :class:`Rollout` of B * G episodes (log-probs and values not yet filled).
     """
-    batch, device = query_ids.size(0), query_ids.device
+    device = query_ids.device
     max_new_tokens = max_new_tokens.to(device)
     positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = policy(query_ids, query_mask, positions, use_cache=True, with_values=False, logits_slice=slice(-1, None))
     next_logits, cache = out.logits[:, -1], out.cache
+    if num_generations > 1:  # the group shares its prompt: one prefill, the cache repeated
+        cache.batch_repeat_interleave(num_generations)
+        next_logits, query_ids, query_mask, positions = (
+            t.repeat_interleave(num_generations, 0) for t in (next_logits, query_ids, query_mask, positions))
+    batch = query_ids.size(0)
+    if max_new_tokens.shape != (batch,):
+        raise ValueError(f"max_new_tokens {tuple(max_new_tokens.shape)}: expected ({batch},)")
     mask = query_mask
     last_pos = positions[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=device)

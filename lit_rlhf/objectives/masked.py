@@ -13,7 +13,7 @@ across DDP ranks with one collective.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -150,3 +150,29 @@ def explained_variance(
     var_residual = masked_var(returns - values, mask, unbiased=False, group_sum=group_sum)
     ev = 1 - var_residual / var_returns
     return torch.where(var_returns > 0, ev, torch.full_like(ev, float("nan")))
+
+
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation = "token_mean") -> torch.Tensor:
+    """Reduce a per-token loss (B, T) to a scalar over the masked-in tokens.
+
+    * ``token_mean``: every token of the batch weighs the same (DAPO);
+    * ``seq_mean_token_mean``: the mean over each sequence's tokens, then over sequences
+      (GRPO): a token of a short response weighs more;
+    * ``seq_mean_token_sum``: the sum over each sequence's tokens, then the mean over sequences
+      (Dr. GRPO, without its constant divisor): no length normalisation at all.
+
+    A sequence with no masked-in token adds 0 to the sequence means (it still counts in B).
+    """
+    m = bool_mask(values, mask)
+    x = torch.where(m, values, 0)
+    if mode == "token_mean":
+        return masked_mean(x, m)
+    per_sequence = x.sum(-1)
+    if mode == "seq_mean_token_mean":
+        per_sequence = per_sequence / m.sum(-1).clamp(min=1)
+    elif mode != "seq_mean_token_sum":
+        raise ValueError(f"loss aggregation must be token_mean, seq_mean_token_mean or seq_mean_token_sum, got {mode!r}")
+    return per_sequence.mean()

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from lit_rlhf.objectives.masked import bool_mask, masked_mean
+from lit_rlhf.objectives.masked import Aggregation, aggregate, bool_mask, masked_mean
 
 
 class PolicyStats(NamedTuple):
@@ -47,23 +47,30 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    clip_range_high: float | None = None,
+    aggregation: Aggregation = "token_mean",
 ) -> tuple[torch.Tensor, PolicyStats]:
     """Clipped surrogate policy loss.
 
     ``ratio = exp(logp - old_logp)``; per token ``max(-A * ratio, -A * clip(ratio, 1 - eps,
-    1 + eps))``, the pessimistic bound, averaged over masked tokens.
+    1 + eps_high))``, the pessimistic bound, reduced over masked tokens by ``aggregation``.
 
     Args:
         logp: (B, T) log-probs of the sampled tokens under the current policy (with grad).
         old_logp: (B, T) the same at rollout time.
-        advantages: (B, T), typically whitened.
+        advantages: (B, T), typically whitened (or one value per sequence, broadcast).
         mask: (B, T).
         clip_range: ``eps``, >= 0.
+        clip_range_high: ``eps_high`` of the upper bound (DAPO's clip-higher, e.g. 0.28);
+            None: ``eps``.
+        aggregation: see :func:`~lit_rlhf.objectives.masked.aggregate`; PPO's is ``token_mean``.
 
     Returns:
         ``(loss, PolicyStats)``; the loss is a scalar, the stats are detached scalars.
     """
     _check("clip_range", clip_range)
+    high = clip_range if clip_range_high is None else clip_range_high
+    _check("clip_range_high", high)
     m = bool_mask(logp, mask)
     # Zero the log-ratio and advantages off-mask *before* exp and multiply: torch.where
     # blocks garbage in the forward pass, but exp(huge) = inf would still turn its zero
@@ -72,8 +79,8 @@ def policy_loss(
     adv = torch.where(m, advantages, 0)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    loss = aggregate(torch.maximum(unclipped, clipped), m, aggregation)
     with torch.no_grad():
         stats = PolicyStats(
             clipfrac=masked_mean((clipped > unclipped).to(ratio.dtype), m),

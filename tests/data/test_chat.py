@@ -261,7 +261,7 @@ def test_too_long_chat_prompts_lose_their_oldest_turns(tmp_path, tokenizer):
         tokenizer.chat_template = None
     assert dm.stats["train_prompts"] == 36 and dm.stats["train_too_long"] == 0
     assert dm.stats["prompt_turns_dropped"] > 0
-    for text, ids, messages in dm.train_prompts:
+    for text, ids, messages, _ in dm.train_prompts:
         assert len(ids) <= 60 and text.endswith("<|im_start|>assistant\n") and "Earlier question 0 " not in text
         assert messages[-1]["content"].startswith("And film")  # the turn being answered stays
 
@@ -323,5 +323,5 @@ def test_left_truncation_keeps_the_end_of_chat_pairs_and_prompts(tmp_path, token
     assert pairs.stats["truncated"] == 12 and pairs.stats["prompt_turns_dropped"] == 0
     assert all(tokenizer.decode(c).endswith("Wonderful and moving.<|im_end|>\n") for c, *_ in pairs.pairs)
     assert dm.stats["train_cut_left"] == 36 and dm.stats["train_prompts"] == 36
-    assert all(len(ids) == 30 and text.endswith("<|im_start|>assistant\n") for text, ids, _ in dm.train_prompts)
-    assert all(messages is not None for _, _, messages in dm.train_prompts)  # still known to reward functions
+    assert all(len(ids) == 30 and text.endswith("<|im_start|>assistant\n") for text, ids, *_ in dm.train_prompts)
+    assert all(messages is not None for _, _, messages, _ in dm.train_prompts)  # still known to reward functions

@@ -12,7 +12,7 @@ def test_long_prompts_are_filtered_and_counted():
     dm = make_data(module, max_prompt_length=4)
     dm.setup("fit")
     assert dm.stats["train_too_long"] > 0 and dm.stats["train_prompts"] > 0
-    assert all(len(ids) <= 4 for _, ids, _ in dm.train_prompts)
+    assert all(len(ids) <= 4 for _, ids, *_ in dm.train_prompts)
     with pytest.raises(ValueError, match="no prompt fits max_prompt_length=1"):
         bad = make_data(module, max_prompt_length=1)
         bad.setup("fit")

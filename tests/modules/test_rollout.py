@@ -73,3 +73,23 @@ def test_cached_sampling_log_probs_equal_a_fresh_forward():
     mask = rollout.response_mask.bool()
     assert (batch["attention_mask"] == 0).any()  # the prompts really are left-padded
     torch.testing.assert_close(cached[mask], fresh[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_a_group_prefilled_once_samples_as_its_prompt_repeated():
+    # G responses per prompt from one prefill and a repeated KV cache: the same tokens as
+    # sampling from the prompts repeated G times, and the same log-probs from a fresh forward.
+    module = ready(make_module())
+    batch = make_batch(module)
+    ids, mask = batch["input_ids"][:3], batch["attention_mask"][:3]
+    common = dict(eos_token_id=module.tokenizer.eos_token_id, pad_token_id=module.tokenizer.pad_token_id)
+    module.policy.eval()
+    with torch.no_grad():
+        grouped = generate(module.policy, ids, mask, torch.full((12,), 6), num_generations=4,
+                           generator=torch.Generator().manual_seed(0), **common)
+        repeated = generate(module.policy, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0),
+                            torch.full((12,), 6), generator=torch.Generator().manual_seed(0), **common)
+        assert torch.equal(grouped.query_ids, ids.repeat_interleave(4, 0))
+        assert torch.equal(grouped.response_ids, repeated.response_ids)
+        assert torch.equal(grouped.response_mask, repeated.response_mask)
+        assert len({tuple(r) for r in grouped.response_ids[:4].tolist()}) > 1  # independent samples
+        assert_close(evaluate_actions(module.policy, grouped)[0], evaluate_actions(module.policy, repeated)[0])

@@ -157,3 +157,32 @@ def test_negative_clip_range_raises(fn, name):
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match=name):
         fn(x, x, x, torch.ones(1, 2), -0.1)
+
+
+def test_clip_range_high_raises_only_the_upper_bound():
+    # ratio 1.25 with A = +1: clipped at 1.2 by eps = 0.2, not clipped by eps_high = 0.28.
+    # ratio 0.7 with A = -1: clipped at the lower bound 0.8 either way (-A * 0.8 = 0.8 > 0.7).
+    logp = torch.log(torch.tensor([[1.25, 0.7]]))
+    old, adv, mask = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    sym, _ = policy_loss(logp, old, adv, mask, clip_range=0.2)
+    high, stats = policy_loss(logp, old, adv, mask, clip_range=0.2, clip_range_high=0.28)
+    assert sym.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert high.item() == pytest.approx((-1.25 + 0.8) / 2)
+    assert stats.clipfrac.item() == pytest.approx(0.5)
+
+
+def test_loss_aggregations_hand_values():
+    from lit_rlhf.objectives.masked import aggregate
+
+    # Sequence 1: tokens 1, 2, 3; sequence 2: token 6 (the rest masked out, holding garbage).
+    x = torch.tensor([[1.0, 2.0, 3.0], [6.0, float("nan"), 100.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate(x, mask, "token_mean").item() == pytest.approx(12 / 4)
+    assert aggregate(x, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 6) / 2)
+    assert aggregate(x, mask, "seq_mean_token_sum").item() == pytest.approx((6 + 6) / 2)
+    with pytest.raises(ValueError, match="loss aggregation must be"):
+        aggregate(x, mask, "sum")
+    # The policy loss reduces its per-token terms the same way (ratio 1: the loss is -mean A).
+    adv = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
+    loss, _ = policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), adv, mask, 0.2, aggregation="seq_mean_token_mean")
+    assert loss.item() == pytest.approx(-(1 + 4) / 2)

@@ -1,0 +1,173 @@
+"""GRPOModule: no critic, group advantages, exact invariants at step 0, passes skipped when
+unneeded, it learns a rule-checked reward; the rule-based reward functions."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from lit_rlhf.data import PromptDataModule
+from lit_rlhf.models import LoraSettings, ModelConfig
+from lit_rlhf.modules import GRPOModule
+from lit_rlhf.modules.grpo import GRPOConfig
+from lit_rlhf.modules.ppo import SamplingConfig
+from lit_rlhf.objectives import group_advantages, rloo_advantages
+from lit_rlhf.optim import OptimConfig
+from lit_rlhf.rewards import (
+    ExactAnswerReward,
+    LengthPenalty,
+    RegexFormatReward,
+    WeightedRewards,
+    final_answer,
+)
+from tests.conftest import TINY_LLAMA
+from tests.modules.ppo_helpers import LetterReward, make_data
+
+LORA = LoraSettings(r=8, alpha=16, dropout=0.1, target_modules="all-linear")
+
+
+def _module(reward=None, lora=LORA, prompts=4, lr=1e-3, **grpo):
+    grpo.setdefault("num_generations", 4)
+    return GRPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo", lora=lora), reward or LetterReward(),
+                      optim=OptimConfig(lr=lr, min_lr_ratio=1.0), grpo=GRPOConfig(**grpo),
+                      sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), rollout_batch_size=prompts)
+
+
+def _fit(module, tmp_path, rollouts=2, prompts=4, **data):
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=rollouts, limit_val_batches=0, accelerator="cpu",
+                        default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(module, data.pop("datamodule", None) or make_data(module, prompts, **data))
+    return trainer
+
+
+def _recording(module):
+    seen, loss, rollout = [], module.loss, module.rollout
+
+    def recording_loss(sub, *args):
+        value, stats = loss(sub, *args)
+        seen.append(dict(stats, n=len(sub), has_old=sub.logprobs is not None, has_ref=sub.ref_logprobs is not None))
+        return value, stats
+
+    module.loss = recording_loss
+    return seen
+
+
+@pytest.mark.parametrize("lora", [LORA, None], ids=["lora-adapters-off", "full-frozen-copy"])
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_first_update_has_ratio_one_and_zero_kl_and_no_critic(tmp_path, lora, num_iterations):
+    module = _module(lora=lora, num_iterations=num_iterations)
+    seen = _recording(module)
+    _fit(module, tmp_path, rollouts=2)
+    assert module.policy.value_head is None  # critic-free: no value head at all
+    first = seen[0]
+    assert first["n"] == 16  # 4 prompts x 4 generations, one minibatch
+    assert first["ratio_mean"].item() == 1.0 and first["ratio_max"].item() == 1.0
+    assert first["kl"].item() == 0.0  # zero-initialised LoRA B / an untouched copy: the reference
+    # One update per rollout needs no old log-prob pass; two passes do.
+    assert first["has_old"] == (num_iterations == 2) and first["has_ref"]
+    assert len(seen) == 2 * num_iterations
+
+
+def test_kl_loss_coef_zero_skips_the_reference_pass(tmp_path):
+    module = _module(kl_loss_coef=0.0)
+    seen = _recording(module)
+    _fit(module, tmp_path, rollouts=1)
+    assert not seen[0]["has_ref"] and "kl" not in seen[0] and "loss_kl" not in seen[0]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_advantages_are_the_group_estimator_on_every_token(estimator):
+    module = _module(advantage=estimator)
+    scores = torch.tensor([1.0, 0.0, 0.0, 3.0, 2.0, 2.0, 2.0, 2.0])  # two groups of 4
+    mask = torch.tensor([[1, 1, 0]] * 8, dtype=torch.float)
+    rewards = torch.zeros(8, 3)
+    rewards[:, 1] = scores  # the score sits on the last response token
+    adv, returns = module.advantages(None, scores, rewards, mask)
+    want = group_advantages(scores, 4) if estimator == "grpo" else rloo_advantages(scores, 4)
+    assert returns is None
+    torch.testing.assert_close(adv, want[:, None] * mask)
+    assert adv[4:].abs().sum() == 0  # the second group's rewards are all equal: no signal
+
+
+def test_bad_settings_fail_before_any_weights_load():
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        GRPOConfig(num_generations=1)
+    with pytest.raises(ValueError, match="kl_loss_coef must be >= 0"):
+        GRPOConfig(kl_loss_coef=-1)
+    with pytest.raises(ValueError, match="does not divide"):
+        _module(prompts=3, mini_batch_size=8)  # 12 completions in minibatches of 8
+
+
+@pytest.mark.slow
+def test_grpo_learns_a_rule_checked_reward(tmp_path):
+    # The letter "e" counted in each response: from the random-init start to clearly more.
+    # Full fine-tuning: LoRA leaves the random-init output layer as it is, which is slow to steer.
+    torch.manual_seed(0)
+    module = _module(lora=None, num_generations=8, prompts=8, lr=3e-3, kl_loss_coef=0.0, clip_range_high=0.28,
+                     loss_aggregation="token_mean", num_iterations=4, mini_batch_size=32)
+    scores = []
+    log_step = module._log_step
+    module._log_step = lambda stats: (scores.append(float(stats["env/score"])), log_step(stats))
+    _fit(module, tmp_path, rollouts=30, prompts=8)
+    assert sum(scores[-5:]) / 5 > 1.5 * sum(scores[:5]) / 5 + 0.2, scores
+
+
+def test_exact_answer_and_format_and_length_rules():
+    assert final_answer("The answer is 12, no, 46.") == "46" and final_answer("none") is None
+    reward = ExactAnswerReward()
+    out = reward(["1+2=", "3+4=", "5+5=", "9+9="], ["3", "7.0", "11", "eighteen"], answer=["3", "7", "10", "18"])
+    assert out.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert reward.statistics()["accuracy"].item() == 0.5
+    assert RegexFormatReward(r"\d+")([""] * 3, ["46", " 46 ", "46 apples"]).tolist() == [1.0, 1.0, 0.0]
+    assert RegexFormatReward(r"\d+", full_match=False)([""], ["46 apples"]).tolist() == [1.0]
+    assert LengthPenalty(max_words=2, coef=0.5)([""] * 2, ["a b", "a b c d"]).tolist() == [0.0, -1.0]
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        RegexFormatReward("(")
+
+
+def test_weighted_rewards_sum_and_report_each_function():
+    combined = WeightedRewards([ExactAnswerReward(), RegexFormatReward(r"\d+"), RegexFormatReward("x")],
+                               weights=[1.0, 0.5, 2.0])
+    assert combined.fields == ("answer",)
+    out = combined(["1+1="] * 2, ["2", "two"], answer=["2", "2"])
+    assert out.tolist() == [1.5, 0.0]
+    stats = combined.statistics()
+    assert set(stats) == {"exact_answer", "exact_answer/accuracy", "regex_format", "regex_format_2"}
+    assert stats["regex_format"].item() == 0.5 and stats["exact_answer/accuracy"].item() == 0.5
+    with pytest.raises(ValueError, match="2 weights for 3 functions"):
+        WeightedRewards([LengthPenalty(1)] * 3, weights=[1.0, 1.0])
+
+
+def _arithmetic_rows(tmp_path, n=40):
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(n)))
+    return path
+
+
+def test_prompt_rows_carry_fields_to_the_reward_function(tmp_path):
+    module = _module(reward=ExactAnswerReward(), prompts=4)
+    data = PromptDataModule(path=str(_arithmetic_rows(tmp_path)), fields=["answer"], batch_size=4, val_size=8,
+                            tokenizer=module.tokenizer)
+    data.setup("fit")
+    batch = data.train_dataloader().dataset.batch(0)
+    assert [str(2 * int(p.split("+")[0])) for p in batch["prompt"]] == batch["fields"]["answer"]
+    module.num_generations = 3
+    assert module.row_fields(module.reward_fn, batch)["answer"][:3] == [batch["fields"]["answer"][0]] * 3
+    seen = []
+    log_step = module._log_step
+    module._log_step = lambda stats: (seen.append(stats), log_step(stats))
+    module.num_generations = 4
+    _fit(module, tmp_path, rollouts=1, datamodule=data)
+    assert "rewards/accuracy" in seen[0] and 0.0 <= float(seen[0]["rewards/accuracy"]) <= 1.0
+
+
+def test_a_reward_field_missing_from_the_data_stops_before_training(tmp_path):
+    module = _module(reward=ExactAnswerReward(), prompts=4)
+    data = PromptDataModule(path=str(_arithmetic_rows(tmp_path)), batch_size=4, val_size=8, tokenizer=module.tokenizer)
+    with pytest.raises(ValueError, match=r"ExactAnswerReward needs the prompt rows' field\(s\) \['answer'\]"):
+        _fit(module, tmp_path, rollouts=1, datamodule=data)
+    assert module.policy is None  # no weights were loaded

@@ -34,9 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 def register() -> None:
     """Register the demo's names with the model loader (idempotent)."""
     from lit_rlhf.demo import TINY_LLAMA, prepare_demo
-    from lit_rlhf.models.sources import register_arch, register_path
-
     from lit_rlhf.demo.arithmetic import ARITHMETIC, prepare_arithmetic
+    from lit_rlhf.models.sources import register_arch, register_path
 
     register_path("demo", lambda: prepare_demo().tokenizer_dir)
     register_path(ARITHMETIC, lambda: prepare_arithmetic().tokenizer_dir)

@@ -45,7 +45,7 @@ def _fit(module, tmp_path, rollouts=2, prompts=4, **data):
 
 
 def _recording(module):
-    seen, loss, rollout = [], module.loss, module.rollout
+    seen, loss = [], module.loss
 
     def recording_loss(sub, *args):
         value, stats = loss(sub, *args)

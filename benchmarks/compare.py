@@ -79,7 +79,6 @@ def main() -> None:
     parser.add_argument("--steps-override", metavar="[WARMUP,]TIMED", help="for smoke tests")
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each stage per implementation")
     parser.add_argument("--precisions", default="32-true,bf16-mixed", help="comma-separated precisions to run")
-    parser.add_argument("--tag", default="", help="appended to the output file names (e.g. -bf16)")
     opts = parser.parse_args()
     if opts.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {opts.repeats}")
@@ -100,7 +99,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, repeats in runs.items():
         result = {**repeats[0], **median_of(repeats), "repeats": repeats}
-        path = out_dir / f"{opts.workload}-{name}-{date}{opts.tag}.json"
+        path = out_dir / f"{opts.workload}-{name}-{date}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(path)

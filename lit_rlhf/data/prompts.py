@@ -114,7 +114,8 @@ class PromptDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            path: ``"demo"`` (first words of the demo reviews, like the IMDB experiment), a
+            path: ``"demo"`` (first words of the demo reviews, like the IMDB experiment),
+                ``"arithmetic"`` (the arithmetic demo's problems, with an ``answer`` field), a
                 hub dataset name, or local json/jsonl/csv/parquet file(s) or directory.
             prompt_field: row field holding the prompt, when no template is given: text, or a
                 list of messages rendered by the tokenizer's chat template with the

@@ -46,8 +46,9 @@ class SFTDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            path: ``"demo"`` (offline demo reviews), a hub dataset name, or local
-                json/jsonl/csv/parquet/txt file(s) or directory.
+            path: ``"demo"`` (offline demo reviews), ``"arithmetic"`` (the arithmetic demo's
+                SFT slice), a hub dataset name, or local json/jsonl/csv/parquet/txt file(s) or
+                directory.
             seq_length: tokens per packed chunk.
             batch_size: chunks per batch, per device.
             text_field: row field with the text, when no template is given.

@@ -19,7 +19,7 @@ from lit_rlhf.models.config import (
     Task,
     max_positions,
 )
-from lit_rlhf.models.heads import PolicyOutput, PolicyWithValueHead
+from lit_rlhf.models.heads import PolicyOutput, PolicyWithValueHead, unwrap_peft
 from lit_rlhf.models.loading import (
     attention_for,
     check_quantization,
@@ -54,4 +54,5 @@ __all__ = [
     "resolve_path",
     "save_pretrained_atomic",
     "trainable_parameters",
+    "unwrap_peft",
 ]

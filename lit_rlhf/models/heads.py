@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers are injected in it), or ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class PolicyOutput(NamedTuple):
     logits: torch.Tensor
     """(B, T', V) next-token logits at the positions asked for (all T by default)."""
@@ -44,7 +49,7 @@ class PolicyWithValueHead(nn.Module):
     @property
     def base_model(self) -> nn.Module:
         """The transformers model underneath (LoRA layers, if any, are injected in it)."""
-        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        return unwrap_peft(self.lm)
 
     def forward(
         self,

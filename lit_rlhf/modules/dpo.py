@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_rlhf.data.preference import PairDataset, pack_pairs
-from lit_rlhf.models import ModelConfig
+from lit_rlhf.models import ModelConfig, unwrap_peft
 from lit_rlhf.models.attention import (
     SEGMENT_SDPA,
     packed_attention_mask,
@@ -102,7 +102,7 @@ class DPOModule(HFModule):
             return
         super().configure_model()
         # Plain SDPA on every call, except packed batches: one attention per sequence.
-        use_segment_attention(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+        use_segment_attention(unwrap_peft(self.model))
         if self.lm_config.lora is None and self.hparams.reference == "model":
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
 
@@ -119,8 +119,7 @@ class DPOModule(HFModule):
         also applies a model's own logit scaling or soft-capping).
         """
         ids, positions, lengths = batch["input_ids"], batch["position_ids"], batch["lengths"]
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        implementation = base.config._attn_implementation
+        implementation = unwrap_peft(model).config._attn_implementation
         if implementation == SEGMENT_SDPA:  # the all-ones mask: transformers builds no mask
             extra = {"attention_mask": torch.ones_like(ids), "segment_lengths": lengths.tolist()}
         else:

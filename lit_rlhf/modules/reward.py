@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from lit_rlhf.export import merge_adapter
 from lit_rlhf.metrics import PairMetrics
-from lit_rlhf.models import ModelConfig, save_pretrained_atomic
+from lit_rlhf.models import ModelConfig, save_pretrained_atomic, unwrap_peft
 from lit_rlhf.models.attention import SEGMENT_SDPA, use_segment_attention
 from lit_rlhf.modules.base import HFModule
 from lit_rlhf.objectives.preference import pairwise_loss
@@ -67,7 +67,7 @@ class RewardModule(HFModule):
     @property
     def _transformers_model(self):
         """The transformers model, under the peft wrapper when there is one."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrap_peft(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, T) ids and mask -> (N,) scores, read at each row's last non-pad token."""

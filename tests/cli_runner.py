@@ -1,5 +1,5 @@
 """Run many command lines of ``train.py`` / ``python -m lit_rlhf.export``, each in its own process,
-without paying Python's imports of torch, lightning and transformers (~8 s here) every time.
+without paying Python's imports of torch, lightning, transformers and datasets (~10 s here) every time.
 
 A server process imports them once, before any tensor work (so no thread pool exists yet),
 then forks one child per command: the child gets the command's argv, working directory,
@@ -120,6 +120,8 @@ def _serve() -> None:
     # This checkout's package first, as `python train.py` from ROOT would import it.
     sys.path.insert(0, str(ROOT))
     # Imports only: no tensor op may run before fork (it would start thread pools).
+    # `datasets` (with pandas and pyarrow) alone takes ~2.5 s to import: most commands read data.
+    import datasets  # noqa: F401
     import lightning  # noqa: F401
     import peft  # noqa: F401
     import transformers  # noqa: F401

@@ -191,7 +191,7 @@ class GRPOModule(OnlineRLModule):
         if g.mask_truncated:  # a response cut at max_new_tokens has no reward signal of its own ending
             mask = mask * sub.ended_with(self.tokenizer.eos_token_id).float()[:, None]
         logprobs, _, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, with_values=False,
-                                                entropy="detached")
+                                                entropy="detached", share_prompts=self.share_prompts)
         old = sub.logprobs if sub.logprobs is not None else logprobs.detach()
         pg_loss, pstats = policy_loss(logprobs, old, advantages, mask, g.clip_range, g.clip_range_high,
                                       g.loss_aggregation)

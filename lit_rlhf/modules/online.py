@@ -357,6 +357,11 @@ class OnlineRLModule(HFModule):
 
     # ------------------------------------------------------------------------------ the shared parts
 
+    @property
+    def share_prompts(self) -> bool:
+        """Run each group's shared prompt once in every scoring forward (see ``evaluate_actions``)."""
+        return self.num_generations > 1
+
     def grouped(self, items: list) -> list:
         """Each prompt's item repeated for its ``num_generations`` responses (rows of a group are adjacent)."""
         return [item for item in items for _ in range(self.num_generations)]
@@ -395,7 +400,8 @@ class OnlineRLModule(HFModule):
             if self.needs_old_logprobs() if old_logprobs is None else old_logprobs:
                 # Same weights, masks and positions as every later update forward: ratio 1 at start.
                 rollout.logprobs, rollout.values, _ = evaluate_actions(self.policy, rollout, s.temperature,
-                                                                       with_values=self.uses_value_head)
+                                                                       with_values=self.uses_value_head,
+                                                                       share_prompts=self.share_prompts)
             if self.needs_reference():
                 rollout.ref_logprobs = self.reference_logprobs(rollout)
         finally:
@@ -405,10 +411,12 @@ class OnlineRLModule(HFModule):
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """Log-probs of the response tokens under the reference model."""
         if self.ref_policy is not None:
-            return evaluate_actions(self.ref_policy, rollout, self.sampling.temperature, with_values=False)[0]
+            return evaluate_actions(self.ref_policy, rollout, self.sampling.temperature, with_values=False,
+                                    share_prompts=self.share_prompts)[0]
         # The reference is the base itself: switch the adapters off, no second copy in memory.
         with self.policy.lm.disable_adapter():
-            return evaluate_actions(self.policy, rollout, self.sampling.temperature, with_values=False)[0]
+            return evaluate_actions(self.policy, rollout, self.sampling.temperature, with_values=False,
+                                    share_prompts=self.share_prompts)[0]
 
     @staticmethod
     def prompts_for(reward_fn, batch: dict) -> list:

@@ -163,8 +163,27 @@ def generate(
     return Rollout(query_ids, query_mask, torch.stack(tokens, 1), torch.stack(alive, 1).to(query_mask.dtype))
 
 
+def shared_prompts(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The distinct prompts of a rollout and, for each episode, the index of its prompt.
+
+    Returns ``(query_ids, query_mask)`` of the U distinct prompts, each (U, Tq), and ``index``
+    (B,) with ``rollout.query_ids == query_ids[index]``; None when no two episodes share one.
+    """
+    key = torch.cat([rollout.query_ids, rollout.query_mask.to(rollout.query_ids.dtype)], dim=1)
+    unique, index = torch.unique(key, dim=0, return_inverse=True)
+    if unique.size(0) == key.size(0):
+        return None
+    tq = rollout.query_ids.size(1)
+    return unique[:, :tq], unique[:, tq:].to(rollout.query_mask.dtype), index
+
+
 def evaluate_actions(
-    policy, rollout: Rollout, temperature: float = 1.0, with_values: bool = True, entropy: EntropyMode = "skip"
+    policy,
+    rollout: Rollout,
+    temperature: float = 1.0,
+    with_values: bool = True,
+    entropy: EntropyMode = "skip",
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs, values and entropies of the rollout's response tokens under ``policy``.
 
@@ -174,21 +193,46 @@ def evaluate_actions(
 
     Args:
         entropy: ``grad``, ``detached`` or ``skip``, as in :func:`~lit_rlhf.objectives.logprobs.logprobs_and_entropy`.
+        share_prompts: episodes with the same prompt (a GRPO group) run it once: the distinct
+            prompts are prefilled, their KV cache is indexed out to the episodes, and only
+            the responses run on top of it. The same function of the weights (gradients flow
+            through the cache into the prompt's pass), with fewer tokens through the trunk.
+            Ignored under gradient checkpointing, which cannot keep a cache.
 
     Returns:
         logprobs (B, Tr), values (B, Tr) or None, entropy (B, Tr) or None.
     """
     input_ids, mask, positions = rollout.sequences()
-    # Response token j is scored by the logits at position Tq + j - 1.
-    start = rollout.query_ids.size(1) - 1
-    out = policy(input_ids, mask, positions, with_values=with_values, logits_slice=slice(start, -1))
-    logits = out.logits
+    tq = rollout.query_ids.size(1)
+    shared = shared_prompts(rollout) if share_prompts and not _checkpointing(policy) else None
+    if shared is None:
+        # Response token j is scored by the logits (and value) at position Tq + j - 1.
+        out = policy(input_ids, mask, positions, with_values=with_values, logits_slice=slice(tq - 1, -1))
+        logits, values = out.logits, out.values[:, tq - 1:-1] if with_values else None
+    else:
+        query_ids, query_mask, index = shared
+        query_positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
+        prompt = policy(query_ids, query_mask, query_positions, use_cache=True, with_values=with_values,
+                        logits_slice=slice(-1, None))
+        cache = prompt.cache
+        cache.batch_select_indices(index)  # (U, ...) -> (B, ...), differentiable
+        # The responses attend to their prompt's cached keys and values, then to each other.
+        out = policy(rollout.response_ids, mask, positions[:, tq:], cache=cache, use_cache=True,
+                     with_values=with_values, logits_slice=slice(None, -1))
+        logits = torch.cat([prompt.logits[index], out.logits], dim=1)
+        values = torch.cat([prompt.values[index, -1:], out.values[:, :-1]], dim=1) if with_values else None
     if temperature != 1.0:
         # Scores of the distribution that was actually sampled from.
         logits = logits / temperature
     logprobs, entropies = logprobs_and_entropy(logits, rollout.response_ids, entropy)
-    values = out.values[:, start:-1] if with_values else None
     return logprobs, values, entropies
+
+
+def _checkpointing(policy) -> bool:
+    """True when this forward will be checkpointed: the layers then drop any cache."""
+    base = getattr(policy, "base_model", None)
+    return torch.is_grad_enabled() and bool(getattr(base, "training", False)) and \
+        bool(getattr(base, "is_activation_checkpointing", False))
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

@@ -19,8 +19,10 @@ from lit_rlhf.data.preference import Pair, collate_pairs, pack_pairs
 from lit_rlhf.export import merge_adapter
 from lit_rlhf.models import LoraSettings, ModelConfig, load_model, save_pretrained_atomic
 from lit_rlhf.models.loading import dropout_fields
-from lit_rlhf.modules import DPOModule, PPOModule, RewardModule, SFTModule
+from lit_rlhf.modules import DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
+from lit_rlhf.modules.grpo import GRPOConfig
 from lit_rlhf.modules.ppo import PPOConfig, SamplingConfig
+from lit_rlhf.modules.rollout import evaluate_actions, generate
 from lit_rlhf.objectives import causal_lm_loss
 from lit_rlhf.objectives.logprobs import logprobs_from_logits
 from tests.modules.ppo_helpers import LetterReward, make_data
@@ -186,6 +188,30 @@ def test_ppo_runs_two_rollouts_and_its_first_minibatch_has_ratio_exactly_one(fam
     assert first["ratio_mean"].item() == 1.0 and first["ratio_max"].item() == 1.0
     assert first["approx_kl"].item() == 0.0
     assert math.isfinite(seen[1][0].item())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_grpo_groups_share_their_prompt_pass_and_start_at_the_reference(family):
+    # GRPO scores each group's prompt once (its KV cache indexed out to the group's
+    # responses): the same log-probs as the full forward, and at step 0 (LoRA B = 0) the
+    # policy's equal the reference's (adapters off) exactly: ratio 1, KL 0.
+    lm = _lm(family, lora=LoraSettings(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
+    module = GRPOModule(lm, LetterReward(), grpo=GRPOConfig(num_generations=3), rollout_batch_size=2)
+    module.configure_model()
+    tok = module.tokenizer
+    query = torch.tensor([[tok.pad_token_id, 40, 41, 42], [50, 51, 52, 53]])
+    module.policy.eval()
+    with torch.no_grad():
+        rollout = generate(module.policy, query, (query != tok.pad_token_id).long(), torch.tensor([3, 5, 4, 5, 2, 5]),
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           generator=torch.Generator().manual_seed(0), num_generations=3)
+        full = evaluate_actions(module.policy, rollout, with_values=False)[0]
+        reference = module.reference_logprobs(rollout)
+    module.policy.train()  # as in the update: LoRA dropout is live (p = 0), gradients on
+    shared = evaluate_actions(module.policy, rollout, with_values=False, share_prompts=True)[0]
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(shared[mask], full[mask], atol=1e-4, rtol=1e-5)
+    assert torch.equal(shared.detach(), reference)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

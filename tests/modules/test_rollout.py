@@ -93,3 +93,37 @@ def test_a_group_prefilled_once_samples_as_its_prompt_repeated():
         assert torch.equal(grouped.response_mask, repeated.response_mask)
         assert len({tuple(r) for r in grouped.response_ids[:4].tolist()}) > 1  # independent samples
         assert_close(evaluate_actions(module.policy, grouped)[0], evaluate_actions(module.policy, repeated)[0])
+
+
+def test_a_shared_prompt_run_once_gives_the_log_probs_values_and_gradients_of_the_full_forward():
+    # Groups of 3 responses per (left-padded) prompt, shuffled as a minibatch is: the prompts
+    # are prefilled once and their cache indexed out, and nothing the update reads changes.
+    module = ready(make_module())
+    batch = make_batch(module)
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    module.policy.eval()
+    with torch.no_grad():
+        grouped = generate(module.policy, batch["input_ids"][:4], batch["attention_mask"][:4],
+                           torch.arange(12) % 5 + 2, eos_token_id=module.tokenizer.eos_token_id, pad_token_id=module.tokenizer.pad_token_id,
+                           generator=torch.Generator().manual_seed(0), num_generations=3)
+    sub = grouped[torch.randperm(12, generator=torch.Generator().manual_seed(1))]
+    assert (sub.query_mask == 0).any() and (sub.response_mask == 0).any()  # padding on both sides
+    results = []
+    for share in (False, True):
+        module.policy.zero_grad()
+        logprobs, values, entropy = evaluate_actions(module.policy, sub, temperature=0.7, entropy="grad",
+                                                     share_prompts=share)
+        (logprobs.sum() + values.sum() + entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
+        results.append((logprobs.detach(), values.detach(), entropy.detach(), grads))
+    (lp, v, h, g), (lp_s, v_s, h_s, g_s) = results
+    mask = sub.response_mask.bool()
+    assert_close(lp_s[mask], lp[mask], atol=1e-5, rtol=1e-5)
+    assert_close(v_s[mask], v[mask], atol=1e-5, rtol=1e-5)
+    assert_close(h_s[mask], h[mask], atol=1e-5, rtol=1e-5)
+    assert g.keys() == g_s.keys() and len(g) > 2  # the adapters and the value head
+    for name in g:
+        assert_close(g_s[name], g[name], atol=1e-4, rtol=1e-4, msg=name)

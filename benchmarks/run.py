@@ -54,10 +54,12 @@ WORKLOADS = {
         # GRPO: 4 prompts x 8 generations = 32 completions per step, exactly 32 new tokens,
         # KL as a k3 loss term (coefficient 0.04, so the reference pass runs), token-mean loss.
         grpo=dict(prompts=4, prompt_len=12, generations=8, new_tokens=32, kl_loss_coef=0.04),
+        # The same with 128-token prompts (fp32 only): what running a group's prompt once saves.
+        grpo_long=dict(prompt_len=128),
         warmup=3,
         timed=10,
         jobs=[(stage, precision) for precision in ("32-true", "bf16-mixed")
-              for stage in ("sft", "rm", "ppo", "dpo", "grpo")],
+              for stage in ("sft", "rm", "ppo", "dpo", "grpo")] + [("grpo_long", "32-true")],
     ),
 }
 
@@ -97,7 +99,7 @@ WORKLOADS["tiny-cpu-smoke"] = dict(
     sft=dict(seq_length=64, batch_size=4), rm=dict(batch_size=4, min_len=16, max_len=64),
     ppo=dict(batch_size=4, prompt_len=8, new_tokens=8, ppo_epochs=1),
     dpo=dict(batch_size=2, prompt_min=4, prompt_max=8, response_min=4, response_max=16, beta=0.1),
-    grpo=dict(prompts=2, prompt_len=6, generations=4, new_tokens=8, kl_loss_coef=0.04),
+    grpo=dict(prompts=2, prompt_len=6, generations=4, new_tokens=8, kl_loss_coef=0.04), grpo_long=dict(prompt_len=24),
 )
 WORKLOADS["gpu"] = _gpu_workload(GPU_ARCHS, GPU_ARCHS["1b"], seq_length=2048, new_tokens=128)
 WORKLOADS["gpu-tiny"] = _gpu_workload(TINY_ARCHS, TINY_ARCHS["tiny"], seq_length=64, new_tokens=8)
@@ -342,6 +344,12 @@ def bench_grpo(w: dict, precision: str, tmp: Path) -> dict:
             "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / statistics.median(sample_s[w["warmup"]:])}
 
 
+def bench_grpo_long(w: dict, precision: str, tmp: Path) -> dict:
+    """The GRPO stage with ``grpo_long.prompt_len``-token prompts (keys ``grpo_long_*``)."""
+    long = dict(w, grpo=dict(w["grpo"], prompt_len=w["grpo_long"]["prompt_len"]))
+    return {key.replace("grpo_", "grpo_long_", 1): v for key, v in bench_grpo(long, precision, tmp).items()}
+
+
 def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
     """Peak memory of PPO steps (rollout + update) on a 4-bit NF4 base with LoRA adapters.
 
@@ -409,8 +417,8 @@ def run_one(workload: str, stage: str, precision: str, steps_override: str | Non
             out = bench_sft_mfu(w, precision, Path(tmp), peak_tflops)
         else:
             out = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo,
-                   "grpo": bench_grpo}[kind](w, precision, Path(tmp))
-    out[f"{kind.split('_')[0]}_peak_memory_mb"] = _peak_memory_mb()
+                   "grpo": bench_grpo, "grpo_long": bench_grpo_long}[kind](w, precision, Path(tmp))
+    out[f"{'grpo_long' if kind == 'grpo_long' else kind.split('_')[0]}_peak_memory_mb"] = _peak_memory_mb()
     return out
 
 

@@ -442,6 +442,12 @@ def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
             "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / sample}
 
 
+
+def bench_grpo_long(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
+    """The GRPO stage with ``grpo_long.prompt_len``-token prompts (keys ``grpo_long_*``)."""
+    long = dict(w, grpo=dict(w["grpo"], prompt_len=w["grpo_long"]["prompt_len"]))
+    return {key.replace("grpo_", "grpo_long_", 1): v for key, v in bench_grpo(long, precision, tokenizer, out_dir).items()}
+
 def _peak_memory_mb() -> float:
     import torch
 
@@ -461,7 +467,7 @@ def run_one(w: dict, stage: str, precision: str) -> dict:
     torch.manual_seed(0)
     tokenizer = load_tokenizer("demo")
     bench = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo,
-             "grpo": bench_grpo}[stage]
+             "grpo": bench_grpo, "grpo_long": bench_grpo_long}[stage]
     with tempfile.TemporaryDirectory() as tmp:
         out = bench(w, precision, tokenizer, tmp)
     if torch.get_num_threads() != w["threads"]:

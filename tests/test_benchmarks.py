@@ -30,6 +30,7 @@ def test_tiny_cpu_workload_writes_every_figure(tmp_path):
                      "sft_peak_memory_mb", "rm_peak_memory_mb", "ppo_peak_memory_mb", "dpo_peak_memory_mb",
                      "grpo_peak_memory_mb"):
             assert results[name + suffix] > 0, name + suffix
+    assert results["grpo_long_completions_per_s"] > 0 and results["grpo_long_peak_memory_mb"] > 0  # fp32 only
 
 
 def test_gpu_workload_code_runs_on_tiny_shapes(tmp_path):

@@ -171,3 +171,31 @@ def test_a_reward_field_missing_from_the_data_stops_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"ExactAnswerReward needs the prompt rows' field\(s\) \['answer'\]"):
         _fit(module, tmp_path, rollouts=1, datamodule=data)
     assert module.policy is None  # no weights were loaded
+
+
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # 4 rollouts of 4 prompts x 4 generations; 2 iterations x 2 minibatches of 8 = 4 optimizer
+    # steps each, so a checkpoint every 8 steps falls after rollout 2.
+    def module():
+        return _module(num_iterations=2, mini_batch_size=8)
+
+    straight = module()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
+    L.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, accelerator="cpu", logger=False,
+              default_root_dir=tmp_path / "a", enable_progress_bar=False, callbacks=[ckpt],
+              enable_model_summary=False).fit(straight, make_data(straight, 4))
+    resumed = module()
+    L.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, accelerator="cpu", logger=False,
+              default_root_dir=tmp_path / "b", enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False).fit(resumed, make_data(resumed, 4),
+                                              ckpt_path=tmp_path / "ckpt" / "epoch=0-step=8.ckpt")
+    assert resumed.rollouts_done == straight.rollouts_done == 4
+    want = {n: p for n, p in straight.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert want.keys() == got.keys() and len(want) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    state = torch.load(tmp_path / "ckpt" / "epoch=0-step=8.ckpt", weights_only=True)["state_dict"]
+    assert state and all("lora_" in k for k in state)  # the adapter only: no value head, no frozen base

@@ -78,6 +78,8 @@ class PolicyWithValueHead(nn.Module):
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
-        logits = base.get_output_embeddings()(hidden[:, logits_slice])
+        # Contiguous: on a strided slice, torch's matmul picks its kernel by whether the weights
+        # require grad, so a frozen copy of the policy would round differently from the policy.
+        logits = base.get_output_embeddings()(hidden[:, logits_slice].contiguous())
         values = self.value_head(hidden.float()).squeeze(-1) if with_values else None
         return PolicyOutput(logits, values, out.cache if use_cache else None)

@@ -55,3 +55,10 @@ def low_id_fraction(ids, threshold: int = 4000) -> float:
     """The GRPO stage's cheap rule-based reward: the fraction of response ids below ``threshold``."""
     ids = list(ids)
     return sum(1 for t in ids if t < threshold) / max(len(ids), 1)
+
+
+def with_long_prompts(bench, w: dict, *args) -> dict:
+    """Run a GRPO stage ``bench(w, *args)`` with ``w["grpo_long"]["prompt_len"]``-token prompts;
+    its figures come back renamed ``grpo_long_*``."""
+    long = dict(w, grpo=dict(w["grpo"], prompt_len=w["grpo_long"]["prompt_len"]))
+    return {key.replace("grpo_", "grpo_long_", 1): v for key, v in bench(long, *args).items()}

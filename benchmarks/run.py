@@ -346,8 +346,9 @@ def bench_grpo(w: dict, precision: str, tmp: Path) -> dict:
 
 def bench_grpo_long(w: dict, precision: str, tmp: Path) -> dict:
     """The GRPO stage with ``grpo_long.prompt_len``-token prompts (keys ``grpo_long_*``)."""
-    long = dict(w, grpo=dict(w["grpo"], prompt_len=w["grpo_long"]["prompt_len"]))
-    return {key.replace("grpo_", "grpo_long_", 1): v for key, v in bench_grpo(long, precision, tmp).items()}
+    from pairs import with_long_prompts
+
+    return with_long_prompts(bench_grpo, w, precision, tmp)
 
 
 def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
@@ -418,7 +419,8 @@ def run_one(workload: str, stage: str, precision: str, steps_override: str | Non
         else:
             out = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo,
                    "grpo": bench_grpo, "grpo_long": bench_grpo_long}[kind](w, precision, Path(tmp))
-    out[f"{'grpo_long' if kind == 'grpo_long' else kind.split('_')[0]}_peak_memory_mb"] = _peak_memory_mb()
+    prefix = {"ppo_memory": "ppo", "sft_mfu": "sft"}.get(kind, kind)  # the stage the variant measures
+    out[f"{prefix}_peak_memory_mb"] = _peak_memory_mb()
     return out
 
 

@@ -442,11 +442,12 @@ def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
             "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / sample}
 
 
-
 def bench_grpo_long(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
     """The GRPO stage with ``grpo_long.prompt_len``-token prompts (keys ``grpo_long_*``)."""
-    long = dict(w, grpo=dict(w["grpo"], prompt_len=w["grpo_long"]["prompt_len"]))
-    return {key.replace("grpo_", "grpo_long_", 1): v for key, v in bench_grpo(long, precision, tokenizer, out_dir).items()}
+    from pairs import with_long_prompts
+
+    return with_long_prompts(bench_grpo, w, precision, tokenizer, out_dir)
+
 
 def _peak_memory_mb() -> float:
     import torch

@@ -5,6 +5,8 @@ Any callable with that signature works (give it as a ``class_path`` in the confi
 * :class:`RewardModelReward`: a reward model exported by the RM stage (or any HF
   sequence-classification model with one output), optionally normalized with the reward
   mean/std stored beside it;
+* :class:`AdapterReward`: a reward model trained as a LoRA adapter on the policy's base,
+  loaded onto the policy's own model as a second adapter (no second copy of the base);
 * :class:`TextClassificationReward`: a transformers text-classification model, scored by the
   logit of one label, as in the classic IMDB sentiment experiment;
 * :class:`JudgeReward`: the offline demo's lexicon judge;
@@ -26,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from lit_rlhf.models.config import looks_local
+from lit_rlhf.models.config import ModelConfig, looks_local
 
 
 class RewardFunction:
@@ -43,6 +45,14 @@ class RewardFunction:
 
     def to(self, device: torch.device) -> RewardFunction:
         return self
+
+    def check_base(self, lm: ModelConfig, where: str = "reward") -> None:
+        """Called by the online modules at construction with the policy's model config, before
+        any weights load: a function that runs on the policy's base checks it fits (none by default)."""
+
+    def attach(self, lm, tokenizer) -> None:
+        """Called by the online modules once the policy's weights are loaded, with the policy's
+        (peft) causal LM and tokenizer: a function that shares the policy's base takes it here."""
 
     def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
         raise NotImplementedError
@@ -199,14 +209,17 @@ class JudgeReward(RewardFunction):
 class _HFClassifierReward(RewardFunction):
     """Shared loading and batched scoring of a sequence-classification model."""
 
-    def __init__(self, path: str, batch_size: int, dtype: str, max_length: int, trust_remote_code: bool) -> None:
+    def __init__(self, path: str, batch_size: int, dtype: str, max_length: int, trust_remote_code: bool,
+                 quantization: str = "none") -> None:
+        if quantization not in ("none", "8bit", "4bit-nf4", "4bit-fp4"):
+            raise ValueError(f"reward quantization must be none, 8bit, 4bit-nf4 or 4bit-fp4, got {quantization!r}")
         if batch_size < 1:
             raise ValueError(f"reward batch_size must be >= 1, got {batch_size}")
         if looks_local(path) and not Path(path).expanduser().exists():
             # Checked here, at construction: otherwise the first rollout would fail on a hub lookup.
             raise FileNotFoundError(f"reward.init_args.path: no such model directory {path!r}")
         self.path, self.batch_size, self.max_length = path, batch_size, max_length
-        self.dtype, self.trust_remote_code = getattr(torch, dtype), trust_remote_code
+        self.dtype, self.trust_remote_code, self.quantization = getattr(torch, dtype), trust_remote_code, quantization
         self.device = torch.device("cpu")
         self._model = self._tokenizer = None
 
@@ -220,17 +233,29 @@ class _HFClassifierReward(RewardFunction):
             self._tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
             if self._tokenizer.pad_token_id is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
+            quantized = {}
+            if self.quantization != "none":
+                from lit_rlhf.models import check_quantization
+                from lit_rlhf.models.loading import bnb_config
+
+                check_quantization(self.quantization, self.device)
+                # Quantized weights load straight onto their device and cannot move after.
+                quantized = {"quantization_config": bnb_config(self.quantization, self.dtype),
+                             "device_map": {"": self.device}}
             # A missing score head would be randomly initialised: scores of noise.
             self._model = from_pretrained_checked(
-                AutoModelForSequenceClassification, self.path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+                AutoModelForSequenceClassification, self.path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                **quantized,
             )
             self._model.config.pad_token_id = self._tokenizer.pad_token_id
-            self._model.requires_grad_(False).eval().to(self.device)
+            self._model.requires_grad_(False).eval()
+            if not quantized:
+                self._model.to(self.device)
         return self._model, self._tokenizer
 
     def to(self, device: torch.device) -> RewardFunction:
         self.device = torch.device(device)
-        if self._model is not None:
+        if self._model is not None and self.quantization == "none":
             self._model.to(self.device)
         return self
 
@@ -257,6 +282,7 @@ class RewardModelReward(_HFClassifierReward):
         dtype: str = "float32",
         max_length: int = 1024,
         trust_remote_code: bool = False,
+        quantization: Literal["none", "8bit", "4bit-nf4", "4bit-fp4"] = "none",
     ) -> None:
         """
         Args:
@@ -267,8 +293,11 @@ class RewardModelReward(_HFClassifierReward):
             dtype: weights dtype of the reward model.
             max_length: longest tokenized prompt + response scored (truncated beyond).
             trust_remote_code: run code shipped with a hub model (off by default).
+            quantization: load the reward model's weights in 8-bit or 4-bit (bitsandbytes),
+                computing in ``dtype``; a second copy of a base the policy already holds costs
+                less as an :class:`AdapterReward`.
         """
-        super().__init__(path, batch_size, dtype, max_length, trust_remote_code)
+        super().__init__(path, batch_size, dtype, max_length, trust_remote_code, quantization)
         self.normalize, self.mean, self.std = normalize, 0.0, 1.0
 
     def _load(self):
@@ -286,6 +315,104 @@ class RewardModelReward(_HFClassifierReward):
         if logits.size(-1) != 1:
             raise ValueError(f"reward model {self.path} has {logits.size(-1)} outputs; expected 1")
         return ((logits[:, 0] - self.mean) / self.std).cpu()
+
+
+class AdapterReward(RewardFunction):
+    """A reward model trained as a LoRA adapter, served from the policy's own base.
+
+    ``adapter`` is the RM stage's ``adapter/`` folder (a peft LoRA sequence-classification
+    adapter with its score head), trained on the same base as the policy (e.g. both on the SFT
+    model). The online module loads it onto the policy's base under its own adapter name
+    (:meth:`attach`); a score switches to that adapter, runs the trunk, reads the score head at
+    each text's last token, and switches back. So one copy of the (8-/4-bit) base serves the
+    policy, the reference (adapters off), the value head and the reward model. The scores
+    equal those of the same reward model merged and loaded on its own (tested), up to the
+    rounding of a quantized base.
+
+    Needs a LoRA policy (with full fine-tuning the base itself is trained: use
+    :class:`RewardModelReward` on the RM's export). A base other than the one recorded beside
+    the adapter is a one-line error at construction, before any weights load.
+    """
+
+    def __init__(self, adapter: str, normalize: bool = True, batch_size: int = 16, max_length: int = 1024,
+                 name: str = "reward", check_base: bool = True) -> None:
+        """
+        Args:
+            adapter: the reward adapter's folder (``<rm run>/adapter``).
+            normalize: subtract the reward mean and divide by the std stored in its
+                ``lit_rlhf.json`` by the RM stage (ignored if absent).
+            batch_size: texts per scoring forward pass.
+            max_length: longest tokenized prompt + response scored (truncated beyond).
+            name: the adapter name on the policy's model (must differ from the policy's ``default``).
+            check_base: refuse a policy whose base differs from the adapter's recorded one.
+        """
+        from lit_rlhf.models.adapters import META, read_scoring_adapter
+
+        if batch_size < 1:
+            raise ValueError(f"reward batch_size must be >= 1, got {batch_size}")
+        if name == "default":
+            raise ValueError("AdapterReward name 'default' is the policy's own adapter: choose another")
+        self.adapter = Path(adapter).expanduser()
+        self.config = read_scoring_adapter(self.adapter, "reward.init_args.adapter")
+        self.batch_size, self.max_length, self.name, self._check_base = batch_size, max_length, name, check_base
+        self.mean, self.std = 0.0, 1.0
+        meta = self.adapter / META
+        if normalize and meta.is_file():
+            stats = json.loads(meta.read_text())
+            if stats.get("reward_mean") is not None and stats.get("reward_std"):
+                self.mean, self.std = float(stats["reward_mean"]), float(stats["reward_std"])
+        self._lm = self._score = self._tokenizer = None
+
+    def check_base(self, lm: ModelConfig, where: str = "reward.init_args.adapter") -> None:
+        """Called by the online modules at construction, with the policy's model config."""
+        from lit_rlhf.models.adapters import check_same_base
+
+        if lm.lora is None:
+            raise ValueError(f"{where}: AdapterReward scores on the policy's frozen base, so the policy needs LoRA "
+                             "(model.init_args.lm.lora); with full fine-tuning use RewardModelReward on the RM's export")
+        if self._check_base:
+            check_same_base(self.adapter, lm, where)
+
+    def attach(self, lm, tokenizer) -> None:
+        """Load the adapter onto the policy's peft model ``lm`` (called once its weights are loaded)."""
+        from lit_rlhf.models.adapters import add_scoring_adapter
+
+        if self._lm is lm:
+            return
+        self._score = add_scoring_adapter(lm, self.adapter, self.name, self.config)
+        self._lm = lm
+        # The reward model's own tokenizer where it was saved with it (same base: same vocabulary).
+        if (self.adapter / "tokenizer_config.json").is_file():
+            from lit_rlhf.models import load_tokenizer
+
+            tokenizer = load_tokenizer(str(self.adapter))
+        self._tokenizer = tokenizer
+
+    def to(self, device: torch.device) -> AdapterReward:
+        if self._score is not None:
+            self._score.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
+        from lit_rlhf.models.adapters import adapter_active
+
+        if self._lm is None:
+            raise RuntimeError("AdapterReward scores on the policy's base: the online module attaches it when "
+                               "the policy loads (call attach(policy_lm, tokenizer) to use it on its own)")
+        texts = [p + r for p, r in zip(prompts, responses)]
+        decoder = self._lm.get_base_model().get_decoder()
+        device = self._score.weight.device
+        out = []
+        with adapter_active(self._lm, self.name):
+            for i in range(0, len(texts), self.batch_size):
+                enc = self._tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
+                                      padding_side="right", truncation=True, max_length=self.max_length).to(device)
+                hidden = decoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 use_cache=False).last_hidden_state  # (b, T, H)
+                last = enc["attention_mask"].sum(-1) - 1  # right-padded: each text's last real token
+                out.append(self._score(hidden[torch.arange(len(last), device=device), last]).squeeze(-1).float())
+        return ((torch.cat(out) - self.mean) / self.std).cpu()
 
 
 class TextClassificationReward(_HFClassifierReward):

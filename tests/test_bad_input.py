@@ -70,6 +70,14 @@ def files(tmp_path_factory, cli, demo, tokenizer) -> Files:
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         p[name] = root / name
+    # A reward adapter (LoRA + score head) trained on lm_dir, as the RM stage writes it.
+    from lit_rlhf.models import LoraSettings, ModelConfig, load_model
+    from lit_rlhf.models.adapters import base_identity
+
+    rm_cfg = ModelConfig(name_or_path=str(root / "lm_dir"), lora=LoraSettings(r=4))
+    load_model(rm_cfg, tokenizer, task="seq_cls", new_head=True).save_pretrained(root / "rm_adapter")
+    (root / "rm_adapter" / "lit_rlhf.json").write_text(json.dumps({"base": base_identity(rm_cfg)}))
+    p["rm_adapter"] = root / "rm_adapter"
     p["no_weights"] = root / "no_weights"
     p["no_weights"].mkdir()
     shutil.copy(root / "lm_dir" / "config.json", p["no_weights"])
@@ -277,6 +285,17 @@ CASES = [
     ("ppo-reward-path-missing", lambda f: ppo(f, "--model.init_args.reward=lit_rlhf.rewards.RewardModelReward",
                                               "--model.init_args.reward.init_args.path=./no/such/rm"),
      ["reward.init_args.path", "./no/such/rm"], 2),
+    ("ppo-reward-adapter-other-base", lambda f: ppo(f, "--model.init_args.reward=lit_rlhf.rewards.AdapterReward",
+                                                    f"--model.init_args.reward.adapter={f['rm_adapter']}"),
+     ["model.init_args.reward {rm_adapter} was trained on the base name_or_path='{lm_dir}'", "arch='demo-tiny'"], 2),
+    ("ppo-reward-adapter-missing", lambda f: ppo(f, "--model.init_args.reward=lit_rlhf.rewards.AdapterReward",
+                                                 f"--model.init_args.reward.adapter={f.root / 'nope'}"),
+     ["reward.init_args.adapter: no adapter_config.json in", "nope"], 2),
+    ("ppo-reward-adapter-full-ft", lambda f: ppo(f, "--model.init_args.lm.arch=null", "--model.init_args.lm.lora=null",
+                                                 f"--model.init_args.lm.name_or_path={f['lm_dir']}",
+                                                 "--model.init_args.reward=lit_rlhf.rewards.AdapterReward",
+                                                 f"--model.init_args.reward.adapter={f['rm_adapter']}"),
+     ["AdapterReward scores on the policy's frozen base, so the policy needs LoRA"], 2),
     ("ppo-prompt-batch-0", lambda f: ppo(f, "--data.init_args.batch_size=0"), ["batch_size", "0"], 2),
     # --- weights that cannot load, or would load as random
     ("weights-missing", lambda f: sft(f, "--model.init_args.lm.arch=null", f"--model.init_args.lm.name_or_path={f['no_weights']}"),

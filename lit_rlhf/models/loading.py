@@ -54,17 +54,18 @@ def check_quantization(quantization: str, device: torch.device) -> None:
         )
 
 
-def _bnb_config(cfg: ModelConfig):
+def bnb_config(quantization: str, compute_dtype: torch.dtype, double_quant: bool = True):
+    """transformers' ``BitsAndBytesConfig`` for ``8bit``, ``4bit-nf4`` or ``4bit-fp4``."""
     from transformers import BitsAndBytesConfig
 
-    if cfg.quantization == "8bit":
+    if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quantization.removeprefix("4bit-"),
-        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_quant_type=quantization.removeprefix("4bit-"),
+        bnb_4bit_use_double_quant=double_quant,
         # Matmuls in the dtype of the rest of the model (bf16 on GPU recipes).
-        bnb_4bit_compute_dtype=cfg.torch_dtype,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
 
 
@@ -171,7 +172,8 @@ def load_model(
             del model
 
         if cfg.quantized:
-            kwargs.update(quantization_config=_bnb_config(cfg), device_map={"": device})
+            kwargs.update(quantization_config=bnb_config(cfg.quantization, cfg.torch_dtype, cfg.double_quant),
+                          device_map={"": device})
         model = from_pretrained_checked(_auto_class(task), source, new_head=new_head or cfg.arch is not None,
                                         **extra, **kwargs)
     return _finish(model, cfg, task, tokenizer)

@@ -76,13 +76,16 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def save_pretrained_atomic(model: nn.Module, target: str | Path, tokenizer=None, **meta) -> Path:
+def save_pretrained_atomic(model: nn.Module, target: str | Path, tokenizer=None, adapters: list[str] | None = None,
+                           **meta) -> Path:
     """``save_pretrained`` (safetensors) into ``target`` atomically, plus the tokenizer.
 
-    ``meta`` is written to ``target/lit_rlhf.json`` (e.g. reward statistics, step).
+    ``adapters``: for a peft model, the adapters to save (all by default; a policy that also
+    carries a reward adapter saves only its own). ``meta`` is written to
+    ``target/lit_rlhf.json`` (e.g. reward statistics, the base the adapter was trained on).
     """
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"selected_adapters": adapters} if adapters else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if meta:

@@ -23,6 +23,7 @@ from lit_rlhf.models import (
     save_pretrained_atomic,
     trainable_parameters,
 )
+from lit_rlhf.models.adapters import base_identity
 from lit_rlhf.optim import OptimConfig, build_optimizer
 
 
@@ -276,9 +277,17 @@ class HFModule(L.LightningModule):
         root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         return root / ("adapter" if self.lm_config.lora is not None else "model")
 
+    def export_meta(self) -> dict:
+        """What ``lit_rlhf.json`` beside the saved model records: for an adapter, the base it was
+        trained on (checked when the adapter is used on another model, e.g. AdapterReward)."""
+        return {"base": base_identity(self.lm_config)} if self.lm_config.lora is not None else {}
+
     def on_train_end(self) -> None:
         path = self.export_dir  # trainer.log_dir is a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
-            # peft writes the adapter in its standard format (PeftModel.from_pretrained loads it).
-            save_pretrained_atomic(self.hf_model, path, self.tokenizer)
+            # peft writes the adapter in its standard format (PeftModel.from_pretrained loads it);
+            # only the model's own ("default"), not a reward adapter loaded beside it.
+            save_pretrained_atomic(self.hf_model, path, self.tokenizer,
+                                   adapters=["default"] if self.lm_config.lora is not None else None,
+                                   **self.export_meta())
             rank_zero_info(f"saved {path}")

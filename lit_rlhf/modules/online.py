@@ -192,6 +192,9 @@ class OnlineRLModule(HFModule):
                 f"ppo.mini_batch_size={update.mini_batch_size} does not divide the rollout "
                 f"batch size data.batch_size={rollout_batch_size}"
             )
+        for role, fn in (("reward", reward), ("judge", judge)):
+            if hasattr(fn, "check_base"):  # e.g. a reward adapter must fit the policy's base
+                fn.check_base(self.lm_config, where=f"model.init_args.{role}")
         k = self.kl_config
         self.kl_ctl = (AdaptiveKLController(k.init_coef, k.target, k.horizon) if k.adaptive
                        else FixedKLController(k.init_coef))
@@ -223,6 +226,9 @@ class OnlineRLModule(HFModule):
         for module in self.modules():  # nn.Dropout modules, LoRA dropout among them
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
+        for fn in (self.reward_fn, self.judge):
+            if hasattr(fn, "attach"):  # a reward model served from the policy's base (AdapterReward)
+                fn.attach(self.policy.lm, self.tokenizer)
         self.generator = torch.Generator(device=device).manual_seed(self.seed + self.global_rank)
         trainable, total = trainable_parameters(self.policy)
         rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "

@@ -32,7 +32,9 @@ class RewardModule(HFModule):
     forward pass: packed, ``{"input_ids", "position_ids": (1, N), "lengths": (2B,),
     "margin": (B,)}``, or padded, ``{"input_ids", "attention_mask": (2B, T), "margin"}``;
     chosen sequences first, rejected after, in both. Logs loss, accuracy, margin and reward mean/std for train and
-    val; at the end of fit exports a merged HF model to ``<log dir>/export``.
+    val; at the end of fit exports a merged HF model to ``<log dir>/export`` and, with LoRA, keeps
+    the adapter with its score head in ``<log dir>/adapter`` (for
+    :class:`~lit_rlhf.rewards.AdapterReward`).
     """
 
     task = "seq_cls"
@@ -150,16 +152,21 @@ class RewardModule(HFModule):
     def merged_dir(self) -> Path:
         return self.export_dir.parent / "export"
 
+    def export_meta(self) -> dict:
+        # Reward statistics over the validation set travel with the model (merged export and
+        # adapter alike), for PPO's reward normalization.
+        return {**super().export_meta(), "reward_mean": self.last_val.get("reward_mean"),
+                "reward_std": self.last_val.get("reward_std"), "val_accuracy": self.last_val.get("accuracy")}
+
     def on_train_end(self) -> None:
         if self.lm_config.lora is not None:
-            super().on_train_end()  # the adapter, which the merge below reads
+            # The adapter (LoRA + score head): AdapterReward serves it from a policy's base,
+            # and the merge below reads it.
+            super().on_train_end()
         adapter_dir, merged_dir = self.export_dir, self.merged_dir  # collectives: on every rank
         if not self.trainer.is_global_zero:
             return
-        # Reward statistics over the validation set travel with the model, for PPO's
-        # reward normalization.
-        meta = {"reward_mean": self.last_val.get("reward_mean"), "reward_std": self.last_val.get("reward_std"),
-                "val_accuracy": self.last_val.get("accuracy")}
+        meta = {k: v for k, v in self.export_meta().items() if k != "base"}  # a merged model has no base
         if self.lm_config.lora is None:
             path = save_pretrained_atomic(self.model, merged_dir, self.tokenizer, **meta)
         else:

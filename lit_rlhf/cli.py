@@ -3,6 +3,7 @@
     python train.py fit -c configs/sft/demo.yaml
     lit-rlhf fit -c configs/sft/gpt-neox-20b-imdb.yaml --trainer.devices=8
     python train.py pipeline --output_dir runs/pipeline     (see lit_rlhf.pipeline)
+    python train.py estimate -c configs/ppo/demo.yaml --memory 24GB   (see lit_rlhf.estimate)
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def main(args: list[str] | None = None) -> None:
         from lit_rlhf import pipeline
 
         pipeline.main(argv[1:])
+        return
+    if argv[:1] == ["estimate"]:
+        # Predicted peak memory from the config alone: no LightningCLI, no weights.
+        from lit_rlhf import estimate
+
+        estimate.main(argv[1:])
         return
     try:
         if args is None:

@@ -7,7 +7,7 @@ dependency). Layers, lowest first; a module may import its own layer and the one
 1. parts: ``models``, ``data``, ``optim``, ``metrics``, ``callbacks``;
 2. services: ``rewards``, ``export``;
 3. methods: ``modules``;
-4. application: ``cli``, ``pipeline``, ``config_files``, and ``demo.models`` (which builds the
+4. application: ``cli``, ``pipeline``, ``config_files``, ``estimate``, and ``demo.models`` (which builds the
    demo models by running the CLI and registers the demo's names with the loader).
 """
 
@@ -26,13 +26,15 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("services", ["lit_rlhf.rewards", "lit_rlhf.export"]),
     ("methods", ["lit_rlhf.modules"]),
     ("application", ["lit_rlhf.cli", "lit_rlhf.lightning_cli", "lit_rlhf.pipeline", "lit_rlhf.config_files",
-                     "lit_rlhf.demo.models"]),
+                     "lit_rlhf.demo.models", "lit_rlhf.estimate"]),
 ]
 
 # Beyond the layer order: the loader knows nothing of the demo (the demo registers its names).
 FORBIDDEN = [("lit_rlhf.models", "lit_rlhf.demo")]
 # The math is pure: tensors in, tensors out.
-PURE = {"lit_rlhf.objectives": {"torch", "math", "typing", "__future__", "lit_rlhf.objectives"}}
+PURE = {"lit_rlhf.objectives": {"torch", "math", "typing", "__future__", "lit_rlhf.objectives"},
+        # The memory formulas are arithmetic on shapes: not even torch.
+        "lit_rlhf.memory": {"math", "re", "dataclasses", "typing", "__future__"}}
 
 
 def module_files(root: Path, package: str) -> dict[str, Path]:

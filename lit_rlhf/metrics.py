@@ -1,4 +1,6 @@
-"""torchmetrics for the stages: summed states, so values are exact across DDP ranks."""
+"""Metrics for the stages: torchmetrics with summed states (exact across DDP ranks), and the
+variety statistics of sampled text (distinct-n, unique responses) that show a policy
+collapsing onto a few stock answers."""
 
 from __future__ import annotations
 
@@ -40,3 +42,19 @@ class PairMetrics(Metric):
             "reward_mean": mean.float(),
             "reward_std": var.sqrt().float(),
         }
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams over all word n-grams of ``texts``.
+
+    Words are white-space separated; a text shorter than n words adds no n-gram. 1.0 when no
+    n-gram repeats, near 0 when every response is the same stock phrase; 0.0 when there is no
+    n-gram at all.
+    """
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def unique_fraction(texts: list[str]) -> float:
+    """The fraction of ``texts`` that are distinct after stripping (1.0: no two alike)."""
+    return len({t.strip() for t in texts}) / len(texts) if texts else 0.0

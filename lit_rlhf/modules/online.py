@@ -37,6 +37,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_rlhf.callbacks import NonFiniteLossError
+from lit_rlhf.metrics import distinct_n, unique_fraction
 from lit_rlhf.models import ModelConfig, PolicyWithValueHead, load_model, trainable_parameters
 from lit_rlhf.modules.base import HFModule, as_config, gather_ranks
 from lit_rlhf.modules.rollout import (
@@ -302,6 +303,9 @@ class OnlineRLModule(HFModule):
             "objective/total_reward": (scores + (non_score * mask).sum(-1)).mean(),  # before whitening
             "rollout/response_length": mask.sum(-1).mean(),
             "rollout/eos_rate": rollout.ended_with(self.tokenizer.eos_token_id).float().mean(),
+            # Variety: a policy that hacks its reward collapses onto a few stock responses.
+            "rollout/distinct_2": torch.tensor(distinct_n(responses, 2)),
+            "rollout/unique_responses": torch.tensor(unique_fraction(responses)),
             "time/generate_s": torch.tensor(t1 - t0),  # sampling + log-prob/value/reference passes
             "time/sample_s": torch.tensor(self.last_sample_s),  # KV-cached sampling alone
             "time/score_s": torch.tensor(t2 - t1),

@@ -8,8 +8,10 @@ the update loop and the checkpointed state work without a value head.
 from __future__ import annotations
 
 import lightning as L
+import pytest
 
 from lit_rlhf.data import PromptDataModule
+from lit_rlhf.metrics import distinct_n, unique_fraction
 from lit_rlhf.models import LoraSettings, ModelConfig
 from lit_rlhf.modules import OnlineRLModule
 from lit_rlhf.modules.online import SamplingConfig, UpdateConfig
@@ -64,3 +66,8 @@ def test_a_critic_free_method_runs_on_the_shared_core(tmp_path):
     assert first["ratio_mean"] == 1.0 and first["ratio_max"] == 1.0 and first["approx_kl"] == 0.0
     # The statistics are logged under the method's own prefix.
     assert {"pg/loss_total", "pg/ratio_mean", "pg/epochs", "env/score"} <= set(trainer.callback_metrics)
+    # Variety of the last rollout's responses, as the metrics compute it from the decoded text.
+    responses = [s["response"] for s in module.last_samples]
+    metrics = trainer.callback_metrics
+    assert float(metrics["rollout/distinct_2"]) == pytest.approx(distinct_n(responses, 2), abs=1e-6)
+    assert float(metrics["rollout/unique_responses"]) == pytest.approx(unique_fraction(responses), abs=1e-6)

@@ -18,6 +18,14 @@ Workloads:
   reported as ``"oom"``).
 * ``gpu-tiny``: the ``gpu`` workload's code on tiny shapes, so that tests can run it on a CPU.
 * ``tiny-cpu-smoke``: the ``tiny-cpu`` workload's code on tiny shapes, for the same reason.
+* ``memory-cpu``: the CPU memory of two PPO steps (rollout + update; 8 prompts of 32 tokens,
+  exactly 32 new tokens, one PPO epoch, one mini-batch) of a 1.1B Llama (TinyLlama's shape)
+  loaded 4-bit NF4 from a random-init bf16 checkpoint, with LoRA r=16 on all linear layers:
+  peak PSS, anonymous RSS and VmHWM sampled from ``/proc`` over the whole job, loading
+  included (``benchmarks/memory.py``), and seconds per step; ``ppo_pss`` and
+  ``ppo_pss_separate_rm`` (the reward model a separate model). Keys carry no ``_bf16``.
+* ``memory-tiny-cpu``: the ``memory-cpu`` workload's code on the ``tiny-cpu`` shape;
+  ``memory-smoke`` on a 2-layer model, for the tests.
 """
 
 from __future__ import annotations
@@ -103,6 +111,28 @@ WORKLOADS["tiny-cpu-smoke"] = dict(
 )
 WORKLOADS["gpu"] = _gpu_workload(GPU_ARCHS, GPU_ARCHS["1b"], seq_length=2048, new_tokens=128)
 WORKLOADS["gpu-tiny"] = _gpu_workload(TINY_ARCHS, TINY_ARCHS["tiny"], seq_length=64, new_tokens=8)
+
+# CPU memory of PPO at a real size: a 1.1B policy in 4-bit NF4 with LoRA, two rollout + update
+# steps, the peaks sampled from /proc (benchmarks/memory.py). Keys carry no precision suffix:
+# the jobs are bf16 only.
+WORKLOADS["memory-cpu"] = dict(
+    threads=2,
+    memory=dict(arch=GPU_ARCHS["1b"], batch_size=8, prompt_len=32, new_tokens=32, ppo_epochs=1, mini_batch_size=8,
+                lora=dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")),
+    warmup=0,
+    timed=2,
+    jobs=[("ppo_pss", "bf16-mixed"), ("ppo_pss_separate_rm", "bf16-mixed")],
+)
+# The memory-cpu workload's code on the tiny-cpu workload's shape (about 20 s per step on 2
+# cores: bitsandbytes dequantizes every 4-bit weight on every CPU forward).
+WORKLOADS["memory-tiny-cpu"] = dict(
+    WORKLOADS["memory-cpu"], memory=dict(WORKLOADS["memory-cpu"]["memory"], arch=WORKLOADS["tiny-cpu"]["arch"]))
+# The same code on a 2-layer, 64-wide model and 4 new tokens: what the test suite runs.
+WORKLOADS["memory-smoke"] = dict(
+    WORKLOADS["memory-cpu"], timed=1,
+    # The demo tokenizer's 2,048 ids: the reward model re-tokenizes the sampled text.
+    memory=dict(WORKLOADS["memory-cpu"]["memory"], arch=dict(TINY_ARCHS["tiny"], vocab_size=2048), prompt_len=8, new_tokens=4, batch_size=4,
+                mini_batch_size=4))
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendor data sheets, matched
 # against torch.cuda.get_device_name(); --peak-tflops overrides.
@@ -371,7 +401,7 @@ def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
 
     cfg, arch = w["ppo_memory"], w["ppo_memory"]["archs"][name]
     key = f"ppo_nf4_lora_peak_memory_mb_{name}"
-    lm = ModelConfig(arch=arch, tokenizer="demo", dtype="bfloat16", quantization="nf4",
+    lm = ModelConfig(arch=arch, tokenizer="demo", dtype="bfloat16", quantization="4bit-nf4",
                      lora=LoraSettings(**cfg["lora"]), gradient_checkpointing=True)
     module = PPOModule(lm, LengthReward(),
                        sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"],
@@ -387,6 +417,113 @@ def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
     except torch.OutOfMemoryError:
         return {key: "oom"}
     return {key: _peak_memory_mb(), f"ppo_nf4_lora_params_{name}": sum(p.numel() for p in module.policy.parameters())}
+
+
+def reward_adapter(policy_path: Path, lora: dict) -> Path:
+    """A reward model as the RM stage leaves it with LoRA: a SEQ_CLS adapter (LoRA on all linear
+    layers + score head, random: memory does not depend on the values) on ``policy_path``, with
+    the base recorded in ``lit_rlhf.json``. Built once beside the checkpoint, in a child process
+    (loading the bf16 base to build it would otherwise be in the job's VmHWM)."""
+    path = policy_path.parent / f"{policy_path.name}-rm-adapter-r{lora['r']}"
+    if (path / "adapter_model.safetensors").is_file():
+        return path
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import run; "
+            "run._build_reward_adapter(__import__('pathlib').Path(sys.argv[2]), json.loads(sys.argv[3]))")
+    subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks"), str(policy_path), json.dumps(lora)], check=True)
+    return path
+
+
+def _build_reward_adapter(policy_path: Path, lora: dict) -> None:
+    from lit_rlhf.models import (
+        LoraSettings,
+        ModelConfig,
+        load_model,
+        load_tokenizer,
+        save_pretrained_atomic,
+    )
+    from lit_rlhf.models.adapters import base_identity
+
+    cfg = ModelConfig(name_or_path=str(policy_path), dtype="bfloat16", lora=LoraSettings(**lora))
+    tokenizer = load_tokenizer(str(policy_path))
+    model = load_model(cfg, tokenizer, task="seq_cls", new_head=True)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter change the scores, as a trained one does
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    save_pretrained_atomic(model, policy_path.parent / f"{policy_path.name}-rm-adapter-r{lora['r']}", tokenizer,
+                           base=base_identity(cfg))
+
+
+def bench_ppo_pss(w: dict, precision: str, tmp: Path, separate_rm: bool) -> dict:
+    """Peak PSS, anonymous RSS and VmHWM of two PPO steps on a 4-bit NF4 base with LoRA, and s/step.
+
+    All four roles on one quantized base: policy (LoRA), reference (adapters off), value head,
+    and the reward model as a second adapter (:class:`~lit_rlhf.rewards.AdapterReward`); or,
+    with ``separate_rm``, the reward model as a separate 4-bit model (``RewardModelReward`` with
+    ``quantization: 4bit-nf4``) as TRL holds it. Weights load from a random-init bf16
+    checkpoint on disk (``memory.random_checkpoint``). The peaks cover the whole job, loading
+    included (``memory.SmapsSampler``); ``ppo_steps_peak_pss_mb`` is the peak of the two steps
+    alone. No gradient checkpointing (TRL's side has none either).
+    """
+    from memory import SmapsSampler, _read_kb, bench_cache, random_checkpoint
+
+    from lit_rlhf.estimate import RewardSpec, estimate_stage
+    from lit_rlhf.models import LoraSettings, ModelConfig
+    from lit_rlhf.modules import PPOModule
+    from lit_rlhf.modules.ppo import KLConfig, PPOConfig, SamplingConfig
+    from lit_rlhf.rewards import AdapterReward, RewardModelReward
+
+    cfg = w["memory"]
+    policy_path = random_checkpoint(cfg["arch"], bench_cache(), "causal_lm", in_subprocess=True)
+    if separate_rm:
+        reward = RewardModelReward(str(random_checkpoint(cfg["arch"], bench_cache(), "seq_cls", in_subprocess=True)),
+                                   normalize=False, batch_size=cfg["batch_size"], dtype="bfloat16",
+                                   quantization="4bit-nf4")
+    else:
+        reward = AdapterReward(str(reward_adapter(policy_path, cfg["lora"])), normalize=False,
+                               batch_size=cfg["batch_size"])
+    suffix = "_separate_rm" if separate_rm else ""
+
+    class Phases(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            sampler.phase(f"step {batch_idx + 1}")
+
+    # What the process holds before the job (Python, torch, transformers, lightning): the
+    # estimator predicts tensors, so it compares with the peaks minus this.
+    baseline_kb = _read_kb("/proc/self/smaps_rollup", ("Pss:",))["Pss:"]
+    timer = StepTimer()
+    with SmapsSampler() as sampler:
+        sampler.phase("load")
+        lm = ModelConfig(name_or_path=str(policy_path), dtype="bfloat16", quantization="4bit-nf4",
+                         lora=LoraSettings(**cfg["lora"]))
+        module = PPOModule(lm, reward,
+                           sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"],
+                                                   stop_at_eos=False),
+                           ppo=PPOConfig(ppo_epochs=cfg["ppo_epochs"], mini_batch_size=cfg["mini_batch_size"]),
+                           kl=KLConfig(adaptive=False), rollout_batch_size=cfg["batch_size"])
+        g = torch.Generator().manual_seed(0)
+        vocab = min(cfg["arch"]["vocab_size"], len(module.tokenizer))
+        ids = torch.randint(2, vocab, (w["timed"], cfg["batch_size"], cfg["prompt_len"]), generator=g)
+        batches = [{"input_ids": x, "attention_mask": torch.ones_like(x),
+                    "prompt": module.tokenizer.batch_decode(x)} for x in ids]
+        _trainer(precision, [timer, Phases()], tmp, limit_train_batches=w["timed"]).fit(
+            module, torch.utils.data.DataLoader(batches, batch_size=None))
+    peaks = sampler.figures
+    for name, phase in sampler.phases.items():
+        print(f"[bench] ppo_pss{suffix} {name}: peak PSS {phase['peak_pss_mb']:.0f} MiB, "
+              f"anonymous {phase['peak_rss_anon_mb']:.0f} MiB", file=sys.stderr)
+    steps = [p["peak_pss_mb"] for name, p in sampler.phases.items() if name.startswith("step")]
+    # The estimator's prediction for this very job (tensors only, as on a GPU without its context).
+    rm = (RewardSpec("model", arch=cfg["arch"], dtype="bfloat16", quantization="4bit-nf4", batch_size=cfg["batch_size"])
+          if separate_rm else RewardSpec("adapter", lora_r=cfg["lora"]["r"], target_modules=cfg["lora"]["target_modules"],
+                                         batch_size=cfg["batch_size"]))
+    predicted = estimate_stage(lm, "ppo", batch_size=cfg["batch_size"], prompt_length=cfg["prompt_len"],
+                               new_tokens=cfg["new_tokens"], mini_batch_size=cfg["mini_batch_size"],
+                               precision=precision, accelerator="cpu", reward=rm)
+    return {f"ppo_baseline_pss_mb{suffix}": baseline_kb / 1024, f"ppo_estimated_mb{suffix}": predicted.allocated / 2**20,
+            f"ppo_peak_pss_mb{suffix}": peaks["peak_pss_mb"], f"ppo_peak_rss_anon_mb{suffix}": peaks["peak_rss_anon_mb"],
+            f"ppo_peak_rss_mb{suffix}": peaks["peak_rss_mb"], f"ppo_steps_peak_pss_mb{suffix}": max(steps),
+            f"ppo_s_per_step{suffix}": statistics.mean(timer.times)}
 
 
 def _peak_memory_mb() -> float:
@@ -414,6 +551,8 @@ def run_one(workload: str, stage: str, precision: str, steps_override: str | Non
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "ppo_memory":
             return bench_ppo_memory(w, precision, Path(tmp), arg)
+        if kind in ("ppo_pss", "ppo_pss_separate_rm"):  # peaks of their own, sampled from /proc
+            return bench_ppo_pss(w, precision, Path(tmp), separate_rm=kind == "ppo_pss_separate_rm")
         if kind == "sft_mfu":
             out = bench_sft_mfu(w, precision, Path(tmp), peak_tflops)
         else:
@@ -471,7 +610,8 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"{stage} {precision} failed:\n{proc.stderr[-3000:]}")
             figures = json.loads(proc.stdout.strip().splitlines()[-1])
-        suffix = "_bf16" if precision == "bf16-mixed" else ""
+        # Memory workloads are bf16 only and name their keys without the precision suffix.
+        suffix = "_bf16" if precision == "bf16-mixed" and "memory" not in w else ""
         results.update({k + suffix: _rounded(v) for k, v in figures.items()})
     results["wall_s"] = round(time.perf_counter() - start, 1)
     Path(opts.out).write_text(json.dumps(results, indent=2))

@@ -54,6 +54,37 @@ Trainers (TRL 1.12.0; this is the last release that still has PPO, under ``trl.e
   8,000) cannot round-trip the ids: decoded and re-tokenized, the 12-token prompts become 1 to
   9 tokens. So the column holds the ids written out as text and a subclass's
   ``_tokenize_prompts`` parses them back (checked: every prompt is ``prompt_len`` tokens).
+* PPO memory (``ppo_pss``; the ``memory-cpu`` and ``memory-tiny-cpu`` workloads, whose jobs
+  and names come from run.py and carry no ``_bf16``): ``trl.experimental.ppo.PPOTrainer`` on
+  4-bit NF4 bases (``BitsAndBytesConfig``: double quantization, bf16 compute, bf16 for the
+  rest, ``device_map={"": "cpu"}``) loaded from random-init bf16 checkpoints
+  (``memory.random_checkpoint``, built before the job in a process of their own). Policy: the
+  causal LM, with LoRA through PPOTrainer's ``peft_config`` (the workload's r, alpha, dropout,
+  all linear layers) and ``ref_model=None``, so the reference is the policy with the adapter
+  disabled (checked: TRL builds no reference model). Value and reward model: two loads of one
+  sequence-classifier checkpoint (1 label); PPOTrainer takes a ``peft_config`` for the policy
+  only, so the value model gets its own LoRA (``get_peft_model``, SEQ_CLS, the same settings),
+  which makes its score head a trained ``modules_to_save`` copy; checked: only LoRA weights and
+  that score head train. TRL handles the peft value model unchanged: ``PolicyAndValueWrapper``
+  runs ``getattr(value_model, "model")``, which on a PeftModel is the whole adapted classifier
+  (its score head runs once more, unused, a hidden-size x 1 matmul), and then
+  ``value_model.score`` on the last hidden state. The reward model has no adapter. All three
+  get lit_rlhf's ``disable_cpu_4bit_repacking`` (a no-op on CPUs without AVX512-BF16; where
+  bitsandbytes repacks, both sides keep one 4-bit layout). Rollout: 8 prompts of 32 random ids
+  below the demo tokenizer's size, exactly 32 sampled tokens (``stop_token=None``; checked on
+  the length and that no row ends in EOS and padding), one PPO epoch of one 8-episode
+  mini-batch, two rollout + update steps (``total_episodes=16``), no gradient checkpointing.
+  Precision: ``ACCELERATE_MIXED_PRECISION=bf16`` as for PPO above, but ``bf16=False`` in the
+  config: there its only effect is ``peft_module_casting_to_bf16`` on a 4-bit peft policy,
+  which casts the norms to fp32, after which TRL's rollout (not autocast) feeds fp32 hidden
+  states to the bf16 LM head and fails. Every weight outside the adapters is bf16 either way.
+  Figures: ``memory.SmapsSampler`` over the whole job (the three loads, the trainer, both
+  steps): ``ppo_peak_pss_mb``, ``ppo_peak_rss_anon_mb``, ``ppo_peak_rss_mb`` (VmHWM), and
+  ``ppo_s_per_step``, the median of the two step times (with two, their mean). The job prints
+  (``[trl-bench]`` lines, which the parent passes on) the peaks of each phase (loading, step
+  1, step 2) and each step's process CPU time per wall second, which is about the thread
+  count on an idle machine and lower where other processes took the cores. run.py's
+  ``ppo_pss_separate_rm`` has no TRL counterpart: TRL's reward model is always a model of its own.
 
 Everything else is left at TRL's defaults (AdamW, linear schedule, grad-norm clip 1.0 in the
 Trainer-based SFT/RM/DPO/GRPO), except what the workload fixes or what would add work that run.py does
@@ -319,6 +350,163 @@ def bench_ppo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
             "ppo_generate_tokens_per_s": cfg["batch_size"] * cfg["new_tokens"] / sample}
 
 
+class _PhaseMarks:
+    """Tells a SmapsSampler where each PPO step starts (a ``TrainerCallback``; made one in ``_phase_marks()``).
+
+    PPOTrainer fires ``on_train_begin`` once and ``on_step_end`` after each rollout + update.
+    """
+
+    def __init__(self, sampler) -> None:
+        self.sampler, self.steps = sampler, 0
+        self.cpu_per_wall: list[float] = []  # process CPU s per wall s of each step: ~threads if uncontended
+
+    def _mark(self, name: str) -> None:
+        self.sampler.phase(name)
+        self._clock = time.perf_counter(), time.process_time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._mark("step 1")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        wall, cpu = time.perf_counter() - self._clock[0], time.process_time() - self._clock[1]
+        self.cpu_per_wall.append(cpu / wall)
+        self.steps += 1
+        self._mark(f"step {self.steps + 1}" if self.steps < state.max_steps else "end")
+
+
+def _phase_marks(sampler):
+    from transformers import TrainerCallback
+
+    return type("PhaseMarksCallback", (_PhaseMarks, TrainerCallback), {})(sampler)
+
+
+def _memory_checkpoints(w: dict, in_subprocess: bool = False) -> tuple:
+    """The memory workloads' random-init checkpoints: (causal LM, sequence classifier), bf16."""
+    from memory import bench_cache, random_checkpoint
+
+    arch = w["memory"]["arch"]
+    return tuple(random_checkpoint(arch, bench_cache(), task, in_subprocess=in_subprocess)
+                 for task in ("causal_lm", "seq_cls"))
+
+
+def bench_ppo_pss(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
+    """Peak memory and seconds per step of two PPO steps (rollout + update) on 4-bit NF4 bases with LoRA.
+
+    The memory workloads' job (``w["memory"]``): the peaks (PSS, anonymous RSS, VmHWM; see
+    ``memory.SmapsSampler``) cover everything from loading the three models to the end of the
+    second step; the step time is the median of the two step times (with two steps, their mean).
+    """
+    import torch
+    from datasets import Dataset
+    from memory import SmapsSampler
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    from lit_rlhf.models import disable_cpu_4bit_repacking
+
+    if precision != "bf16-mixed":
+        raise ValueError(f"ppo_pss runs in bf16-mixed only, not {precision}")
+    # As bench_ppo: the accelerate-launch way is the only way into PPOTrainer's Accelerator.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
+
+    cfg = w["memory"]
+    steps = w["warmup"] + w["timed"]
+    # Built by the parent process (main) already; a fresh process would build one here, outside
+    # this process's VmHWM.
+    policy_path, scorer_path = _memory_checkpoints(w, in_subprocess=True)
+    g = torch.Generator().manual_seed(0)
+    vocab = min(cfg["arch"]["vocab_size"], len(tokenizer))  # ids the demo tokenizer has
+    ids = torch.randint(2, vocab, (steps * cfg["batch_size"], cfg["prompt_len"]), generator=g)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    lora = cfg["lora"]
+
+    def lora_config(task_type):
+        return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                          target_modules=lora["target_modules"], task_type=task_type)
+
+    load = dict(dtype=torch.bfloat16, device_map={"": "cpu"},
+                quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=torch.bfloat16,
+                                                       bnb_4bit_use_double_quant=True))
+    with SmapsSampler() as sampler:
+        sampler.phase("load")
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, **load)
+        # Value and reward model: one sequence-classifier checkpoint (a value model started from
+        # the reward model), each loaded on its own.
+        value_model = AutoModelForSequenceClassification.from_pretrained(scorer_path, **load)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(scorer_path, **load)
+        for model in (policy, value_model, reward_model):
+            # The guard lit_rlhf's loader applies (a no-op on CPUs without AVX512-BF16): the same
+            # 4-bit layout on both sides.
+            disable_cpu_4bit_repacking(model)
+        # PPOTrainer takes one `peft_config`, for the policy; the value model gets its adapter
+        # here. SEQ_CLS makes the score head a trained `modules_to_save` copy.
+        value_model = get_peft_model(value_model, lora_config(TaskType.SEQ_CLS))
+        args = PPOConfig(
+            # bf16=False: in PPOTrainer its only effect is that a 4-bit peft policy gets
+            # `peft_module_casting_to_bf16`, which casts the norms to fp32; the rollout (not
+            # autocast) then feeds fp32 hidden states to the bf16 LM head and fails. The mixed
+            # precision of the update comes from ACCELERATE_MIXED_PRECISION, as in bench_ppo.
+            **{**_common_args(precision, steps, out_dir, cfg["batch_size"]), "bf16": False},
+            total_episodes=steps * cfg["batch_size"],  # one PPO update per rollout batch: `steps` updates
+            num_ppo_epochs=cfg["ppo_epochs"],
+            num_mini_batches=cfg["batch_size"] // cfg["mini_batch_size"],
+            response_length=cfg["new_tokens"],
+            stop_token=None,  # no EOS stop: exactly `new_tokens` tokens
+            temperature=1.0,
+            num_sample_generations=0,
+        )
+        timer = _timer()
+        # ref_model=None with a peft policy: the reference is the policy with its adapter disabled.
+        trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None,
+                             reward_model=reward_model, value_model=value_model, train_dataset=dataset,
+                             callbacks=[timer, marks := _phase_marks(sampler)],
+                             peft_config=lora_config(TaskType.CAUSAL_LM))
+        if trainer.ref_model is not None or not trainer.is_peft_model:
+            raise RuntimeError("PPOTrainer built a reference model: the adapter-disabled policy was wanted")
+        _check_trainable(trainer)
+
+        def timed_batch_generation(model, queries, *rest, **kwargs):
+            query_responses, logits = batch_generation(model, queries, *rest, **kwargs)
+            responses = query_responses[:, queries.shape[1]:]
+            if responses.shape[1] != cfg["new_tokens"]:
+                raise RuntimeError(f"generated {responses.shape[1]} tokens, expected {cfg['new_tokens']}")
+            # A row that EOS ended would be EOS and then pads only.
+            for row in responses.tolist():
+                if tokenizer.eos_token_id in row[:-1]:
+                    rest_ = row[row.index(tokenizer.eos_token_id) + 1:]
+                    if all(t == tokenizer.pad_token_id for t in rest_):
+                        raise RuntimeError("generation stopped at EOS")
+            return query_responses, logits
+
+        batch_generation = ppo_trainer.batch_generation
+        ppo_trainer.batch_generation = timed_batch_generation
+        trainer.train()
+    _check_no_checkpointing(trainer.policy_model, trainer.value_model)
+    _check_precision(trainer, precision)
+    peaks = sampler.figures
+    for name, phase in sampler.phases.items():
+        print(f"[trl-bench] ppo_pss {name}: peak PSS {phase['peak_pss_mb']:.0f} MiB, "
+              f"anon {phase['peak_rss_anon_mb']:.0f} MiB", file=sys.stderr)
+    print(f"[trl-bench] ppo_pss: {peaks['samples']} samples, {peaks['pss_samples']} of smaps_rollup (peak read "
+          f"{peaks['peak_pss_read_mb']:.0f} MiB), sampler CPU {peaks['sampler_cpu_s']:.1f} s; "
+          f"step times {[round(t, 1) for t in timer.times]} s, CPU/wall {[round(r, 2) for r in marks.cpu_per_wall]}",
+          file=sys.stderr)
+    return {"ppo_peak_pss_mb": peaks["peak_pss_mb"], "ppo_peak_rss_anon_mb": peaks["peak_rss_anon_mb"],
+            "ppo_peak_rss_mb": peaks["peak_rss_mb"], "ppo_s_per_step": _median_after_warmup(timer.times, w, "ppo_pss")}
+
+
+def _check_trainable(trainer) -> None:
+    """Only LoRA weights (policy and value model) and the value model's score head train."""
+    names = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    policy = [n for n in names if n.startswith("policy.")]
+    value = [n for n in names if n.startswith("value_model.")]
+    wrong = [n for n in policy if "lora_" not in n] + [n for n in value if "lora_" not in n and ".score." not in n]
+    if wrong or not policy or not any(".score." in n for n in value) or len(policy) + len(value) != len(names):
+        raise RuntimeError(f"unexpected trainable parameters: {wrong[:5] or names[:5]}")
+
+
 def _init_checkpoint(w: dict, tokenizer, out_dir: str) -> str:
     """The random-init policy (``_model(..., seed=0)``) saved: DPO's and GRPO's reference loads from it.
 
@@ -468,13 +656,20 @@ def run_one(w: dict, stage: str, precision: str) -> dict:
     torch.manual_seed(0)
     tokenizer = load_tokenizer("demo")
     bench = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo,
-             "grpo": bench_grpo, "grpo_long": bench_grpo_long}[stage]
+             "grpo": bench_grpo, "grpo_long": bench_grpo_long, **MEMORY_BENCHES}[stage]
     with tempfile.TemporaryDirectory() as tmp:
         out = bench(w, precision, tokenizer, tmp)
     if torch.get_num_threads() != w["threads"]:
         raise RuntimeError(f"torch threads changed to {torch.get_num_threads()} during the run")
-    out[f"{stage}_peak_memory_mb"] = _peak_memory_mb()
+    if stage not in MEMORY_BENCHES:  # those report their own peaks
+        out[f"{stage}_peak_memory_mb"] = _peak_memory_mb()
     return out
+
+
+# The memory workloads' jobs that TRL has. run.py's `ppo_pss_separate_rm` is not one: it is
+# lit_rlhf's variant with the reward model as a model of its own, and TRL's reward model is
+# always one (so `ppo_pss` is TRL's only memory job).
+MEMORY_BENCHES = {"ppo_pss": bench_ppo_pss}
 
 
 def _workload(name: str, steps_override: str | None) -> dict:
@@ -512,17 +707,27 @@ def main() -> None:
     start = time.perf_counter()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ACCELERATE_MIXED_PRECISION", None)  # each child decides its own precision
-    for precision, suffix in (("32-true", ""), ("bf16-mixed", "_bf16")):
-        if precision not in opts.precisions.split(","):
-            continue
-        for stage in opts.stages.split(","):
-            print(f"[trl-bench] {stage} {precision}", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--out", "-", "--one", json.dumps(w), stage, precision],
-                                  capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                sys.exit(f"{stage} {precision} failed:\n{proc.stderr[-3000:]}")
-            figures = json.loads(proc.stdout.strip().splitlines()[-1])
-            results.update({k + suffix: round(v, 4 if "fraction" in k else 2) for k, v in figures.items()})
+    if "memory" in w:
+        # The workload's own jobs (--stages and --precisions do not apply), those TRL has.
+        jobs = [(stage, precision) for stage, precision in w["jobs"] if stage in MEMORY_BENCHES]
+        # Build the checkpoints now, in a process of their own: not inside a job's VmHWM.
+        _memory_checkpoints(w, in_subprocess=True)
+    else:
+        jobs = [(stage, precision) for precision in ("32-true", "bf16-mixed") if precision in opts.precisions.split(",")
+                for stage in opts.stages.split(",")]
+    for stage, precision in jobs:
+        print(f"[trl-bench] {stage} {precision}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--out", "-", "--one", json.dumps(w), stage, precision],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"{stage} {precision} failed:\n{proc.stderr[-3000:]}")
+        # The job's own notes (e.g. ppo_pss's peak per phase).
+        print("".join(line + "\n" for line in proc.stderr.splitlines() if line.startswith("[trl-bench]")),
+              end="", file=sys.stderr, flush=True)
+        figures = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Memory workloads are bf16 only and name their keys without the precision suffix.
+        suffix = "_bf16" if precision == "bf16-mixed" and "memory" not in w else ""
+        results.update({k + suffix: round(v, 4 if "fraction" in k else 2) for k, v in figures.items()})
     results["wall_s"] = round(time.perf_counter() - start, 1)
     Path(opts.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

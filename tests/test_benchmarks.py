@@ -42,6 +42,21 @@ def test_gpu_workload_code_runs_on_tiny_shapes(tmp_path):
     assert results["ppo_nf4_lora_params_tiny_bf16"] > 0
 
 
+@pytest.mark.slow
+def test_memory_workload_writes_every_figure(tmp_path, monkeypatch):
+    # The memory-cpu workload's code (4-bit NF4 base + LoRA, the reward model as an adapter on
+    # the policy's base or as a separate 4-bit model) on a 2-layer model; checkpoints in tmp.
+    monkeypatch.setenv("LIT_RLHF_BENCH_CACHE", str(tmp_path / "cache"))
+    results = _run(tmp_path, "--workload", "memory-smoke", "--in-process")
+    for suffix in ("", "_separate_rm"):
+        for name in ("ppo_peak_pss_mb", "ppo_peak_rss_anon_mb", "ppo_peak_rss_mb", "ppo_s_per_step"):
+            assert results[name + suffix] > 0, name + suffix
+        # VmHWM counts file pages once per mapping and never falls: it bounds the sampled peaks.
+        assert results["ppo_peak_rss_anon_mb" + suffix] <= results["ppo_peak_rss_mb" + suffix]
+    adapter = next((tmp_path / "cache").glob("*-rm-adapter-r16"))
+    assert json.loads((adapter / "lit_rlhf.json").read_text())["base"]["name_or_path"].startswith(str(tmp_path))
+
+
 def test_flops_per_token_counts_matmul_parameters():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -400,7 +400,11 @@ def bench_ppo_pss(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
     from datasets import Dataset
     from memory import SmapsSampler
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        BitsAndBytesConfig,
+    )
 
     from lit_rlhf.models import disable_cpu_4bit_repacking
 

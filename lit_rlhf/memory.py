@@ -491,8 +491,11 @@ class Workload:
     rollout_rows: int = 0
     """PPO/GRPO: responses per rollout (prompts x generations)."""
     prompt_length: int = 0
+    """PPO/GRPO: tokens per (padded) prompt."""
     new_tokens: int = 0
+    """PPO/GRPO: sampled tokens per response (the longest: every response at the limit)."""
     value_head: bool = False
+    """PPO: a value head beside the LM head."""
     reference: Literal["none", "adapters", "copy", "precomputed"] = "none"
     """``adapters``: the base with adapters off (free); ``copy``: a frozen copy of the model;
     ``precomputed`` (DPO): a copy that lives only while the reference log-probs are computed."""

@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
-from lit_rlhf.models.config import ModelConfig, looks_local
+from lit_rlhf.models.config import ModelConfig, Quantization, looks_local
 
 
 class RewardFunction:
@@ -211,7 +211,7 @@ class _HFClassifierReward(RewardFunction):
 
     def __init__(self, path: str, batch_size: int, dtype: str, max_length: int, trust_remote_code: bool,
                  quantization: str = "none") -> None:
-        if quantization not in ("none", "8bit", "4bit-nf4", "4bit-fp4"):
+        if quantization not in get_args(Quantization):
             raise ValueError(f"reward quantization must be none, 8bit, 4bit-nf4 or 4bit-fp4, got {quantization!r}")
         if batch_size < 1:
             raise ValueError(f"reward batch_size must be >= 1, got {batch_size}")
@@ -282,7 +282,7 @@ class RewardModelReward(_HFClassifierReward):
         dtype: str = "float32",
         max_length: int = 1024,
         trust_remote_code: bool = False,
-        quantization: Literal["none", "8bit", "4bit-nf4", "4bit-fp4"] = "none",
+        quantization: Quantization = "none",
     ) -> None:
         """
         Args:

@@ -41,7 +41,7 @@ __all__ = [
 
 # Bump when the generator, judge or tokenizer change what prepare_demo writes, so that old
 # caches are rebuilt rather than silently reused.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 VOCAB_SIZE = 2048
 
 # kwargs for transformers.LlamaConfig; vocab_size and the bos/eos/pad ids come from the tokenizer.

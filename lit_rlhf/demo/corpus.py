@@ -7,9 +7,11 @@ its wording:
 * A review is 2-6 sentences: an opener (a neutral introduction or a first verdict), body
   sentences (one part of the film judged, two parts judged, a contrast such as "the acting
   was superb, but the plot dragged", or neutral plot summary) and a closing verdict,
-  sometimes followed by a numeric rating. There are about a hundred sentence templates, and
-  the sentiment phrases inside them vary in shape too ("dull", "somewhat dull", "not dull at
-  all", "never drags", "an absolute triumph", ...), so sentence shapes number in the hundreds.
+  sometimes followed by a numeric rating. There are 42 sentence templates, and the sentiment
+  phrases inside them vary in shape too ("dull", "somewhat dull", "not dull at all", "never
+  drags", "an absolute triumph", ...), so sentence shapes number in the hundreds. The word
+  lists are short on purpose (format 4: 340 words, 6 first and 6 last names, a thinned subset
+  of the judge's lexicon): the demo's small model must learn to write them in two minutes.
 * Every sentiment slot gets a target value: ``s`` plus a little noise for verdicts, more
   noise for individual parts of the film, and ``s +- d`` for the two sides of a contrast,
   which is how mixed reviews arise. The slot is then filled with a phrase whose value under
@@ -53,82 +55,43 @@ __all__ = ["generate_reviews", "make_prompts"]
 # Neutral vocabulary (no word here may carry sentiment: checked by _check_vocabulary)
 
 TITLE_ADJECTIVES = [
-    "Silent", "Crimson", "Hidden", "Broken", "Distant", "Midnight", "Iron", "Golden", "Frozen",
-    "Burning", "Lonely", "Electric", "Velvet", "Secret", "Wild", "Paper", "Glass", "Northern",
-    "Black", "White", "Scarlet", "Quiet", "Endless", "Fallen", "Forgotten", "Restless",
-    "Sacred", "Second", "Final", "Lost", "Little", "Eternal", "Dark", "Cold", "Sleeping",
-    "Running", "Falling", "Southern", "Hungry", "Violet", "Emerald", "Winter",
+    "Silent", "Crimson", "Hidden", "Broken", "Distant", "Midnight", "Iron", "Golden",
 ]
 TITLE_NOUNS = [
     "Harbor", "Storm", "River", "Garden", "Empire", "Mirror", "Shadow", "Orchard", "Frontier",
-    "Machine", "Kingdom", "Letter", "Echo", "Signal", "Tide", "Horizon", "Summer", "Lantern",
-    "Compass", "Station", "Circus", "Hotel", "Island", "Forest", "Tower", "Bridge", "Crown",
-    "Wolf", "Sparrow", "Raven", "Fox", "Orchid", "Highway", "Voyage", "Reckoning", "Witness",
-    "Stranger", "Dancer", "Archive", "Canyon", "Desert", "Ember", "Cipher", "Monsoon",
-    "Covenant", "Lighthouse", "Carnival", "Labyrinth", "Meridian", "Avalanche", "Quarry",
+    "Machine",
 ]
 TITLE_PLACES = [
-    "Avalon", "Eldridge", "Marrow Creek", "Port Haven", "Silver Lake", "Saint Jude",
-    "Ravenwood", "Cold Springs", "Briar Hill", "Kessler Bay", "Dunmore", "Halcyon",
-    "Pine Ridge", "Salt Flats", "Vesper Point",
+    "Avalon", "Eldridge", "Marrow Creek", "Port Haven",
 ]
 FIRST_NAMES = [
-    "Anna", "Marcus", "Elena", "David", "Priya", "Tom", "Grace", "Omar", "Julia", "Lucas",
-    "Nadia", "Samuel", "Chloe", "Hiroshi", "Maria", "Daniel", "Fatima", "Oliver", "Sofia",
-    "Victor", "Ingrid", "Kwame", "Laura", "Mateo", "Rosa", "Henry", "Yuki", "Adam", "Clara",
-    "Felix", "Leila", "Peter", "Isabel", "Jonah", "Mei", "Ruth", "Diego", "Nora", "Simon", "Zoe",
+    "Anna", "Marcus", "Elena", "David", "Priya", "Tom",
 ]
 LAST_NAMES = [
-    "Hale", "Moreno", "Whitaker", "Okafor", "Lindqvist", "Brennan", "Castillo", "Novak",
-    "Ferreira", "Sato", "Kowalski", "Adeyemi", "Marsh", "Delacroix", "Quinn", "Harrington",
-    "Baptiste", "Rahman", "Eriksen", "Donovan", "Vance", "Mercer", "Calloway", "Ashford",
-    "Takeda", "Oyelaran", "Petrov", "Lindgren", "Costa", "Reyes", "Abernathy", "Kaur",
-    "Fontaine", "Gallagher", "Nakamura", "Sinclair", "Volkov", "Achebe", "Thornton", "Blackwood",
+    "Hale", "Moreno", "Whitaker", "Okafor", "Lindqvist", "Brennan",
 ]
 GENRES = [
     "thriller", "romantic comedy", "western", "horror film", "documentary", "musical",
-    "heist movie", "war drama", "space opera", "mystery", "animated feature", "biopic",
-    "crime drama", "slasher", "coming-of-age story", "period piece", "road movie",
-    "courtroom drama", "action movie", "family film", "sports drama", "spy thriller",
-    "ghost story", "political thriller", "science fiction film", "fantasy epic", "satire",
-    "psychological thriller", "detective story", "historical epic", "indie drama",
-    "martial arts film", "zombie movie", "period drama", "creature feature", "chamber piece",
+    "heist movie", "war drama",
 ]
 ROLES = [
     "detective", "widow", "con artist", "retired soldier", "ghost", "chef", "astronaut",
-    "schoolteacher", "boxer", "journalist", "smuggler", "priest", "runaway", "heiress",
-    "mechanic", "sheriff", "hacker", "pianist", "nurse", "thief", "magician", "pilot", "farmer",
-    "spy", "lawyer", "scientist", "fisherman", "translator", "bounty hunter", "architect",
-    "forger", "lighthouse keeper", "courier", "surgeon", "cartographer", "ballerina", "drummer",
-    "poet", "bank teller", "taxi driver", "beekeeper", "ship captain",
+    "schoolteacher",
 ]
 GOALS = [
     "find her missing sister", "pull off one last heist", "clear his name",
     "win back his family", "solve a string of murders", "escape the island",
-    "save the family farm", "uncover a conspiracy", "get home for the holidays",
-    "survive a long winter", "stop an alien invasion", "protect a key witness",
-    "deliver a mysterious package", "reunite her old band", "track down an old rival",
-    "rebuild a ruined restaurant", "cross the desert on foot", "outwit a corrupt mayor",
-    "finish a symphony", "repay a dangerous debt", "find a buried treasure",
-    "expose a crooked senator", "keep a dying theater open", "smuggle a family across the border",
-    "decode a stolen notebook", "climb the tallest peak in the region", "win a chess tournament",
 ]
 PLACES = [
     "Lisbon", "a small town in Ohio", "Tokyo", "the Arctic", "a remote lighthouse",
-    "a space station", "Chicago in the twenties", "a boarding school", "the Scottish Highlands",
-    "a submarine", "Marseille", "a desert outpost", "a seaside village", "Berlin",
-    "New Orleans", "a mining town", "an abandoned hospital", "Buenos Aires", "a cruise ship",
-    "a mountain monastery", "Reykjavik", "a suburban cul-de-sac", "Mumbai", "a jungle camp",
+    "a space station",
 ]
 WHEN = [
     "last weekend", "on a rainy Sunday", "at a late screening", "on opening night",
-    "with a few friends", "at a film festival", "on a long flight", "last night",
-    "over the holidays", "at the local cinema", "on a streaming service", "at a drive-in",
 ]
 RELATIVES = ["sister", "roommate", "father", "best friend", "partner", "cousin", "neighbor", "aunt"]
 RELATIONS = [
-    "brother", "mother", "old friend", "partner", "rival", "landlord", "daughter", "mentor",
-    "former boss", "estranged wife", "childhood friend",
+    "brother", "mother", "old friend", "partner", "rival", "landlord",
 ]
 PARTS = [
     "final act", "opening minutes", "middle stretch", "last twenty minutes", "second half",
@@ -146,26 +109,11 @@ ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth"]
 IT_IS = ["it is", "it's", "the film is", "the movie is", "this is"]
 # Parts of a film as (phrase, plural?).
 ASPECTS: list[tuple[str, bool]] = [
-    ("the acting", False), ("the plot", False), ("the script", False), ("the dialogue", False),
-    ("the soundtrack", False), ("the score", False), ("the cinematography", False),
-    ("the pacing", False), ("the ending", False), ("the special effects", True),
-    ("the editing", False), ("the casting", False), ("the costumes", True),
-    ("the set design", False), ("the lead performance", False), ("the villain", False),
-    ("the humor", False), ("the third act", False), ("the opening scene", False),
-    ("the climax", False), ("the story", False), ("the characters", True),
-    ("the camera work", False), ("the lighting", False), ("the screenplay", False),
-    ("the twist", False), ("the supporting cast", False), ("the action sequences", True),
-    ("the production design", False), ("the visual effects", True), ("the romance", False),
-    ("the fight scenes", True), ("the musical numbers", True), ("the sound design", False),
-    ("the tone", False), ("the premise", False), ("the central mystery", False),
-    ("the love story", False), ("the final showdown", False), ("the child actors", True),
-    ("the makeup", False), ("the car chases", True), ("the jokes", True),
+    ("the acting", False), ("the plot", False), ("the script", False), ("the dialogue", False), ("the soundtrack", False), ("the score", False), ("the cinematography", False), ("the pacing", False),
 ]
 # Countable parts for "a clever premise", "a stunning score".
 COUNT_NOUNS = [
-    "premise", "idea", "script", "score", "soundtrack", "ending", "twist", "villain", "cast",
-    "story", "setting", "concept", "mystery", "romance", "central performance",
-    "opening sequence", "final scene", "screenplay", "lead", "soundtrack", "visual style",
+    "premise", "idea", "script", "score", "soundtrack", "ending",
 ]
 
 # =========================================================================================
@@ -180,13 +128,6 @@ OPEN_NEUTRAL = [
     "{director} returns with {title}, {a_genre} set in {place}.",
     "Set in {place}, {title} follows {a_role} who must {goal}.",
     "{actor} stars as {a_role} in {title}, the latest {genre} from {director}.",
-    "I went into {title} knowing almost nothing about it.",
-    "{title} ({year}) runs {minutes} minutes and stars {actor} and {actor2}.",
-    "My {relative} talked me into watching {title} {when}.",
-    "After months of buzz, I finally caught {title} {when}.",
-    "{title} tells the story of {a_role} trying to {goal}.",
-    "Based on {source} by {writer}, {title} is the {ordinal} feature from {director}.",
-    "I had been waiting for {title} since the first trailer.",
 ]
 OPEN_SENTIMENT = [
     "{title} is {VERDICT}.",
@@ -195,11 +136,6 @@ OPEN_SENTIMENT = [
     "{director}'s {title} is {VERDICT}.",
     "I came out of {title} feeling {FEEL}.",
     "{title} is {A_ATTR} {genre} with {actor} in the lead.",
-    "From its first scene, {title} is {ADJ}.",
-    "{title}, the new {genre} from {director}, is {ADJ}.",
-    "{actor} and {director} have made {VERDICT}.",
-    "Watching {title} {when}, I was {FEEL}.",
-    "With {title}, {director} delivers {VERDICT}.",
 ]
 BODY_NEUTRAL = [
     "The story follows {a_role} who must {goal}.",
@@ -207,16 +143,8 @@ BODY_NEUTRAL = [
     "Most of the film takes place in {place}.",
     "It runs about {minutes} minutes.",
     "The plot involves {a_role}, {a_role2}, and {object}.",
-    "Without giving too much away, {a_role} has to {goal}.",
-    "{actor2} plays the {role}'s {relation}.",
-    "It was shot on location in {place}.",
-    "{director} also co-wrote the script with {writer}.",
-    "I watched it {when}.",
-    "The supporting cast includes {actor2} as {a_role2}.",
-    "There is a subplot about {a_role2} who wants to {goal}.",
-    "The film opens in {place} in {year}.",
 ]
-BODY_ONE = [  # one part of the film, one target value
+BODY_ONE = [
     "{aspect} {was} {ADJ}.",
     "I thought {aspect} {was} {ADJ}.",
     "{aspect} {be} {ADJ} throughout.",
@@ -224,101 +152,78 @@ BODY_ONE = [  # one part of the film, one target value
     "{aspect} {AVERB}.",
     "{aspect} {AVERB}, especially in the {part}.",
     "{actor} is {PADJ} as the {role}.",
-    "{actor} plays the {role} {ADV}.",
-    "{actor} gives {A_PATTR} performance as the {role}.",
-    "The film is {ADV} shot.",
-    "The screenplay by {writer} is {ADJ}.",
-    "I {VIEW} {aspect}.",
-    "{aspect} left me {FEEL}.",
-    "There is {A_ATTR} {count_noun} at the heart of the film.",
-    "{director} directs with {A_ATTR} touch.",
-    "Visually, the film is {ADJ}.",
-    "The chemistry between {actor} and {actor2} is {ADJ}.",
-    "{aspect}? {^ADJ}.",
-    "What stood out to me was how {ATTR} {aspect} {was}.",
-    "Even {aspect} {be} {ADJ}.",
-    "{actor}'s performance {AVERB}.",
-    "In the hands of {director}, {aspect} {be} {ADJ}.",
-    "It is hard to describe how {ATTR} {aspect} {be}.",
-    "Fans of {actor} will be {FEEL}.",
-    "The {minutes}-minute running time feels {ADJ}.",
-    "{actor} and {actor2} are both {ATTR}.",
-    "Honestly, {aspect} {was} {ADJ}.",
-    "The whole thing is {ADV} made.",
-    "{aspect} in the {part} {be} {ADJ}.",
-    "Every scene with {actor} {AVERB}.",
-    "{actor} brings {A_ATTR} energy to the role of the {role}.",
-    "The way {director} handles {aspect} is {ADJ}.",
-    "{aspect} is where the film {AVERB}.",
 ]
-BODY_TWO = [  # two parts of the film, independent target values
+BODY_TWO = [
     "{aspect} {be} {ADJ}, and {aspect2} {be2} {ADJ2}.",
     "{aspect} {AVERB}, and {aspect2} {AVERB2}.",
     "I {VIEW} {aspect} and {VIEW2} {aspect2}.",
-    "{aspect} {was} {ADJ}; {aspect2} {was2} {ADJ2} too.",
-    "{actor} is {PADJ}, and {aspect2} {be2} {ADJ2}.",
-    "{aspect} {be} {ADJ} and {aspect2} {AVERB2}.",
 ]
-BODY_CONTRAST = [  # two parts pulling in opposite directions
+BODY_CONTRAST = [
     "{aspect} {was} {ADJ}, but {aspect2} {was2} {ADJ2}.",
     "While {aspect} {be} {ADJ}, {aspect2} {be2} {ADJ2}.",
     "{aspect} {be} {ADJ}; {aspect2}, on the other hand, {be2} {ADJ2}.",
     "Despite {A_ATTR} {count_noun}, {aspect2} {AVERB2}.",
     "{aspect} {AVERB}, yet {aspect2} {AVERB2}.",
-    "{actor} is {PADJ} as the {role}, but {aspect2} {be2} {ADJ2}.",
-    "I {VIEW} {aspect}, but I {VIEW2} {aspect2}.",
-    "{aspect} {be} {ADJ}, although {aspect2} {be2} {ADJ2}.",
-    "{actor} {AVERB}, but the rest of the cast {AVERB2}.",
-    "The first half is {ADJ}, but the second half is {ADJ2}.",
-    "{aspect} {be} {ADJ}, even if {aspect2} {be2} {ADJ2}.",
-    "For every {ATTR} scene, there is {A_ATTR2} one.",
 ]
-CLOSE = [  # the overall verdict
+CLOSE = [
     "Overall, {it_is} {VERDICT}.",
     "I would {REC}.",
     "{title} is {WORTH}.",
     "All in all, {VERDICT}.",
     "Bottom line: {VERDICT}.",
     "In the end, I {VIEW} it.",
-    "It is {WORTH}, and I would {REC}.",
-    "I left the theater {FEEL}.",
-    "{title} is {ADJ}, plain and simple.",
-    "If you like {genre_plural}, {it_is} {VERDICT}.",
-    "My verdict: {VERDICT}.",
-    "{title} is {ATTR} filmmaking.",
-    "In short, {ADJ}.",
-    "Personally, I would {REC}.",
-    "As {a_genre}, {title} is {VERDICT}.",
-    "To sum up, {title} is {ADJ}.",
-    "I walked out {FEEL}.",
 ]
 RATING = [
     "{rating} out of 10.", "I give it {rating} out of 10.", "Rating: {rating}/10.", "{rating}/10.",
 ]
 
 # =========================================================================================
+# The sentiment words the generator writes with: a thinned subset of the judge's lexicon.
+# The judge scores every lexicon word, but a corpus that used them all (and every modifier
+# in front of each) was measured too varied for the demo's small model to learn within its
+# budget (validation loss stalled near 1.4 nats/token, and its samples were hard to read).
+# Keeping every k-th word in value order keeps the whole range of values.
+
+
+def _thin(words: dict[str, float], keep: int) -> dict[str, float]:
+    """``keep`` words of ``words`` spread evenly over their values (deterministic)."""
+    ranked = sorted(words, key=lambda w: (words[w], w))
+    if keep >= len(ranked):
+        return dict(words)
+    picks = [ranked[round(i * (len(ranked) - 1) / (keep - 1))] for i in range(keep)]
+    return {w: words[w] for w in picks}
+
+
+_GRADABLE = _thin(GRADABLE_ADJECTIVES, 12)
+_EXTREME = _thin(EXTREME_ADJECTIVES, 4)
+_PERFORMANCE = _thin(PERFORMANCE_ADJECTIVES, 4)
+_NOUNS = _thin(NOUNS, 6)
+_FEELINGS = _thin(FEELINGS, 6)
+_ADVERBS = _thin(ADVERBS, 4)
+_VIEWER_VERBS = _thin(VIEWER_VERBS, 8)
+_ASPECT_VERBS = [v for v in ASPECT_VERBS if v[0] in _thin({sg: val for sg, _, val in ASPECT_VERBS}, 6)]
+
+# =========================================================================================
 # Sentiment phrases: for each slot kind, every phrase shape ("form") with its value.
 
 _PRED_INTENSIFIERS = [
-    "very", "really", "extremely", "incredibly", "truly", "remarkably", "genuinely",
-    "thoroughly", "utterly", "absolutely", "so", "quite", "completely", "totally",
+    "very", "really",
 ]
 _PRED_DOWNTONERS = [
-    "somewhat", "slightly", "fairly", "mildly", "moderately", "rather", "a bit", "mostly",
+    "somewhat",
 ]
 # Before a noun ("a very clever premise") only some modifiers read naturally.
 _ATTR_INTENSIFIERS = [
-    "very", "really", "extremely", "incredibly", "truly", "remarkably", "genuinely",
-    "thoroughly", "utterly", "absolutely",
+    "very",
 ]
-_ATTR_DOWNTONERS = ["somewhat", "slightly", "fairly", "mildly", "moderately", "rather"]
+_ATTR_DOWNTONERS = [
+    "somewhat",
+]
 _NEUTRAL_ADJ = [
-    "average", "ordinary", "conventional", "about what you would expect", "middle of the road",
-    "neither here nor there", "standard", "by the numbers", "familiar",
+    "average", "ordinary", "conventional", "about what you would expect",
 ]
 _NEUTRAL_ATTR = [
-    "ordinary", "conventional", "standard", "familiar", "modest", "old-fashioned",
-    "straightforward",
+    "ordinary", "conventional", "standard", "familiar",
 ]
 
 Form = list[tuple[str, str]]  # phrases as (singular, plural) texts
@@ -362,7 +267,7 @@ def _adjective_forms(
     if negate:
         positive = _positive(_strong(gradable))
         forms["negated"] = _same(
-            _each(["not"], list(gradable))
+            _each(["not"], strong)
             + _each(["not very"], positive)
             + [f"not {a} at all" for a in positive]
             + _each(["never"], _negative(gradable))
@@ -375,16 +280,16 @@ def _verdict_forms() -> dict[str, Form]:
     def a(word: str) -> str:
         return f"{_article(word)} {word}"
 
-    nouns = list(NOUNS)
-    attr = _adjective_forms(GRADABLE_ADJECTIVES, EXTREME_ADJECTIVES, negate=False)
+    nouns = list(_NOUNS)
+    attr = _adjective_forms(_GRADABLE, _EXTREME, negate=False)
     forms = {
         "noun": _same([a(n) for n in nouns] + [f"something of {a(n)}" for n in nouns]),
-        "noun_intensified": _same(_each(["a real", "an absolute", "a total", "a complete"], nouns)),
+        "noun_intensified": _same(_each(["a real", "an absolute"], nouns)),
         "noun_downtoned": _same(_each(["a minor"], nouns)),
         "noun_negated": _same(
             _each(["no"], nouns)
             + [f"hardly {a(n)}" for n in nouns]
-            + [f"not {a(n)}" for n in _negative(NOUNS)]
+            + [f"not {a(n)}" for n in _negative(_NOUNS)]
         ),
         "neutral": _same([
             "a perfectly ordinary {genre}", "just another {genre}", "a {genre} like many others",
@@ -399,14 +304,14 @@ def _verdict_forms() -> dict[str, Form]:
 
 def _aspect_verb_forms() -> dict[str, Form]:
     def both(prefix: str) -> Form:
-        return [(f"{prefix} {sg}", f"{prefix} {pl}") for sg, pl, _ in ASPECT_VERBS]
+        return [(f"{prefix} {sg}", f"{prefix} {pl}") for sg, pl, _ in _ASPECT_VERBS]
 
     return {
-        "bare": [(sg, pl) for sg, pl, _ in ASPECT_VERBS],
+        "bare": [(sg, pl) for sg, pl, _ in _ASPECT_VERBS],
         "intensified": both("really") + both("truly"),
         "downtoned": both("occasionally") + both("sometimes"),
         "negated": both("never") + both("rarely")
-        + [(f"does not {pl}", f"do not {pl}") for _, pl, _ in ASPECT_VERBS],
+        + [(f"does not {pl}", f"do not {pl}") for _, pl, _ in _ASPECT_VERBS],
         "neutral": [
             ("does the job", "do the job"), ("is there", "are there"),
             ("works as intended", "work as intended"), ("plays it safe", "play it safe"),
@@ -415,17 +320,16 @@ def _aspect_verb_forms() -> dict[str, Form]:
 
 
 def _viewer_verb_forms() -> dict[str, Form]:
-    verbs = list(VIEWER_VERBS)
-    mild = [v for v in verbs if abs(VIEWER_VERBS[v]) <= 2]  # "mildly enjoyed", not "mildly adored"
+    verbs = list(_VIEWER_VERBS)
+    mild = [v for v in verbs if abs(_VIEWER_VERBS[v]) <= 2]  # "mildly enjoyed", not "mildly adored"
     return {
         "bare": _same(verbs),
         "intensified": _same(
-            _each(["really", "truly", "absolutely", "thoroughly", "genuinely"], verbs)
+            _each(["really", "truly"], verbs)
         ),
         "downtoned": _same(_each(["mildly", "somewhat"], mild)),
         "negated": _same(
-            _each(["did not"], ["like", "enjoy", "love", "hate", "admire"])
-            + _each(["didn't"], ["like", "enjoy", "love", "hate"])
+            _each(["did not"], ["like", "enjoy", "love", "hate"])
             + _each(["never really"], verbs)
         ),
         "neutral": _same([
@@ -435,30 +339,27 @@ def _viewer_verb_forms() -> dict[str, Form]:
 
 
 def _feeling_forms() -> dict[str, Form]:
-    feelings = list(FEELINGS)
-    intensifiers = [
-        "very", "deeply", "thoroughly", "completely", "utterly", "genuinely", "truly", "really",
-        "so",
-    ]
+    feelings = list(_FEELINGS)
+    intensifiers = ["very", "deeply"]
     return {
         "bare": _same(feelings),
         "intensified": _same(_each(intensifiers, feelings)),
-        "downtoned": _same(_each(["slightly", "somewhat", "a bit", "mildly"], feelings)),
+        "downtoned": _same(_each(["somewhat"], feelings)),
         "negated": _same(
             _each(["not"], feelings)
-            + _each(["never"], _negative(FEELINGS))
-            + _each(["not at all"], _positive(FEELINGS))
+            + _each(["never"], _negative(_FEELINGS))
+            + _each(["not at all"], _positive(_FEELINGS))
         ),
         "neutral": _same(["indifferent", "puzzled", "unsure what to think", "of two minds"]),
     }
 
 
 def _adverb_forms() -> dict[str, Form]:
-    adverbs = list(ADVERBS)
+    adverbs = list(_ADVERBS)
     return {
         "bare": _same(adverbs),
-        "intensified": _same(_each(["very", "really", "quite", "truly"], adverbs)),
-        "downtoned": _same(_each(["rather", "somewhat", "fairly"], adverbs)),
+        "intensified": _same(_each(["very", "really"], adverbs)),
+        "downtoned": _same(_each(["rather"], adverbs)),
         "neutral": _same(["plainly", "conventionally", "straightforwardly", "simply"]),
     }
 
@@ -488,19 +389,19 @@ def _worth_forms() -> dict[str, Form]:
     worth = [f"worth {o}" for o in ("seeing", "a look", "your time", "the ticket")]
     return {
         "bare": _same(worth),
-        "intensified": _same(_each(["well", "absolutely", "definitely", "really"], worth)),
+        "intensified": _same(_each(["well", "definitely"], worth)),
         "downtoned": _same(_each(["probably", "mostly"], worth)),
-        "negated": _same(_each(["not", "hardly", "not really"], worth)),
+        "negated": _same(_each(["not", "hardly"], worth)),
         "neutral": _same(["a way to pass two hours", "what it is"]),
     }
 
 
-_PERF_GRADABLE = {**GRADABLE_ADJECTIVES, **PERFORMANCE_ADJECTIVES}
+_PERF_GRADABLE = {**_GRADABLE, **_PERFORMANCE}
 _SLOT_FORMS: dict[str, Callable[[], dict[str, Form]]] = {
-    "ADJ": lambda: _adjective_forms(GRADABLE_ADJECTIVES, EXTREME_ADJECTIVES, negate=True),
-    "ATTR": lambda: _adjective_forms(GRADABLE_ADJECTIVES, EXTREME_ADJECTIVES, negate=False),
-    "PADJ": lambda: _adjective_forms(_PERF_GRADABLE, EXTREME_ADJECTIVES, negate=True),
-    "PATTR": lambda: _adjective_forms(_PERF_GRADABLE, EXTREME_ADJECTIVES, negate=False),
+    "ADJ": lambda: _adjective_forms(_GRADABLE, _EXTREME, negate=True),
+    "ATTR": lambda: _adjective_forms(_GRADABLE, _EXTREME, negate=False),
+    "PADJ": lambda: _adjective_forms(_PERF_GRADABLE, _EXTREME, negate=True),
+    "PATTR": lambda: _adjective_forms(_PERF_GRADABLE, _EXTREME, negate=False),
     "VERDICT": _verdict_forms,
     "AVERB": _aspect_verb_forms,
     "VIEW": _viewer_verb_forms,
@@ -642,15 +543,6 @@ _TITLE_SHAPES: list[Callable[[random.Random], str]] = [
     lambda r: f"{r.choice(TITLE_ADJECTIVES)} {r.choice(TITLE_NOUNS)}",
     lambda r: f"Return to {r.choice(TITLE_PLACES)}",
     lambda r: f"The Last {r.choice(TITLE_NOUNS)}",
-    lambda r: f"A {r.choice(TITLE_NOUNS)} in {r.choice(TITLE_PLACES)}",
-    lambda r: f"{r.choice(TITLE_NOUNS)} and {r.choice(TITLE_NOUNS)}",
-    lambda r: f"{r.choice(FIRST_NAMES)}'s {r.choice(TITLE_NOUNS)}",
-    lambda r: f"Beyond the {r.choice(TITLE_NOUNS)}",
-    lambda r: f"Night of the {r.choice(TITLE_NOUNS)}",
-    lambda r: f"The {r.choice(TITLE_NOUNS)} of {r.choice(TITLE_PLACES)}",
-    lambda r: f"{r.choice(TITLE_ADJECTIVES)} {r.choice(TITLE_PLACES)}",
-    lambda r: f"Under the {r.choice(TITLE_ADJECTIVES)} {r.choice(TITLE_NOUNS)}",
-    lambda r: f"After the {r.choice(TITLE_NOUNS)}",
 ]
 
 
@@ -667,10 +559,14 @@ class _Writer:
         self.sentiment = sentiment
         self.title = make_title(rng)
         self.genre = rng.choice(GENRES)
-        self.director = _name(rng)
-        self.actor = _name(rng)
-        self.actor2 = _name(rng)
-        self.writer = _name(rng)
+        # Four different people: with short name lists, independent draws often repeat a name
+        # ("directed by David Hale and starring David Hale").
+        people: list[str] = []
+        while len(people) < 4:
+            name = _name(rng)
+            if name not in people:
+                people.append(name)
+        self.director, self.actor, self.actor2, self.writer = people
         self.role = rng.choice(ROLES)
         self.values = (0.0, 0.0)
         self.aspects: list[tuple[str, bool]] = []
@@ -723,6 +619,13 @@ class _Writer:
             phrase = phrase.replace("{genre}", self.genre)
         return f"{_article(phrase)} {phrase}" if article else phrase
 
+    def other_role(self) -> str:
+        """A role other than the review's own ("a widow, a ghost", not "a widow, a widow")."""
+        role = self.rng.choice(ROLES)
+        while role == self.role:
+            role = self.rng.choice(ROLES)
+        return role
+
     def aspect(self, index: int) -> tuple[str, bool]:
         return self.aspects[index]
 
@@ -738,7 +641,7 @@ _NEUTRAL_FIELDS: dict[str, Callable[[_Writer], str]] = {
     "writer": lambda w: w.writer,
     "role": lambda w: w.role,
     "a_role": lambda w: f"{_article(w.role)} {w.role}",
-    "a_role2": lambda w: (lambda r: f"{_article(r)} {r}")(w.rng.choice(ROLES)),
+    "a_role2": lambda w: (lambda r: f"{_article(r)} {r}")(w.other_role()),
     "place": lambda w: w.rng.choice(PLACES),
     "goal": lambda w: w.rng.choice(GOALS),
     "when": lambda w: w.rng.choice(WHEN),
@@ -774,7 +677,7 @@ def _clip(value: float) -> float:
 
 
 VERDICT_NOISE = 0.1  # overall verdicts stay close to the latent sentiment
-ASPECT_NOISE = 0.25  # single parts of the film wander further
+ASPECT_NOISE = 0.15  # single parts of the film wander further
 
 
 class _Generator:

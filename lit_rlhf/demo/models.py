@@ -45,8 +45,12 @@ def register() -> None:
 
 
 def demo_models_root() -> Path:
+    """``$LIT_RLHF_CACHE/demo-models-v<N>``: N is the demo data's format version, so models
+    trained on an older corpus are rebuilt rather than reused."""
+    from lit_rlhf.demo import FORMAT_VERSION
+
     base = os.environ.get("LIT_RLHF_CACHE") or Path.home() / ".cache" / "lit_rlhf"
-    return Path(base).expanduser() / "demo-models-v1"
+    return Path(base).expanduser() / f"demo-models-v{FORMAT_VERSION}"
 
 
 def is_demo_model(name: str | None) -> bool:

@@ -85,9 +85,11 @@ def test_reviews_have_two_to_six_sentences(reviews):
     assert len(counts) == 5  # every length occurs
 
 
-def test_vocabulary_and_sentence_shapes_are_large(reviews):
+def test_vocabulary_and_sentence_shapes_are_varied(reviews):
+    # The vocabulary is kept small on purpose (a small model must learn it within the demo's
+    # budget; 340 words in format 4), but sentence shapes stay many.
     vocabulary = Counter(w for r in reviews for w in _words(r["text"]))
-    assert len(vocabulary) > 500
+    assert len(vocabulary) > 300
     # Structural signature of a sentence: its function words and punctuation, with every run
     # of content words (names, titles, adjectives, ...) collapsed to "_".
     function_words = set(
@@ -131,7 +133,7 @@ def test_neutral_material_carries_no_sentiment():
 
     rng = random.Random(0)
     titles = [make_title(rng) for _ in range(1000)]
-    assert len(set(titles)) > 500
+    assert len(set(titles)) > 200
     assert all(sentiment_score(t) == 0.0 for t in titles)
 
 

@@ -371,7 +371,7 @@ def test_cli_ppo_demo_prints_a_table_that_does_not_fit_in_1mb(capsys, no_weights
 def test_cli_sft_demo_fits(capsys, no_weights):
     code, out, err = _run(capsys, "-c", "configs/sft/demo.yaml", "--memory=80G")
     assert code == 0, err
-    assert "SFTModule" in out and "16 x 128 tokens" in out and "modules_to_save" in out
+    assert "SFTModule" in out and "16 x 128 tokens" in out and "full fine-tuning" in out
     assert "batch per device = data.init_args.batch_size = 16 chunks of 128 tokens" in out
     assert out.strip().splitlines()[-1].startswith("fits in 80G = 80.00 GiB: yes, ")
 

@@ -200,7 +200,7 @@ def test_every_stage_trains_from_conversational_files_through_the_cli(cli, tmp_p
                    f"--trainer.default_root_dir={tmp_path}", *RUN, *extra])
     assert out.code == 0, out.stderr[-3000:]
     run = next(tmp_path.glob("lightning_logs/version_*"))
-    saved = run / ("export" if stage == "rm" else "adapter")
+    saved = run / {"rm": "export", "sft": "model"}.get(stage, "adapter")  # the SFT demo fine-tunes in full
     # The template travels with what the run exports.
     assert (saved / "chat_template.jinja").read_text() == TEMPLATES[template]
 

@@ -29,32 +29,79 @@ def test_pipeline_end_to_end_and_resume(tmp_path, capsys):
     ppo = _overlay(tmp_path / "ppo.yaml", "configs/ppo/demo.yaml",
                    "data:\n  class_path: lit_rlhf.data.PromptDataModule\n  init_args:\n    batch_size: 16\n"
                    "trainer:\n  limit_train_batches: 2\n  val_check_interval: 2\n  limit_val_batches: 1\n")
+    dpo = _overlay(tmp_path / "dpo.yaml", "configs/dpo/demo.yaml",
+                   "data:\n  class_path: lit_rlhf.data.PreferenceDataModule\n  init_args:\n    max_train_pairs: 64\n"
+                   "trainer:\n  max_steps: 4\n  val_check_interval: 4\n  limit_val_batches: 1\n")
+    grpo = _overlay(tmp_path / "grpo.yaml", "configs/grpo/demo.yaml",
+                    "data:\n  class_path: lit_rlhf.data.PromptDataModule\n  init_args:\n    batch_size: 4\n"
+                    "trainer:\n  limit_train_batches: 2\n  val_check_interval: 2\n  limit_val_batches: 1\n")
     out = tmp_path / "out"
-    args = ["--output_dir", str(out), "--sft_config", str(sft), "--rm_config", str(rm), "--ppo_config", str(ppo),
+    args = ["--output_dir", str(out), "--methods", "ppo,dpo,grpo", "--sft_config", str(sft), "--rm_config", str(rm),
+            "--ppo_config", str(ppo), "--dpo_config", str(dpo), "--grpo_config", str(grpo),
             "--eval_prompts", "8", "--eval_max_new_tokens", "6", "--quiet"]
     pipeline.main(args)
 
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"sft", "rm", "ppo", "wall_s"}
+    assert set(summary) == {"task", "methods", "eval", "sft", "rm", "ppo", "dpo", "grpo", "wall_s"}
+    assert summary["task"] == "reviews" and summary["methods"] == ["ppo", "dpo", "grpo"]
     assert summary["sft"]["val_loss_end"] < summary["sft"]["val_loss_start"]
     assert 0.0 <= summary["rm"]["val_accuracy"] <= 1.0
-    assert {"score_before", "score_after", "kl"} <= set(summary["ppo"])
+    for name in ("sft", "ppo", "dpo", "grpo"):
+        block = summary[name]
+        assert -1.0 <= block["judge_score"] <= 1.0 and 0.0 <= block["distinct_2"] <= 1.0
+        assert 1.0 <= block["mean_length"] <= 6.0  # at most eval_max_new_tokens
+    assert summary["sft"]["kl_to_sft"] == 0.0
+    assert all(summary[m]["kl_to_sft"] != 0.0 for m in ("ppo", "dpo", "grpo"))  # each moved off SFT
     # Plain transformers loads every exported model, without lit_rlhf.
-    AutoModelForCausalLM.from_pretrained(summary["sft"]["model_dir"])
-    AutoModelForCausalLM.from_pretrained(summary["ppo"]["model_dir"])
+    for name in ("sft", "ppo", "dpo", "grpo"):
+        AutoModelForCausalLM.from_pretrained(summary[name]["model_dir"])
     AutoModelForSequenceClassification.from_pretrained(summary["rm"]["model_dir"])
-    assert (out / "report.png").stat().st_size > 10_000 and "| prompt |" in (out / "samples.md").read_text()
-    assert "judge score (SFT -> PPO)" in capsys.readouterr().out
+    assert (out / "report.png").stat().st_size > 10_000
+    samples = (out / "samples.md").read_text().splitlines()
+    assert samples[2] == "| prompt | SFT | PPO | DPO | GRPO |" and len(samples) == 4 + 8
+    printed = capsys.readouterr().out
+    assert all(f"\n{name} " in printed for name in ("sft", "ppo", "dpo", "grpo"))
 
     # Run again: nothing to redo. Change the PPO overlay: only PPO runs again.
-    done = {s: json.loads((out / s / "DONE.json").read_text()) for s in ("sft", "rm", "ppo")}
+    stages = ("sft", "rm", "ppo", "dpo", "grpo")
+    done = {s: json.loads((out / s / "DONE.json").read_text()) for s in stages}
     ppo.write_text(ppo.read_text().replace("limit_train_batches: 2", "limit_train_batches: 3"))
     pipeline.main(args)
-    again = {s: json.loads((out / s / "DONE.json").read_text()) for s in ("sft", "rm", "ppo")}
-    assert again["sft"] == done["sft"] and again["rm"] == done["rm"]
+    again = {s: json.loads((out / s / "DONE.json").read_text()) for s in stages}
+    assert all(again[s] == done[s] for s in ("sft", "rm", "dpo", "grpo"))
     assert again["ppo"]["key"] != done["ppo"]["key"]
     assert len(list((out / "ppo" / "lightning_logs").glob("version_*"))) == 2
     assert len(list((out / "sft" / "lightning_logs").glob("version_*"))) == 1
+
+
+@pytest.mark.slow
+def test_pipeline_arithmetic_task(tmp_path, capsys):
+    sft = _overlay(tmp_path / "sft.yaml", "configs/sft/arithmetic.yaml",
+                   "trainer:\n  max_steps: 6\n  val_check_interval: 3\n  limit_val_batches: 2\n")
+    grpo = _overlay(tmp_path / "grpo.yaml", "configs/grpo/arithmetic.yaml",
+                    "data:\n  class_path: lit_rlhf.data.PromptDataModule\n  init_args:\n    batch_size: 8\n"
+                    "model:\n  init_args:\n    grpo:\n      mini_batch_size: 32\n"
+                    "trainer:\n  limit_train_batches: 2\n  val_check_interval: 2\n  limit_val_batches: 1\n")
+    out = tmp_path / "out"
+    pipeline.main(["--output_dir", str(out), "--task", "arithmetic", "--sft_config", str(sft),
+                   "--grpo_config", str(grpo), "--eval_prompts", "16", "--quiet"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"task", "methods", "eval", "sft", "grpo", "wall_s"}  # no reward model to train
+    assert summary["task"] == "arithmetic" and summary["methods"] == ["grpo"]
+    for name in ("sft", "grpo"):
+        assert 0.0 <= summary[name]["greedy_accuracy"] <= 1.0 and 0.0 <= summary[name]["judge_score"] <= 1.0
+    assert "greedy acc" in capsys.readouterr().out
+
+
+def test_methods_are_checked_against_the_task(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(["--output_dir", str(tmp_path), "--task", "arithmetic", "--methods", "dpo"])
+    assert exit_.value.code == 2
+    assert "--methods dpo: not a method of --task arithmetic (choose from grpo)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pipeline.main(["--output_dir", str(tmp_path), "--methods", "ppo,sft"])
+    assert "--methods sft: not a method of --task reviews (choose from ppo,dpo,grpo)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_stage_key_follows_configs_overrides_and_upstream(tmp_path):

@@ -402,6 +402,8 @@ def summarize(opts, out: Path, models: dict[str, Path], results: dict[str, dict]
         if name in results:
             r = results[name]
             block.update({k: r[k] for k in ("judge_score", "kl_to_sft", "distinct_2", "mean_length")})
+            if opts.task == "arithmetic":
+                block["distinct_2"] = None  # one-number answers have no word bigrams to count
             if "greedy_accuracy" in r:
                 block["greedy_accuracy"] = r["greedy_accuracy"]
         if name == "sft":

@@ -11,6 +11,12 @@ import pytest
 os.environ.setdefault("LIT_RLHF_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "lit_rlhf"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Lightning adds a log handler on sys.stderr when first imported. Imported here, that is the
+# session's stream; imported first inside a test that captures output (capsys), it would be
+# that test's stream, closed afterwards, and every later in-process log line ("Seed set to 0")
+# would print a logging traceback.
+import lightning.pytorch  # noqa: E402, F401
+
 TINY_LLAMA = dict(
     model_type="llama",
     hidden_size=64,

@@ -90,6 +90,7 @@ def test_pipeline_arithmetic_task(tmp_path, capsys):
     assert summary["task"] == "arithmetic" and summary["methods"] == ["grpo"]
     for name in ("sft", "grpo"):
         assert 0.0 <= summary[name]["greedy_accuracy"] <= 1.0 and 0.0 <= summary[name]["judge_score"] <= 1.0
+        assert summary[name]["distinct_2"] is None
     assert "greedy acc" in capsys.readouterr().out
 
 
@@ -144,7 +145,7 @@ def test_a_failing_stage_ends_in_one_line_naming_it(tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert err[-1] == "error: pipeline stage sft failed (exit code 2); see its output above"
     assert f"error: {empty}: the file is empty" in err  # the stage's own line, just above
-    assert not any("Traceback" in line for line in err)
+    assert not any("Traceback" in line for line in err), "\n".join(err)
 
 
 def test_a_bad_stage_config_is_found_before_any_stage_trains(tmp_path, capfd):

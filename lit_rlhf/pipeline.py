@@ -211,7 +211,9 @@ def write_samples(path: Path, evals: EvalSet, results: dict[str, dict], rows: in
              "| prompt | " + " | ".join(n.upper() for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, prompt in enumerate(evals.prompts[:rows]):
         cells = [prompt] + [f"{results[n]['responses'][i]} ({results[n]['scores'][i]:.2f})" for n in names]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        # One table row per prompt: every kind of line break (a small model can sample "\x1c"
+        # or "\u2028") becomes a space, and "|" is escaped.
+        lines.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -156,3 +156,15 @@ def test_a_bad_stage_config_is_found_before_any_stage_trains(tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: pipeline stage rm ({bad}): data.batch_size must be >= 1, got 0"
     assert not (tmp_path / "out" / "sft" / "lightning_logs").exists()  # SFT never started
+
+
+def test_samples_table_has_one_row_per_prompt_whatever_the_text(tmp_path):
+    # A barely trained model samples any byte; "\x1c" and "\u2028" are line breaks to
+    # str.splitlines and to many markdown viewers.
+    evals = pipeline.EvalSet(["a|b", "Return to"], None, "judge")
+    results = {"sft": {"responses": [" foo\x1cbar\u2028baz\r\n", "ok"], "scores": [0.1, -0.2]},
+               "ppo": {"responses": ["x\ny", "|"], "scores": [0.3, 0.4]}}
+    pipeline.write_samples(tmp_path / "samples.md", evals, results)
+    lines = (tmp_path / "samples.md").read_text().splitlines()
+    assert lines[2:] == ["| prompt | SFT | PPO |", "|---|---|---|",
+                         "| a\\|b | foo bar baz (0.10) | x y (0.30) |", "| Return to | ok (-0.20) | \\| (0.40) |"]

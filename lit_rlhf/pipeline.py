@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,7 +166,7 @@ class EvalSet:
     """The held-out prompts every policy answers, and how a response is judged."""
 
     prompts: list[str]
-    score: object  # (index, prompt, response) -> float
+    score: Callable[[int, str, str], float]  # (index, prompt, response) -> score
     judge: str  # what judge_score means, for the summary and samples.md
     rows: list[dict] = field(default_factory=list)  # arithmetic: the problems, for greedy accuracy
 
@@ -188,7 +189,7 @@ def eval_set(task: str, n_prompts: int, seed: int) -> EvalSet:
                    "demo judge score of prompt + response")
 
 
-def evaluate(out: Path, models: dict[str, Path], evals: EvalSet, max_new_tokens: int, seed: int) -> dict[str, dict]:
+def evaluate(models: dict[str, Path], evals: EvalSet, max_new_tokens: int, seed: int) -> dict[str, dict]:
     """Every policy in ``models`` (``sft`` first) on the same prompts with the same sampler."""
     results = {}
     for name, model_dir in models.items():
@@ -384,7 +385,7 @@ def run(opts: argparse.Namespace) -> None:
     policies = {name: path for name, path in models.items() if name != "rm"}
     _log(f"evaluation: {', '.join(policies)} on {opts.eval_prompts} held-out prompts, same sampler and seed")
     evals = eval_set(opts.task, opts.eval_prompts, opts.seed)
-    results = evaluate(out, policies, evals, opts.eval_max_new_tokens, opts.seed)
+    results = evaluate(policies, evals, opts.eval_max_new_tokens, opts.seed)
     summary = summarize(opts, out, models, results, evals)
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     _write_json(out / "summary.json", summary)

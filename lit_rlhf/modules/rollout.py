@@ -68,7 +68,9 @@ def sample_tokens(
     needs: any truncation makes the sampled tokens unrepresentative of the policy whose
     log-probs enter the KL, and the k1 estimate can then go negative.
     """
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:  # dividing by 1 would change nothing but cost a pass over (B, V)
+        logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -92,7 +94,7 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     strictly below the last entry and zero-probability tokens (an empty interval) are never
     picked.
     """
-    cdf = probs.double().cumsum(-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # no float64 copy of the probabilities first
     u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=torch.float64)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 

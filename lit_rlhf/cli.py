@@ -13,7 +13,13 @@ import sys
 
 from lit_rlhf.callbacks import NonFiniteLossError
 from lit_rlhf.config_files import expand_config_includes
-from lit_rlhf.lightning_cli import USER_ERRORS, LitRLHFCLI, cli_kwargs, error_line, parser_error_cause
+from lit_rlhf.lightning_cli import (
+    USER_ERRORS,
+    LitRLHFCLI,
+    cli_kwargs,
+    error_line,
+    parser_error_cause,
+)
 
 __all__ = ["LitRLHFCLI", "main", "parser_error_cause"]
 

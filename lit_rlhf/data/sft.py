@@ -7,7 +7,13 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lit_rlhf.data.chat import template_of
-from lit_rlhf.data.formats import ConversationFormatter, TextFormatter, conversation_kind, load_rows, load_train_val
+from lit_rlhf.data.formats import (
+    ConversationFormatter,
+    TextFormatter,
+    conversation_kind,
+    load_rows,
+    load_train_val,
+)
 from lit_rlhf.data.packing import ConstantLengthDataset, pack_collate
 
 DEMO = "demo"

@@ -285,8 +285,8 @@ def test_reward_functions_that_ask_get_the_prompt_messages(tmp_path):
     import lightning as L
 
     from lit_rlhf.data import PromptDataModule
-    from lit_rlhf.modules import PPOModule
     from lit_rlhf.models import ModelConfig
+    from lit_rlhf.modules import PPOModule
     from lit_rlhf.modules.online import SamplingConfig
     from lit_rlhf.modules.ppo import PPOConfig
     from tests.conftest import TINY_LLAMA

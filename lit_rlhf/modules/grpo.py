@@ -75,6 +75,12 @@ class GRPOConfig:
     """Gradient norm clip; None: off."""
     ratio_threshold: float | None = 10.0
     """Skip (and count) a minibatch whose mean ratio exceeds this; None: off."""
+    skip_zero_std_groups: bool = False
+    """Leave groups whose rewards are all equal out of the update (DAPO's dynamic sampling,
+    without re-sampling): their advantages are exactly 0, so their policy gradient is too, and
+    their reference and update passes are saved. The loss is then averaged over the other
+    groups only, and the left-out groups' KL term is dropped. Needs per-group advantages
+    (``grpo`` with ``scale: group`` or ``none``, or ``rloo``) and the KL in the loss."""
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -89,6 +95,10 @@ class GRPOConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"grpo.{name} must be >= 0, got {value}")
+        if self.skip_zero_std_groups and (self.advantage == "reinforce_baseline" or self.scale == "batch"):
+            # Batch statistics would change with the groups left out, and with them every advantage.
+            raise ValueError(f"grpo.skip_zero_std_groups needs per-group advantages (advantage grpo with scale "
+                             f"group or none, or rloo), got advantage {self.advantage} with scale {self.scale}")
 
 
 class GRPOModule(OnlineRLModule):
@@ -149,17 +159,37 @@ class GRPOModule(OnlineRLModule):
                          rollout_batch_size=completions, seed=seed)
         self.grpo = g
         self.num_generations = g.num_generations
+        if g.skip_zero_std_groups and self._kl_in_reward():
+            # The KL penalty in the reward makes equal scores unequal returns.
+            raise ValueError("grpo.skip_zero_std_groups needs the KL in the loss (kl.init_coef: 0, adaptive: false)")
         self.save_hyperparameters(ignore=["reward", "judge"])
 
     def _kl_in_reward(self) -> bool:
         return self.kl_config.adaptive or self.kl_config.init_coef > 0
 
-    def needs_old_logprobs(self) -> bool:
-        # One optimizer step per rollout: the policy has not moved when the loss runs, so the
-        # loss's own detached log-probs are the old ones (ratio 1) and the pass is saved.
-        prompts, mini = self.hparams.rollout_batch_size, self.grpo.mini_batch_size
-        whole_rollout = mini is None or (prompts is not None and mini >= prompts * self.num_generations)
-        return not (self.grpo.num_iterations == 1 and whole_rollout) or self._kl_in_reward()
+    def needs_old_logprobs(self, episodes: int) -> bool:
+        # One optimizer step on these episodes: the policy has not moved when the loss runs, so
+        # the loss's own detached log-probs are the old ones (ratio 1) and the pass is saved.
+        one_step = self.grpo.num_iterations == 1 and episodes <= self.update_config.mini_batch_size
+        return not one_step or self._kl_in_reward()
+
+    def episodes_to_update(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """With ``skip_zero_std_groups``: the episodes of the groups whose rewards differ.
+
+        Under DDP every rank must run the same number of minibatches, so each rank keeps as
+        many groups as the rank with the most informative ones, filling up with left-out groups
+        (zero advantage) in their original order.
+        """
+        if not self.grpo.skip_zero_std_groups:
+            return None
+        g = self.num_generations
+        groups = scores.view(-1, g)
+        informative = (groups != groups[:, :1]).any(dim=1)  # (U,)
+        wanted = informative.sum()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            wanted = self.trainer.strategy.all_gather(wanted).max()
+        chosen = torch.argsort((~informative).int(), stable=True)[: int(wanted)].sort().values
+        return (chosen[:, None] * g + torch.arange(g, device=scores.device)).flatten()
 
     def needs_reference(self) -> bool:
         return self.grpo.kl_loss_coef > 0 or self._kl_in_reward()

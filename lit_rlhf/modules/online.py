@@ -12,8 +12,10 @@ and supplies two things:
 
 One training step = one iteration on one batch of prompts:
 
-1. rollout: sample responses, then old log-probs (and values) and reference log-probs;
-2. rewards: score prompt + response, add the per-token KL penalty;
+1. rollout: sample responses;
+2. rewards: score prompt + response; for the episodes the update trains on (all of them, unless
+   the method leaves some out), the old log-probs (and values) and reference log-probs, and
+   the per-token KL penalty;
 3. advantages: the method's estimator;
 4. update epochs: epochs x shuffled minibatches x gradient accumulation;
 5. KL controller update, logging.
@@ -262,14 +264,22 @@ class OnlineRLModule(HFModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         t0 = time.perf_counter()
         # 1. rollout (num_generations responses per prompt, each prompt's rows together)
-        rollout = self.rollout(batch, self.generator)
-        responses = self.decode(rollout)
+        sampled = self.sample(batch, self.generator)
+        responses = self.decode(sampled)
         prompts = self.grouped(batch["prompt"])
         t1 = time.perf_counter()
         # 2. rewards: shaped scores, and per-token rewards with the KL penalty
-        scores = self.score(self.grouped(self.prompts_for(self.reward_fn, batch)), responses, rollout,
-                            self.row_fields(self.reward_fn, batch))
+        all_scores = self.score(self.grouped(self.prompts_for(self.reward_fn, batch)), responses, sampled,
+                                self.row_fields(self.reward_fn, batch))
         reward_stats = self.reward_fn.statistics() if hasattr(self.reward_fn, "statistics") else {}
+        # The episodes that enter the update (all, unless the method leaves some out), then
+        # their old log-probs (and values) and reference log-probs.
+        keep = self.episodes_to_update(all_scores)
+        rollout, scores = (sampled, all_scores) if keep is None else (sampled[keep], all_scores[keep])
+        t_passes = time.perf_counter()
+        if len(rollout):
+            self.scoring_passes(rollout)
+        t1 += time.perf_counter() - t_passes  # generate_s: sampling + those passes
         mask = rollout.response_mask.float()
         # Without old log-probs (a single on-policy update, see needs_old_logprobs) or a
         # reference, there is no KL in the reward: the method measures it in its loss.
@@ -281,8 +291,8 @@ class OnlineRLModule(HFModule):
         t2 = time.perf_counter()
         # 3. advantages: the method's estimator
         advantages, returns = self.advantages(rollout, scores, rewards, mask)
-        # 4. update epochs
-        update = self.update_policy(rollout, advantages, returns)
+        # 4. update epochs (none when every episode was left out)
+        update = self.update_policy(rollout, advantages, returns) if len(rollout) else {}
         self.check_weights_finite(self.global_step)  # manual optimization: already counted
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -290,19 +300,20 @@ class OnlineRLModule(HFModule):
         t3 = time.perf_counter()
         # 5. KL controller (on the KL of the whole global batch, so every rank agrees)
         seq_kl = (kl * mask).sum(-1)
-        global_kl = self._mean_ranks(seq_kl.mean())
-        global_batch = len(rollout) * self.trainer.world_size
+        global_kl = self._mean_ranks(seq_kl.mean() if len(seq_kl) else seq_kl.new_zeros(()))
+        global_batch = len(sampled) * self.trainer.world_size
         self.kl_ctl.update(float(global_kl), global_batch)
         self.rollouts_done += 1
         stats = {
-            "env/score": scores.mean(),
-            "env/score_std": scores.std() if len(scores) > 1 else torch.zeros(()),
-            "objective/kl": seq_kl.mean(),
+            "env/score": all_scores.mean(),
+            "env/score_std": all_scores.std() if len(all_scores) > 1 else torch.zeros(()),
+            "objective/kl": global_kl,
             "objective/kl_coef": torch.tensor(self.kl_ctl.value),
-            "objective/non_score_reward": (non_score * mask).sum(-1).mean(),
-            "objective/total_reward": (scores + (non_score * mask).sum(-1)).mean(),  # before whitening
-            "rollout/response_length": mask.sum(-1).mean(),
-            "rollout/eos_rate": rollout.ended_with(self.tokenizer.eos_token_id).float().mean(),
+            # Per episode; the KL part is known for the updated episodes (all, for PPO).
+            "objective/non_score_reward": (non_score * mask).sum() / max(len(rollout), 1),
+            "objective/total_reward": all_scores.mean() + (non_score * mask).sum() / len(sampled),  # before whitening
+            "rollout/response_length": sampled.response_mask.float().sum(-1).mean(),
+            "rollout/eos_rate": sampled.ended_with(self.tokenizer.eos_token_id).float().mean(),
             # Variety: a policy that hacks its reward collapses onto a few stock responses.
             "rollout/distinct_2": torch.tensor(distinct_n(responses, 2)),
             "rollout/unique_responses": torch.tensor(unique_fraction(responses)),
@@ -312,18 +323,24 @@ class OnlineRLModule(HFModule):
             "time/learn_s": torch.tensor(t3 - t2),
             "time/episodes_per_s": torch.tensor(global_batch / max(t3 - t0, 1e-9)),
             **{f"rewards/{name}": torch.as_tensor(value, dtype=torch.float32) for name, value in reward_stats.items()},
-            **self.rollout_statistics(rollout, scores),
+            **self.rollout_statistics(sampled, all_scores),
             **update,
         }
+        if keep is not None:
+            stats["rollout/updated_fraction"] = torch.tensor(len(rollout) / max(len(sampled), 1))
         if rollout.logprobs is None or rollout.ref_logprobs is None:  # no KL in the reward (see above)
             for name in ("objective/kl", "objective/kl_coef", "objective/non_score_reward"):
                 stats.pop(name)
         self._log_step(stats)
         if rollout.logprobs is not None and rollout.ref_logprobs is not None:
             self._watch_kl(float(global_kl))
+        # The per-response KL is known for the episodes that were updated on.
+        kls = [float("nan")] * len(sampled)
+        for i, k in zip(range(len(sampled)) if keep is None else keep.tolist(), seq_kl.tolist()):
+            kls[i] = k
         self.last_samples = [
             {"prompt": p, "response": r, "score": s, "kl": k}
-            for p, r, s, k in zip(prompts, responses, scores.tolist(), seq_kl.tolist())
+            for p, r, s, k in zip(prompts, responses, all_scores.tolist(), kls)
         ]
 
     # ------------------------------------------------------------------------------ what a method gives
@@ -355,11 +372,16 @@ class OnlineRLModule(HFModule):
         """More per-rollout statistics to log (name -> scalar); none by default."""
         return {}
 
-    def needs_old_logprobs(self) -> bool:
-        """False when the rollout's own policy pass would only repeat the first update's
-        forward (one update per rollout, on-policy): the loss then uses its own detached
+    def needs_old_logprobs(self, episodes: int) -> bool:
+        """False when the policy pass over these ``episodes`` would only repeat the first
+        update's forward (one update on them, on-policy): the loss then uses its own detached
         log-probs as the old ones, and the pass is skipped."""
         return True
+
+    def episodes_to_update(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the episodes the update trains on, given their (B,) scores, in order;
+        None: all of them. The default keeps all."""
+        return None
 
     def needs_reference(self) -> bool:
         """False when nothing uses the reference (no KL anywhere): its pass is skipped."""
@@ -391,11 +413,17 @@ class OnlineRLModule(HFModule):
         """The responses as text (tokens after EOS and the EOS itself dropped)."""
         return decode_responses(self.tokenizer, rollout)
 
-    @torch.no_grad()
     def rollout(self, batch: dict, generator: torch.Generator, num_generations: int | None = None,
                 old_logprobs: bool | None = None) -> Rollout:
         """Sample ``num_generations`` (default: the module's) responses per prompt, then the
         old log-probs (and values) and the reference log-probs, each when needed."""
+        rollout = self.sample(batch, generator, num_generations)
+        self.scoring_passes(rollout, old_logprobs)
+        return rollout
+
+    @torch.no_grad()
+    def sample(self, batch: dict, generator: torch.Generator, num_generations: int | None = None) -> Rollout:
+        """``num_generations`` (default: the module's) sampled responses per prompt, KV-cached."""
         s = self.sampling
         g = self.num_generations if num_generations is None else num_generations
         self.policy.eval()  # as at inference; dropout is off either way
@@ -407,7 +435,18 @@ class OnlineRLModule(HFModule):
                                pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature,
                                top_k=s.top_k, top_p=s.top_p, generator=generator, num_generations=g)
             self.last_sample_s = time.perf_counter() - start
-            if self.needs_old_logprobs() if old_logprobs is None else old_logprobs:
+        finally:
+            self.policy.train()
+        return rollout
+
+    @torch.no_grad()
+    def scoring_passes(self, rollout: Rollout, old_logprobs: bool | None = None) -> None:
+        """Fill in the rollout's old log-probs (and values) and reference log-probs, each
+        when needed (``old_logprobs``: force the first on or off)."""
+        s = self.sampling
+        self.policy.eval()
+        try:
+            if self.needs_old_logprobs(len(rollout)) if old_logprobs is None else old_logprobs:
                 # Same weights, masks and positions as every later update forward: ratio 1 at start.
                 rollout.logprobs, rollout.values, _ = evaluate_actions(self.policy, rollout, s.temperature,
                                                                        with_values=self.uses_value_head,
@@ -416,7 +455,6 @@ class OnlineRLModule(HFModule):
                 rollout.ref_logprobs = self.reference_logprobs(rollout)
         finally:
             self.policy.train()
-        return rollout
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """Log-probs of the response tokens under the reference model."""

@@ -102,6 +102,72 @@ def test_bad_settings_fail_before_any_weights_load():
         _module(prompts=3, mini_batch_size=8)  # 12 completions in minibatches of 8
 
 
+# Two groups of 4 with different rewards, two whose rewards are all equal.
+MIXED_SCORES = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+
+
+def test_skipping_zero_std_groups_updates_on_the_others_only(tmp_path):
+    module = _module(skip_zero_std_groups=True)
+    module.score = lambda *args, **kwargs: MIXED_SCORES.clone()
+    seen, logged = _recording(module), []
+    log_step = module._log_step
+    module._log_step = lambda stats: (logged.append(stats), log_step(stats))
+    _fit(module, tmp_path, rollouts=1)
+    assert [s["n"] for s in seen] == [8]  # groups 0 and 3: one minibatch of their 8 episodes
+    assert seen[0]["has_ref"] and not seen[0]["has_old"]  # one update on them: no old-log-prob pass
+    assert logged[0]["rollout/updated_fraction"].item() == 0.5
+    assert logged[0]["rollout/zero_std_groups"].item() == 2.0
+    assert logged[0]["env/score"].item() == pytest.approx(MIXED_SCORES.mean().item())  # over every episode
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_skipped_groups_carry_no_gradient_at_step_0(aggregation):
+    # Their advantage is 0 and at step 0 so is the k3 KL's gradient: the update on the other
+    # groups is the full update's, rescaled by the number of tokens (or sequences) averaged over.
+    module = _module(lora=None, skip_zero_std_groups=True, loss_aggregation=aggregation)
+    module.configure_model()
+    from tests.modules.ppo_helpers import make_batch
+
+    rollout = module.sample(make_batch(module, n=4), module.generator)
+    module.scoring_passes(rollout)
+    mask = rollout.response_mask.float()
+    adv, _ = module.advantages(rollout, MIXED_SCORES, torch.zeros_like(mask), mask)
+    keep = module.episodes_to_update(MIXED_SCORES)
+    assert keep.tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+
+    def grads(sub, sub_adv):
+        module.policy.zero_grad()
+        module.loss(sub, sub_adv, None)[0].backward()
+        return [p.grad.clone() for p in module.policy.parameters() if p.requires_grad]
+
+    full, skipped = grads(rollout, adv), grads(rollout[keep], adv[keep])
+    kept_mask = mask[keep]
+    factor = (mask.sum() / kept_mask.sum() if aggregation == "token_mean" else torch.tensor(16 / 8)).item()
+    for g_full, g_skip in zip(full, skipped):
+        torch.testing.assert_close(g_skip, g_full * factor, rtol=1e-4, atol=1e-7)
+
+
+def test_skipping_keeps_as_many_groups_on_every_rank():
+    # Under DDP the rank with the most informative groups sets the count (here 3 of 4);
+    # this rank has 2 and fills up with its first left-out group.
+    from types import SimpleNamespace
+
+    module = _module(skip_zero_std_groups=True)
+    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(
+        all_gather=lambda t: torch.stack([t, torch.tensor(3)])))
+    assert module.episodes_to_update(MIXED_SCORES).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15]
+
+
+def test_skipping_zero_std_groups_refuses_batch_statistics_and_kl_in_reward():
+    with pytest.raises(ValueError, match="skip_zero_std_groups needs per-group advantages"):
+        GRPOConfig(skip_zero_std_groups=True, scale="batch")
+    with pytest.raises(ValueError, match="skip_zero_std_groups needs per-group advantages"):
+        GRPOConfig(skip_zero_std_groups=True, advantage="reinforce_baseline")
+    with pytest.raises(ValueError, match="needs the KL in the loss"):
+        GRPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo"), LetterReward(), rollout_batch_size=4,
+                   grpo=GRPOConfig(num_generations=4, skip_zero_std_groups=True), kl={"init_coef": 0.1})
+
+
 @pytest.mark.slow
 def test_grpo_learns_a_rule_checked_reward(tmp_path):
     # The letter "e" counted in each response: from the random-init start to clearly more.

@@ -19,6 +19,7 @@ exports its run; the loader never imports it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -63,10 +64,14 @@ def ensure_demo_model(name: str) -> Path:
 
     stage, recipe = DEMO_MODELS[name]
     target = demo_models_root() / stage
-    if (target / "config.json").is_file():
-        return target
     config = REPO / "configs" / recipe
-    if not config.is_file():
+    stamp = recipe_stamp(config) if config.is_file() else None
+    if (target / "config.json").is_file():
+        built_by = (target / STAMP_FILE).read_text().strip() if (target / STAMP_FILE).is_file() else None
+        if stamp is None or built_by == stamp:  # outside a checkout, the cached model is all there is
+            return target
+        print(f"[lit_rlhf] {config.relative_to(REPO)} changed since {name} was built: rebuilding it", file=sys.stderr)
+    if stamp is None:
         raise FileNotFoundError(f"{name}: {config} not found; run from a lit_rlhf checkout to build demo models")
     print(f"[lit_rlhf] building {name}: python train.py fit -c {config.relative_to(REPO)} (once; cached in {target})",
           file=sys.stderr)
@@ -75,4 +80,19 @@ def ensure_demo_model(name: str) -> Path:
                         f"--trainer.default_root_dir={run_root}"], cwd=REPO, check=True)
         run_dir = max(Path(run_root, "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
         export_run(run_dir, target)
+    (target / STAMP_FILE).write_text(stamp + "\n")  # absent until here: an interrupted build is redone
     return target
+
+
+STAMP_FILE = "recipe.sha256"
+
+
+def recipe_stamp(config: Path) -> str:
+    """SHA-256 of a recipe and the base files it builds on: a cached demo model built from
+    other settings is rebuilt instead of silently reused."""
+    from lit_rlhf.config_files import config_chain
+
+    digest = hashlib.sha256()
+    for path in config_chain(config):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()

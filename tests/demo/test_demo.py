@@ -364,3 +364,38 @@ def test_pairs_are_labelled_by_the_judge():
     # Each side is the first 6-40 words of one review.
     for side in ("chosen", "rejected"):
         assert all(6 <= len(p[side].split()) <= 40 and any(t.startswith(p[side]) for t in texts) for p in pairs)
+
+
+def test_a_cached_demo_model_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
+    # The training run and the export are faked: what is checked is when they happen.
+    from lit_rlhf.demo import models
+
+    configs = tmp_path / "configs" / "sft"
+    configs.mkdir(parents=True)
+    (configs / "base.yaml").write_text("trainer: {max_steps: 1}\n")
+    (configs / "arithmetic.yaml").write_text("config: base.yaml\nmodel: {}\n")
+    monkeypatch.setattr(models, "REPO", tmp_path)
+    monkeypatch.setenv("LIT_RLHF_CACHE", str(tmp_path / "cache"))
+    builds = []
+
+    def fake_run(cmd, cwd, check):
+        root = Path(cmd[-1].split("=", 1)[1])
+        (root / "lightning_logs" / "version_0").mkdir(parents=True)
+        builds.append(cmd)
+
+    def fake_export(run_dir, target):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        (Path(target) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    monkeypatch.setattr("lit_rlhf.export.export_run", fake_export)
+    target = models.ensure_demo_model("arithmetic-sft")
+    assert len(builds) == 1 and (target / models.STAMP_FILE).is_file()
+    models.ensure_demo_model("arithmetic-sft")
+    assert len(builds) == 1  # same recipe: the cached model
+    (configs / "base.yaml").write_text("trainer: {max_steps: 2}\n")  # a base the recipe builds on
+    models.ensure_demo_model("arithmetic-sft")
+    assert len(builds) == 2
+    (target / models.STAMP_FILE).unlink()  # e.g. a build interrupted after the export
+    models.ensure_demo_model("arithmetic-sft")
+    assert len(builds) == 3

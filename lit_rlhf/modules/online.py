@@ -510,10 +510,13 @@ class OnlineRLModule(HFModule):
             epoch_kl = []
             for minibatch in order.split(cfg.mini_batch_size):
                 ratios = []
-                for idx in minibatch.split(micro):
+                # gradient_accumulation_steps pieces, fewer for a short last minibatch (e.g.
+                # after GRPO left groups out): each piece's loss is a mean, so divide by their count.
+                pieces = minibatch.split(micro)
+                for idx in pieces:
                     loss, stats = self.loss(rollout[idx], advantages[idx], None if returns is None else returns[idx])
                     self.check_finite(f"{self.stats_prefix}/loss_total", loss)
-                    self.manual_backward(loss / cfg.gradient_accumulation_steps)
+                    self.manual_backward(loss / len(pieces))
                     ratios.append(stats["ratio_mean"])
                     epoch_kl.append(stats["approx_kl"])
                     ratio_max = torch.maximum(ratio_max, stats.pop("ratio_max").float())

@@ -147,6 +147,23 @@ def test_skipped_groups_carry_no_gradient_at_step_0(aggregation):
         torch.testing.assert_close(g_skip, g_full * factor, rtol=1e-4, atol=1e-7)
 
 
+def test_a_short_minibatch_averages_over_its_own_pieces(tmp_path):
+    # 8 kept episodes in a minibatch of 16 with 4 accumulation steps: 2 pieces of 4, whose
+    # mean is the 8 episodes' mean (dividing by 4 would halve the gradient).
+    grads = {}
+    for accumulation in (1, 4):
+        module = _module(lora=None, skip_zero_std_groups=True, mini_batch_size=16,
+                         gradient_accumulation_steps=accumulation, max_grad_norm=1e9)
+        module.score = lambda *args, **kwargs: MIXED_SCORES.clone()
+        seen = []
+        module._clip_gradients = lambda optimizer, norm: seen.append(
+            [p.grad.clone() for p in module.policy.parameters() if p.requires_grad])
+        _fit(module, tmp_path, rollouts=1)
+        grads[accumulation] = seen[0]
+    for whole, pieces in zip(grads[1], grads[4]):
+        torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-7)
+
+
 def test_skipping_keeps_as_many_groups_on_every_rank():
     # Under DDP the rank with the most informative groups sets the count (here 3 of 4);
     # this rank has 2 and fills up with its first left-out group.

@@ -217,17 +217,36 @@ def evaluate_actions(
         prompt = policy(query_ids, query_mask, query_positions, use_cache=True, with_values=with_values,
                         logits_slice=slice(-1, None))
         cache = prompt.cache
-        cache.batch_select_indices(index)  # (U, ...) -> (B, ...), differentiable
+        select_cache_rows(cache, index)  # (U, ...) -> (B, ...), differentiable
         # The responses attend to their prompt's cached keys and values, then to each other.
         out = policy(rollout.response_ids, mask, positions[:, tq:], cache=cache, use_cache=True,
                      with_values=with_values, logits_slice=slice(None, -1))
-        logits = torch.cat([prompt.logits[index], out.logits], dim=1)
-        values = torch.cat([prompt.values[index, -1:], out.values[:, :-1]], dim=1) if with_values else None
+        logits = torch.cat([prompt.logits.index_select(0, index), out.logits], dim=1)
+        values = (torch.cat([prompt.values.index_select(0, index)[:, -1:], out.values[:, :-1]], dim=1)
+                  if with_values else None)
     if temperature != 1.0:
         # Scores of the distribution that was actually sampled from.
         logits = logits / temperature
     logprobs, entropies = logprobs_and_entropy(logits, rollout.response_ids, entropy)
     return logprobs, values, entropies
+
+
+def select_cache_rows(cache, index: torch.Tensor) -> None:
+    """Keep rows ``index`` (B,) of a KV cache of U rows, differentiably, in place.
+
+    ``index_select`` rather than the cache's own ``batch_select_indices`` (``keys[index]``):
+    the backward of advanced indexing (``index_put_`` with accumulation) sums repeated rows in
+    an order that depends on the threads on CPU, so two runs of the same GRPO config drifted
+    apart; ``index_select``'s backward does not. Layers with state of their own keep their method.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in cache.layers:
+        plain = type(layer).batch_select_indices is DynamicLayer.batch_select_indices
+        if plain and layer.get_seq_length() > 0:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        else:
+            layer.batch_select_indices(index)
 
 
 def _checkpointing(policy) -> bool:

@@ -127,3 +127,34 @@ def test_a_shared_prompt_run_once_gives_the_log_probs_values_and_gradients_of_th
     assert g.keys() == g_s.keys() and len(g) > 2  # the adapters and the value head
     for name in g:
         assert_close(g_s[name], g[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+_SELECT_ROWS = """
+import hashlib, sys, torch
+from transformers import DynamicCache
+from lit_rlhf.modules.rollout import select_cache_rows
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+keys = torch.randn(200, 4, 8, 32, generator=g, requires_grad=True)
+values = torch.randn(200, 4, 8, 32, generator=g, requires_grad=True)
+cache = DynamicCache()
+cache.update(keys, values, 0)
+index = torch.randint(0, 200, (256,), generator=g)  # repeated rows, in no order: a minibatch
+select_cache_rows(cache, index) if sys.argv[1] == "ours" else cache.batch_select_indices(index)
+layer = cache.layers[0]
+weight = torch.randn(256, 4, 8, 32, generator=g)
+((layer.keys * weight).sum() + (layer.values * weight).sum()).backward()
+assert torch.equal(layer.keys.detach(), keys.detach()[index])
+print(hashlib.sha256(keys.grad.numpy().tobytes() + values.grad.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_selecting_cache_rows_backpropagates_the_same_in_every_process():
+    # Advanced indexing (the cache's own batch_select_indices) sums repeated rows in a
+    # thread-dependent order on CPU: its gradients differed between runs of one GRPO config.
+    import subprocess
+    import sys
+
+    hashes = {subprocess.run([sys.executable, "-c", _SELECT_ROWS, "ours"], capture_output=True, text=True,
+                             check=True).stdout.strip() for _ in range(3)}
+    assert len(hashes) == 1, hashes

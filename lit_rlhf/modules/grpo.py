@@ -32,6 +32,7 @@ from lit_rlhf.modules.online import (  # noqa: F401  (the configs are part of GR
 from lit_rlhf.modules.rollout import Rollout, evaluate_actions
 from lit_rlhf.objectives import (
     group_advantages,
+    informative_groups,
     kl_penalty,
     masked_mean,
     policy_loss,
@@ -183,8 +184,7 @@ class GRPOModule(OnlineRLModule):
         if not self.grpo.skip_zero_std_groups:
             return None
         g = self.num_generations
-        groups = scores.view(-1, g)
-        informative = (groups != groups[:, :1]).any(dim=1)  # (U,)
+        informative = informative_groups(scores, g)  # (U,)
         wanted = informative.sum()
         if self._trainer is not None and self.trainer.world_size > 1:
             wanted = self.trainer.strategy.all_gather(wanted).max()

@@ -15,6 +15,7 @@ One file per concept:
 from lit_rlhf.objectives.advantages import (
     gae,
     group_advantages,
+    informative_groups,
     reinforce_baseline_advantages,
     rloo_advantages,
     zero_std_groups,
@@ -62,5 +63,6 @@ __all__ = [
     "reinforce_baseline_advantages",
     "rloo_advantages",
     "value_loss",
+    "informative_groups",
     "zero_std_groups",
 ]

@@ -105,7 +105,13 @@ def reinforce_baseline_advantages(rewards: torch.Tensor, group_size: int, eps: f
 
 
 @torch.no_grad()
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) rewards -> (B / group_size,) bool: True where a group's rewards are not all equal."""
+    g = _groups(rewards, group_size)
+    return (g != g[:, :1]).any(dim=1)
+
+
+@torch.no_grad()
 def zero_std_groups(rewards: torch.Tensor, group_size: int) -> int:
     """Groups whose rewards are all equal: they carry no signal to any group estimator."""
-    g = _groups(rewards, group_size)
-    return int((g == g[:, :1]).all(dim=1).sum())
+    return int((~informative_groups(rewards, group_size)).sum())

@@ -133,20 +133,45 @@ def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = N
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def packed_attention_mask(
-    position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype
-) -> torch.Tensor | None:
-    """The ``attention_mask`` that keeps packed documents apart under ``attn_implementation``.
+def is_flash_attention(implementation: str | None) -> bool:
+    """True for every flash-attention implementation, named by its family as transformers
+    does: ``flash_attention_2``/``_3``/``_4`` and hub kernels such as
+    ``kernels-community/flash-attn2``, which transformers may switch to when the
+    ``flash_attn`` package is missing (a prefix test would miss those)."""
+    return implementation is not None and "flash" in implementation
 
-    Flash attention needs none: transformers turns restarting ``position_ids`` into its
-    variable-length kernel's sequence boundaries. ``eager`` gets an additive mask in ``dtype``,
-    everything else (``sdpa``) a bool one.
+
+def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """The sequence boundaries of flash attention's variable-length kernel, from (B, T)
+    restarting ``position_ids``: every row is cut into its documents and the rows are laid
+    end to end (the kernel sees B*T tokens).
+
+    transformers finds packed sequences from position ids only when the batch is one row;
+    with B > 1 and no boundaries its flash path attends across documents. Passed as
+    ``cu_seq_lens_q``/``_k`` (int32, (S + 1,)) and ``max_length_q``/``_k`` (a Python int).
     """
-    if attn_implementation.startswith("flash_attention"):
-        return None
+    batch, length = position_ids.shape
+    flat = position_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1  # the rule of packed_causal_mask
+    starts[::length] = True  # a row never continues the previous row's document
+    cu = torch.cat([starts.nonzero()[:, 0], flat.new_tensor([batch * length])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def packed_attention_kwargs(position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> dict:
+    """The keyword arguments that keep packed documents apart under ``attn_implementation``.
+
+    Flash attention: no mask, the documents' boundaries for its variable-length kernel (see
+    :func:`flash_varlen_kwargs`). ``eager``: an additive mask in ``dtype``. Everything else
+    (``sdpa``): a bool block-diagonal mask.
+    """
+    if is_flash_attention(attn_implementation):
+        return flash_varlen_kwargs(position_ids)
     if attn_implementation == "eager":
-        return packed_causal_mask(position_ids, dtype)
-    return packed_causal_mask(position_ids)
+        return {"attention_mask": packed_causal_mask(position_ids, dtype)}
+    return {"attention_mask": packed_causal_mask(position_ids)}
 
 
 # model_type -> why its documents cannot be isolated inside a packed chunk.

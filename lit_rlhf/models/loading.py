@@ -13,6 +13,7 @@ import tempfile
 import torch
 from torch import nn
 
+from lit_rlhf.models.attention import is_flash_attention
 from lit_rlhf.models.config import ModelConfig, Task
 from lit_rlhf.models.sources import resolve_path
 from lit_rlhf.models.templates import resolve_template
@@ -75,7 +76,13 @@ def _auto_class(task: Task):
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
-_KNOWN_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+_KNOWN_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+# flash_attention_N -> (the package that provides it, the hub kernel transformers falls back to)
+_FLASH_SOURCES = {
+    "flash_attention_2": ("flash_attn", "kernels-community/flash-attn2"),
+    "flash_attention_3": ("flash_attn_interface", "kernels-community/vllm-flash-attn3"),
+    "flash_attention_4": ("flash_attn.cute", "kernels-community/flash-attn4"),
+}
 
 
 def attention_for(cfg: ModelConfig, config, task: Task = "causal_lm") -> str:
@@ -85,8 +92,9 @@ def attention_for(cfg: ModelConfig, config, task: Task = "causal_lm") -> str:
     no sequence-classification head, so it cannot be a reward model).
 
     ``cfg.attn_implementation=None`` picks ``sdpa`` where the model class supports it, else
-    ``eager`` (Gemma2 and BLOOM refuse ``sdpa``). An explicit choice the class does not support
-    is a one-line error here, before any weights are read.
+    ``eager`` (Gemma2 and BLOOM refuse ``sdpa``). An explicit choice the class does not support,
+    or a flash attention whose package or hub kernel is not installed here, is a one-line error
+    here, before any weights are read.
     """
     cls = _auto_class(task)._model_mapping.get(type(config), None)
     if cls is None:
@@ -97,14 +105,60 @@ def attention_for(cfg: ModelConfig, config, task: Task = "causal_lm") -> str:
                          f"for model_type {config.model_type!r}")
     supported = ["eager"]
     supported += ["sdpa"] if getattr(cls, "_supports_sdpa", False) else []
-    supported += ["flash_attention_2", "flash_attention_3"] if getattr(cls, "_supports_flash_attn", False) else []
+    flash = getattr(cls, "_supports_flash_attn", False)
+    supported += ["flash_attention_2", "flash_attention_3", "flash_attention_4"] if flash else []
     supported += ["flex_attention"] if getattr(cls, "_supports_flex_attn", False) else []
     choice = cfg.attn_implementation
     if choice is None:
         return "sdpa" if "sdpa" in supported else "eager"
-    if choice in _KNOWN_ATTENTION and choice not in supported:
+    if (choice in _KNOWN_ATTENTION and choice not in supported) or (is_flash_attention(choice) and not flash):
         raise ValueError(f"model.attn_implementation={choice!r}: {cls.__name__} supports {', '.join(supported)}")
+    if (missing := flash_unavailable(choice)) is not None:
+        raise ValueError(f"model.attn_implementation={choice!r}: {missing} (or use sdpa)")
     return choice
+
+
+def flash_unavailable(choice: str) -> str | None:
+    """Why flash attention ``choice`` cannot run here without a download, or None.
+
+    ``flash_attention_N`` runs from its package (``flash_attn`` for 2); without it transformers
+    fetches a hub kernel (``kernels-community/flash-attn2``) through the ``kernels`` package,
+    which an offline cluster cannot do. A hub kernel named directly must be in the local hub
+    cache. Other registered names (a user's own kernel) are taken as they are.
+    """
+    import importlib.util
+
+    if not is_flash_attention(choice):
+        return None
+    if choice in _FLASH_SOURCES:
+        package, kernel = _FLASH_SOURCES[choice]
+        if _importable(package):
+            return None
+        source = f"the {package.split('.')[0]} package is not installed and its hub kernel {kernel}"
+    elif "/" in choice:
+        kernel = choice.split("@")[0].split(":")[0]
+        source = f"the hub kernel {kernel}"
+    else:
+        return None
+    if importlib.util.find_spec("kernels") is None:
+        return f"{source} needs the `kernels` package, which is not installed"
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(kernel, local_files_only=True)
+    except Exception:
+        return (f"{source} is not in the local hub cache (fetch it once where there is network: "
+                f"python -c \"from kernels import get_kernel; get_kernel('{kernel}')\")")
+    return None
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
 
 
 def dropout_fields(config) -> list[str]:

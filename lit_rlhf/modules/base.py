@@ -65,19 +65,29 @@ def gather_ranks(obj) -> list:
 
 
 def non_finite(named_tensors) -> list[str]:
-    """Names of the tensors that hold a NaN or inf; one host sync for all of them.
+    """Names of the tensors that hold a NaN or inf; one host sync per device.
 
     A NaN or inf anywhere makes a tensor's sum non-finite, and one summing pass reads each
     element once without the per-element boolean tensor of ``isfinite``: a tenth of the time
     on the weights and Adam moments of every step. Half-precision tensors sum in float32, so
     only finite values beyond ~3e38 in total (a model already broken) would be reported too.
+
+    The tensors may live on several devices: on a GPU, unfused AdamW keeps each parameter's
+    ``step`` on the CPU beside moments on the GPU. The sums are stacked per device, never
+    moved to one device first. ``meta`` tensors hold no values and are skipped.
     """
-    named = [(n, t) for n, t in named_tensors if torch.is_tensor(t) and t.is_floating_point()]
-    if not named:
-        return []
-    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for _, t in named]
-    ok = torch.isfinite(torch.stack(sums)).cpu()
-    return [n for (n, _), good in zip(named, ok.tolist()) if not good]
+    named_tensors = list(named_tensors)
+    by_device: dict[torch.device, list] = {}
+    for name, t in named_tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and t.device.type != "meta":
+            by_device.setdefault(t.device, []).append((name, t))
+    bad = set()
+    for named in by_device.values():
+        sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for _, t in named]
+        ok = torch.isfinite(torch.stack(sums)).tolist()  # the one host sync for this device
+        bad.update(name for (name, _), good in zip(named, ok) if not good)
+    # In the order given, so the first name reported is the first bad tensor.
+    return [name for name, _ in named_tensors if name in bad] if bad else []
 
 
 # What a checkpoint's weights must match to be resumed: the module and the model's shape.

@@ -15,7 +15,7 @@ from lit_rlhf.data.preference import PairDataset, pack_pairs
 from lit_rlhf.models import ModelConfig, unwrap_peft
 from lit_rlhf.models.attention import (
     SEGMENT_SDPA,
-    packed_attention_mask,
+    packed_attention_kwargs,
     packing_problem,
     use_segment_attention,
 )
@@ -123,7 +123,7 @@ class DPOModule(HFModule):
         if implementation == SEGMENT_SDPA:  # the all-ones mask: transformers builds no mask
             extra = {"attention_mask": torch.ones_like(ids), "segment_lengths": lengths.tolist()}
         else:
-            extra = {"attention_mask": packed_attention_mask(positions, implementation, self.lm_config.torch_dtype)}
+            extra = packed_attention_kwargs(positions, implementation, self.lm_config.torch_dtype)
         scored = response_token_mask(positions[0], lengths, batch["prompt_lengths"]).nonzero()[:, 0]  # (M,)
         # token t is predicted from position t - 1 (t >= 1: a sequence's first token is never scored)
         logits = model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=scored - 1,

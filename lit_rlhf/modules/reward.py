@@ -11,7 +11,12 @@ from torch.nn.utils.rnn import pad_sequence
 from lit_rlhf.export import merge_adapter
 from lit_rlhf.metrics import PairMetrics
 from lit_rlhf.models import ModelConfig, save_pretrained_atomic, unwrap_peft
-from lit_rlhf.models.attention import SEGMENT_SDPA, use_segment_attention
+from lit_rlhf.models.attention import (
+    SEGMENT_SDPA,
+    flash_varlen_kwargs,
+    is_flash_attention,
+    use_segment_attention,
+)
 from lit_rlhf.modules.base import HFModule
 from lit_rlhf.objectives.preference import pairwise_loss
 from lit_rlhf.optim import OptimConfig
@@ -86,8 +91,7 @@ class RewardModule(HFModule):
 
         Attention stays inside each sequence: with segment attention (``sdpa`` models
         without local attention, switched at load) one causal SDPA per sequence; with flash
-        attention transformers' variable-length kernel, which finds the sequences from the
-        restarting position ids. Any other model (eager attention, sliding windows, a model
+        attention its variable-length kernel, given the sequences' boundaries. Any other model (eager attention, sliding windows, a model
         that transformers cannot switch, a head not called ``score``) gets the sequences back
         as right-padded rows: the same scores, with padding.
 
@@ -101,15 +105,16 @@ class RewardModule(HFModule):
         model = self._transformers_model
         implementation = model.config._attn_implementation
         head = getattr(model, "score", None)
-        if head is None or not (implementation == SEGMENT_SDPA or implementation.startswith("flash_attention")):
+        if head is None or not (implementation == SEGMENT_SDPA or is_flash_attention(implementation)):
             sequences = input_ids[0].split(lengths.tolist())
             padded = pad_sequence(sequences, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0)
             mask = pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True)
             return self(padded, mask)
-        extra = {}
         if implementation == SEGMENT_SDPA:
             # The all-ones mask tells transformers there is no padding, so it builds no mask.
             extra = {"attention_mask": torch.ones_like(input_ids), "segment_lengths": lengths.tolist()}
+        else:  # flash attention: the sequences' boundaries, explicitly
+            extra = flash_varlen_kwargs(position_ids)
         hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         last_index = lengths.cumsum(0) - 1
         return head(hidden.last_hidden_state[0, last_index]).squeeze(-1).float()

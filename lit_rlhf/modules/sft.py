@@ -6,7 +6,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_rlhf.models import ModelConfig, max_positions
-from lit_rlhf.models.attention import packed_attention_mask, packing_problem
+from lit_rlhf.models.attention import packed_attention_kwargs, packing_problem
 from lit_rlhf.modules.base import HFModule
 from lit_rlhf.objectives.lm import causal_lm_loss
 from lit_rlhf.optim import OptimConfig
@@ -48,12 +48,14 @@ class SFTModule(HFModule):
 
         ``position_ids`` (B, T) restart at every document. The block-diagonal mask built from
         them is passed explicitly: transformers' own detection of packed sequences from
-        position ids works only where a model's code hands them to its mask builder.
+        position ids works only where a model's code hands them to its mask builder, and (under
+        flash attention) only for one row: flash attention gets the documents' boundaries.
         """
-        mask = None
+        packed = {}
         if position_ids is not None:
-            mask = packed_attention_mask(position_ids, self.model.config._attn_implementation, self.lm_config.torch_dtype)
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+            packed = packed_attention_kwargs(position_ids, self.model.config._attn_implementation,
+                                             self.lm_config.torch_dtype)
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **packed).logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         stats = causal_lm_loss(self(batch["input_ids"], batch["position_ids"]), batch["labels"])

@@ -326,7 +326,7 @@ def _reward_memory(spec: RewardSpec, lm: ModelConfig, policy: M.ModelMemory, not
             notes.append(f"reward model {path!r}: no config.json readable (not trained yet? offline?): "
                          "counted as the policy's architecture")
     # A frozen reward model loads without peft's k-bit preparation: its unquantized parts keep the dtype.
-    rm = M.ModelMemory(shape, dtype, spec.quantization, task="seq_cls", kbit_prepared=False)
+    rm = M.ModelMemory(shape, dtype, spec.quantization, task="seq_cls")
     return M.RewardMemory("model", rm, batch_size=spec.batch_size, max_length=spec.max_length,
                           label=spec.label or spec.path or "arch")
 

@@ -12,10 +12,10 @@ Symbols: ``h`` hidden size, ``L`` layers, ``a`` attention heads, ``d`` head dim,
 The dtype rules below are those of lit_rlhf's own load path, found by counting the bytes that
 autograd saves (saved-tensor hooks) and the KV cache that generation keeps, on tiny Llamas on
 CPU (torch 2.13, transformers 5.24, peft 0.21, bitsandbytes 0.50); tests/test_estimate.py keeps
-the exact ones checked. The main rule: peft's ``prepare_model_for_kbit_training`` (run for
-every 8-/4-bit base) upcasts every parameter that bitsandbytes did not quantize (embeddings,
-LM head, norms, biases) to float32, so a quantized model's embeddings and LM head take 4 bytes
-per parameter, and its residual stream and KV cache are float32 even under bf16 autocast.
+the exact ones checked. The main rule: the parameters that bitsandbytes does not quantize
+(embeddings, LM head, norms, biases) stay in the configured dtype (lit_rlhf's k-bit preparation
+does not upcast them as peft's does), so the residual stream and, since bitsandbytes layers
+return their input's dtype, the KV cache are in that dtype (bf16 in the GPU recipes).
 """
 
 from __future__ import annotations
@@ -172,8 +172,7 @@ class Numerics:
     """A dropout mask element: a bool on CUDA's fused kernel, the input's dtype on CPU."""
 
 
-def numerics(dtype_bytes: int, quantization: str = "none", autocast: bool = True, device: str = "cuda",
-             kbit_prepared: bool = True) -> Numerics:
+def numerics(dtype_bytes: int, quantization: str = "none", autocast: bool = True, device: str = "cuda") -> Numerics:
     """The dtype rules of lit_rlhf's load path (see the module docstring).
 
     Args:
@@ -181,17 +180,13 @@ def numerics(dtype_bytes: int, quantization: str = "none", autocast: bool = True
         quantization: ``none``, ``8bit``, ``4bit-nf4``, ``4bit-fp4``.
         autocast: the trainer's precision is ``*-mixed``.
         device: ``cuda`` or ``cpu`` (dropout masks).
-        kbit_prepared: a quantized base went through peft's k-bit preparation (a policy does;
-            a frozen quantized reward model would not), which upcasts the unquantized
-            parameters to float32.
     """
     quantized = quantization != "none"
-    weight = 4 if quantized and kbit_prepared else dtype_bytes
-    stream = weight
+    stream = dtype_bytes
     compute = 2 if autocast else stream
     mlp = stream if is_4bit(quantization) else compute
-    return Numerics(weight=weight, stream=stream, compute=compute, mlp=mlp, key=max(stream, compute),
-                    # bitsandbytes layers return their input's dtype when sampling: float32 values.
+    return Numerics(weight=dtype_bytes, stream=stream, compute=compute, mlp=mlp, key=max(stream, compute),
+                    # bitsandbytes layers return their input's dtype: values in the stream's dtype.
                     value=stream if quantized else compute, autocast=autocast,
                     mask=1 if device == "cuda" else 4)
 
@@ -250,8 +245,8 @@ def weight_bytes(shape: ArchShape, num: Numerics, quantization: str = "none", do
     """Bytes of a model's weights: quantized linears + everything else in ``num.weight`` bytes.
 
     Not quantized: ``params * dtype_bytes``. Quantized: each decoder-layer linear by
-    :func:`quantized_weight_bytes`, plus ``4 * (embeddings + LM head + norms + biases)`` once
-    peft's k-bit preparation has upcast them (``num.weight``). A reward model (``seq_cls``) has
+    :func:`quantized_weight_bytes`, plus ``num.weight * (embeddings + LM head + norms + biases)``
+    (kept in the configured dtype). A reward model (``seq_cls``) has
     a score head of ``h`` weights instead of the LM head.
     """
     dtype_bytes = num.weight if dtype_bytes is None else dtype_bytes
@@ -450,8 +445,6 @@ class ModelMemory:
     quantization: str = "none"
     double_quant: bool = True
     task: Literal["causal_lm", "seq_cls"] = "causal_lm"
-    kbit_prepared: bool = True
-    """A quantized policy goes through peft's k-bit preparation (unquantized params to float32)."""
 
 
 @dataclass(frozen=True)
@@ -600,7 +593,7 @@ def estimate_memory(policy: ModelMemory, training: Training, work: Workload, rew
     cache), ``score`` (the no-grad passes over the rollout: old log-probs, values, reference)
     and ``reward``; DPO's ``reference`` pass. Peak = ``always`` + the largest phase.
     """
-    num = numerics(policy.dtype_bytes, policy.quantization, autocast, device, policy.kbit_prepared)
+    num = numerics(policy.dtype_bytes, policy.quantization, autocast, device)
     # 1. what every phase holds: weights, trainable parameters and their optimizer states
     rows, weights = _weight_rows(policy, num)
     trainable_rows, trainable, grad_bytes = _trainable_rows(policy, training, work, num)
@@ -697,7 +690,7 @@ def _reward_rows(policy: ModelMemory, work: Workload, rewards: tuple[RewardMemor
                             inference_layer_bytes(shape, num, batch * text), "reward"))
         elif reward.kind == "model":
             rm = reward.model
-            rnum = numerics(rm.dtype_bytes, rm.quantization, autocast, device, rm.kbit_prepared)
+            rnum = numerics(rm.dtype_bytes, rm.quantization, autocast, device)
             weights = weight_bytes(rm.shape, rnum, rm.quantization, rm.double_quant, rm.dtype_bytes, "seq_cls")
             kind = {"none": _dtype(rm.dtype_bytes), "8bit": "8-bit"}.get(rm.quantization, "4-bit")
             rows.append(Row(f"reward model: {rm.shape.model_type}, {_count(rm.shape.params)} params, {kind}",

@@ -248,6 +248,10 @@ class _HFClassifierReward(RewardFunction):
                 **quantized,
             )
             self._model.config.pad_token_id = self._tokenizer.pad_token_id
+            if self.quantization != "none":  # the CPU-only repacked 4-bit kernel differs (see there)
+                from lit_rlhf.models import disable_cpu_4bit_repacking
+
+                disable_cpu_4bit_repacking(self._model)
             self._model.requires_grad_(False).eval()
             if not quantized:
                 self._model.to(self.device)
@@ -396,6 +400,7 @@ class AdapterReward(RewardFunction):
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
         from lit_rlhf.models.adapters import adapter_active
+        from lit_rlhf.models.heads import full_precision_head
 
         if self._lm is None:
             raise RuntimeError("AdapterReward scores on the policy's base: the online module attaches it when "
@@ -411,7 +416,8 @@ class AdapterReward(RewardFunction):
                 hidden = decoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                  use_cache=False).last_hidden_state  # (b, T, H)
                 last = enc["attention_mask"].sum(-1) - 1  # right-padded: each text's last real token
-                out.append(self._score(hidden[torch.arange(len(last), device=device), last]).squeeze(-1).float())
+                last_hidden = hidden[torch.arange(len(last), device=device), last]
+                out.append(full_precision_head(self._score, last_hidden).squeeze(-1))
         return ((torch.cat(out) - self.mean) / self.std).cpu()
 
 

@@ -58,8 +58,8 @@ def test_weight_bytes_fp32_bf16_nf4_8bit_exact():
     assert M.quantized_weight_bytes(64, 64, "4bit-nf4", double_quant=False) == 2048 + 4 * 64 + 64
     w = M.weight_bytes(shape, nf4, "4bit-nf4")
     assert w.linears == 2 * (4 * 3208 + 3 * 5320) == 57584
-    # Embeddings, LM head and norms stay unquantized, upcast to fp32 by peft's k-bit preparation.
-    assert w.others == (2 * 1000 * 64 + 5 * 64) * 4 == 513280
+    # Embeddings, LM head and norms stay unquantized, in the configured dtype (bf16 here).
+    assert w.others == (2 * 1000 * 64 + 5 * 64) * 2 == 256640
     int8 = M.weight_bytes(shape, M.numerics(2, "8bit"), "8bit")
     assert int8.linears == 2 * (4 * (4096 + 4 * 64) + 2 * (8192 + 4 * 128) + (8192 + 4 * 64))
 
@@ -266,6 +266,8 @@ def test_kv_cache_bytes_equal_the_dynamic_cache(dtype, quantization, autocast, t
                          with_values=False)
             cache = out.cache
     actual = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    if dtype == "bfloat16":  # also on a k-bit base: no float32 residual stream, no float32 cache
+        assert {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}
     num = M.numerics(2 if dtype == "bfloat16" else 4, quantization, autocast, device="cpu")
     # The cache holds every fed token: the prompt and all but the last sampled one... plus it.
     assert actual == M.kv_cache_bytes(_shape(GQA), rows, prompt + new, num.key, num.value)
@@ -293,9 +295,9 @@ def test_estimate_stage_for_the_1b_nf4_ppo_benchmark_job():
     shape = M.llama_shape(2048, 22, 32, 4, 5632)
     nf4 = sum(M.quantized_weight_bytes(lin.in_features, lin.out_features, "4bit-nf4") for lin in shape.layer_linears)
     assert rule.row("weights: 154 linear layers").bytes == 22 * nf4
-    # 2 x 32000 x 2048 tables + norms, in fp32 after the k-bit preparation (not 262 MB in bf16).
-    assert rule.row("weights: embeddings").bytes == (2 * 32000 * 2048 + 45 * 2048) * 4
-    assert rule.row("KV cache").bytes == 22 * 4 * 64 * 8 * 64 * (4 + 4)
+    # 2 x 32000 x 2048 tables + norms, kept in bf16 (peft's k-bit preparation would upcast them).
+    assert rule.row("weights: embeddings").bytes == (2 * 32000 * 2048 + 45 * 2048) * 2
+    assert rule.row("KV cache").bytes == 22 * 4 * 64 * 8 * 64 * (2 + 2)  # bf16 keys and values
     # The reward adapter costs its LoRA weights and score head; a separate model its own weights.
     assert adapter.row("reward: LoRA adapter").bytes == (M.lora_params(shape, shape.layer_linears, 16) + 2048) * 4
     assert 500 * M.MIB < separate.row("reward model").bytes < 700 * M.MIB

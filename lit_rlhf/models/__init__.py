@@ -24,6 +24,7 @@ from lit_rlhf.models.heads import PolicyOutput, PolicyWithValueHead, unwrap_peft
 from lit_rlhf.models.loading import (
     attention_for,
     check_quantization,
+    compute_dtype_for,
     disable_cpu_4bit_repacking,
     from_pretrained_checked,
     load_model,
@@ -44,6 +45,7 @@ __all__ = [
     "atomic_dir",
     "attention_for",
     "check_quantization",
+    "compute_dtype_for",
     "disable_cpu_4bit_repacking",
     "from_pretrained_checked",
     "load_model",

@@ -112,7 +112,7 @@ def add_scoring_adapter(lm: nn.Module, adapter_dir: str | Path, name: str, confi
 
     The LoRA weights go into ``lm``'s layers under ``name``, frozen (never trained, never in
     a checkpoint of trainable weights); the score head comes back as a separate frozen
-    ``nn.Linear`` in the base's dtype, to be applied to the trunk's last hidden state. The
+    float32 ``nn.Linear``, to be applied to the trunk's last hidden state. The
     policy's own adapter stays the active one.
 
     Raises ValueError when the weights do not fit (another architecture or size), or when
@@ -158,9 +158,8 @@ def add_scoring_adapter(lm: nn.Module, adapter_dir: str | Path, name: str, confi
         lm.delete_adapter(name)
         raise ValueError(f"{adapter_dir}: the score head has shape {tuple(weight.shape)}; a one-output reward "
                          f"model on the policy's base needs (1, {hidden})")
-    # In the dtype of the base's unquantized modules, as in the merged reward model.
-    dtype = next(p.dtype for p in lm.get_input_embeddings().parameters())
-    score = nn.Linear(hidden, 1, bias=bias is not None, dtype=dtype)
+    # float32, applied with autocast off (see full_precision_head): a reward is one number.
+    score = nn.Linear(hidden, 1, bias=bias is not None, dtype=torch.float32)
     with torch.no_grad():
         score.weight.copy_(weight)
         if bias is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -11,6 +12,19 @@ from torch import nn
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (LoRA layers are injected in it), or ``model``."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def full_precision_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)`` in the head's own dtype with autocast off; (..., out) float32.
+
+    Under ``bf16-mixed`` autocast would run a float32 head's matmul in bf16 (a value or a
+    reward with 3 significant digits); under ``bf16-true`` Lightning has cast the head to bf16,
+    and a float32 input would not match its weight. The input is cast to the weight's dtype.
+    """
+    device = hidden.device.type
+    off = torch.autocast(device, enabled=False) if device in ("cuda", "cpu", "xpu") else contextlib.nullcontext()
+    with off:
+        return head(hidden.to(head.weight.dtype)).float()
 
 
 class PolicyOutput(NamedTuple):
@@ -81,5 +95,5 @@ class PolicyWithValueHead(nn.Module):
         # Contiguous: on a strided slice, torch's matmul picks its kernel by whether the weights
         # require grad, so a frozen copy of the policy would round differently from the policy.
         logits = base.get_output_embeddings()(hidden[:, logits_slice].contiguous())
-        values = self.value_head(hidden.float()).squeeze(-1) if with_values else None
+        values = full_precision_head(self.value_head, hidden).squeeze(-1) if with_values else None
         return PolicyOutput(logits, values, out.cache if use_cache else None)

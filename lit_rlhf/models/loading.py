@@ -70,6 +70,23 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype, double_quant: bool
     )
 
 
+def compute_dtype_for(precision: str | int | None, weights: torch.dtype) -> torch.dtype:
+    """The dtype a quantized base's 4-bit matmuls run in under the trainer's ``precision``.
+
+    bitsandbytes runs its own 4-bit kernel in the layer's compute dtype, outside autocast, and
+    for other batch shapes dequantizes and calls ``F.linear``, which autocast runs in 16-bit.
+    The rollout's no-grad pass and the update's grad pass take different shapes: unless the
+    compute dtype is autocast's, PPO's first ratio is not 1 on CUDA. So: bfloat16 under
+    ``bf16-*``, float16 under ``16-*``, else the weights' dtype.
+    """
+    p = str(precision or "")
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        return torch.float16
+    return weights
+
+
 def _auto_class(task: Task):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -183,6 +200,7 @@ def load_model(
     device: torch.device | str | None = None,
     dropout: bool = True,
     new_head: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Build the model described by ``cfg``: weights, quantization, checkpointing, LoRA.
 
@@ -226,7 +244,8 @@ def load_model(
             del model
 
         if cfg.quantized:
-            kwargs.update(quantization_config=bnb_config(cfg.quantization, cfg.torch_dtype, cfg.double_quant),
+            kwargs.update(quantization_config=bnb_config(cfg.quantization, compute_dtype or cfg.torch_dtype,
+                                                              cfg.double_quant),
                           device_map={"": device})
         model = from_pretrained_checked(_auto_class(task), source, new_head=new_head or cfg.arch is not None,
                                         **extra, **kwargs)
@@ -276,15 +295,13 @@ def _finish(model: nn.Module, cfg: ModelConfig, task: Task, tokenizer) -> nn.Mod
     model.train()
 
     if cfg.quantized:
-        from peft import prepare_model_for_kbit_training
-
+        # What peft's prepare_model_for_kbit_training does, without its upcast of every
+        # unquantized weight (embeddings, norms, LM head) to float32: that upcast makes the
+        # residual stream float32 and, since bitsandbytes layers return their input's dtype,
+        # the KV cache too (twice the bytes of a bf16 cache, the peak of a 20B rollout).
         disable_cpu_4bit_repacking(model)
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif cfg.gradient_checkpointing:
+        model.requires_grad_(False)  # the quantized base is frozen; adapters come next
+    if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

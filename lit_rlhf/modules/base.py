@@ -17,6 +17,7 @@ from lit_rlhf.callbacks import NonFiniteLossError, newest_checkpoint
 from lit_rlhf.models import (
     ModelConfig,
     attention_for,
+    compute_dtype_for,
     load_model,
     load_tokenizer,
     remove_stale_temporaries,
@@ -165,10 +166,16 @@ class HFModule(L.LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.model = load_model(self.lm_config, self.tokenizer, task=self.task, device=device,
-                                new_head=self.new_head, dropout=self.dropout)
+                                new_head=self.new_head, dropout=self.dropout, compute_dtype=self.compute_dtype)
         trainable, total = trainable_parameters(self.model)
         rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "
                        f"attention {self.model.config._attn_implementation}")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of a quantized base's matmuls: autocast's under the trainer's precision."""
+        precision = self.trainer.precision if self._trainer is not None else None
+        return compute_dtype_for(precision, self.lm_config.torch_dtype)
 
     def configure_optimizers(self):
         return build_optimizer(

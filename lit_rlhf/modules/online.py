@@ -221,7 +221,8 @@ class OnlineRLModule(HFModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         # The ratio and the KL compare forward passes: every dropout must be off, also the
         # config floats that models read directly (OPT's F.dropout(p=config.dropout)).
-        lm = load_model(self.lm_config, self.tokenizer, task="causal_lm", device=device, dropout=False)
+        lm = load_model(self.lm_config, self.tokenizer, task="causal_lm", device=device, dropout=False,
+                        compute_dtype=self.compute_dtype)
         self.policy = PolicyWithValueHead(lm, value_head=self.uses_value_head)
         if self.lm_config.lora is None:
             # Full fine-tuning has no adapters to switch off: keep a frozen copy.

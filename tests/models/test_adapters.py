@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lit_rlhf.export import merge_adapter
-from lit_rlhf.models import LoraSettings, ModelConfig, load_model, load_tokenizer
+from lit_rlhf.models import LoraSettings, ModelConfig, disable_cpu_4bit_repacking, load_model, load_tokenizer
 from lit_rlhf.models.adapters import adapter_active, base_identity
 from lit_rlhf.modules import GRPOModule, PPOModule
 from lit_rlhf.modules.grpo import GRPOConfig
@@ -92,6 +92,9 @@ def test_4bit_scores_equal_the_reward_model_loaded_separately_in_4bit(rm):
                                                               device_map={"": "cpu"}, dtype=torch.float32)
     base.config.pad_token_id = reward._tokenizer.pad_token_id
     separate = PeftModel.from_pretrained(base, str(rm / "adapter")).eval()
+    # On a CPU with AVX512-BF16 the first no-grad forward would repack its 4-bit weights into
+    # another kernel's layout (see disable_cpu_4bit_repacking): compare the same kernels.
+    disable_cpu_4bit_repacking(separate)
     enc = reward._tokenizer([t + e for t, e in zip(TEXTS, ENDINGS)], return_tensors="pt", padding=True)
     with torch.no_grad():
         expected = separate(**enc).logits[:, 0]

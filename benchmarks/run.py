@@ -16,6 +16,7 @@ Workloads:
   and the peak GPU memory of one PPO step (rollout + update) with a 4-bit NF4 base + LoRA
   for Llama shapes of 1.1B, 7B, 13B and 20B parameters (a stage that runs out of memory is
   reported as ``"oom"``).
+  ``--quick``: SFT MFU and the 1.1B PPO step only, fewer steps (what ``scripts/gpu_check.sh`` runs).
 * ``gpu-tiny``: the ``gpu`` workload's code on tiny shapes, so that tests can run it on a CPU.
 * ``tiny-cpu-smoke``: the ``tiny-cpu`` workload's code on tiny shapes, for the same reason.
 * ``memory-cpu``: the CPU memory of two PPO steps (rollout + update; 8 prompts of 32 tokens,
@@ -98,6 +99,9 @@ def _gpu_workload(archs: dict, sft_arch: dict, seq_length: int, new_tokens: int)
         warmup=3,
         timed=10,
         jobs=[("sft_mfu", "bf16-mixed")] + [(f"ppo_memory:{name}", "bf16-mixed") for name in archs],
+        # --quick: the smallest shape only (its random-init checkpoint, written once to be
+        # quantized on load, is 2.2 GB; the 20B one would be 40 GB), fewer steps.
+        quick=dict(warmup=2, timed=5, jobs=[("sft_mfu", "bf16-mixed"), (f"ppo_memory:{next(iter(archs))}", "bf16-mixed")]),
     )
 
 
@@ -140,6 +144,15 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 31
                     "A10G": 125.0, "L4": 121.0, "RTX 4090": 165.0}
 
 
+class ResetPeakMemory(L.Callback):
+    """Start the CUDA peak-memory statistics with training: the peak is the stage's, not that
+    of building the random-init model or of an earlier stage in the same process."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+
 class StepTimer(L.Callback):
     """Wall time of each training batch: data, forward, backward and optimizer step."""
 
@@ -157,7 +170,8 @@ def _trainer(precision: str, callbacks, root: Path, **limits) -> L.Trainer:
     """A quiet one-device Trainer; ``limits`` say when to stop (max_steps or limit_train_batches)."""
     return L.Trainer(default_root_dir=root, accelerator="auto", devices=1, precision=precision, max_epochs=1,
                      limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, **limits)
+                     enable_model_summary=False, num_sanity_val_steps=0, callbacks=[ResetPeakMemory(), *callbacks],
+                     **limits)
 
 
 def _time_sft(arch: dict, cfg: dict, w: dict, precision: str, tmp: Path):
@@ -532,8 +546,13 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def with_steps(w: dict, steps_override: str | None) -> dict:
-    """``w`` with ``--steps-override [WARMUP,]TIMED`` applied (WARMUP defaults to 1)."""
+def with_steps(w: dict, steps_override: str | None, quick: bool = False) -> dict:
+    """``w`` with its ``quick`` set (``--quick``) and ``--steps-override [WARMUP,]TIMED``
+    (WARMUP defaults to 1) applied."""
+    if quick:
+        if "quick" not in w:
+            raise SystemExit("--quick: this workload has no quick set (the gpu workloads have one)")
+        w = {**w, **w["quick"]}
     if not steps_override:
         return w
     warmup, _, timed = steps_override.rpartition(",")
@@ -541,9 +560,9 @@ def with_steps(w: dict, steps_override: str | None) -> dict:
 
 
 def run_one(workload: str, stage: str, precision: str, steps_override: str | None = None,
-            peak_tflops: float | None = None) -> dict:
+            peak_tflops: float | None = None, quick: bool = False) -> dict:
     """One stage in this process; returns its figures (names without the precision suffix)."""
-    w = with_steps(WORKLOADS[workload], steps_override)
+    w = with_steps(WORKLOADS[workload], steps_override, quick)
     if w["threads"]:
         torch.set_num_threads(w["threads"])
     torch.manual_seed(0)
@@ -579,16 +598,18 @@ def main() -> None:
                         help="for smoke tests: TIMED timed steps after WARMUP (default 1) warm-up steps")
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's dense bf16 peak, for MFU on a GPU missing from PEAK_BF16_TFLOPS")
+    parser.add_argument("--quick", action="store_true",
+                        help="the workload's quick set (gpu: SFT MFU and the 1.1B PPO memory, under 8 min on one H100)")
     parser.add_argument("--one", nargs=2, metavar=("STAGE", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--in-process", action="store_true",
                         help="for smoke tests: run the jobs in this process (faster; peak memory is then "
                              "cumulative, not per stage)")
     opts = parser.parse_args()
     if opts.one:
-        print(json.dumps(run_one(opts.workload, *opts.one, opts.steps_override, opts.peak_tflops)))
+        print(json.dumps(run_one(opts.workload, *opts.one, opts.steps_override, opts.peak_tflops, opts.quick)))
         return
-    w = with_steps(WORKLOADS[opts.workload], opts.steps_override)
-    results: dict = {"workload": opts.workload, "torch_threads": w["threads"],
+    w = with_steps(WORKLOADS[opts.workload], opts.steps_override, opts.quick)
+    results: dict = {"workload": opts.workload + (" (quick)" if opts.quick else ""), "torch_threads": w["threads"],
                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "warmup": w["warmup"], "timed": w["timed"]}
     start = time.perf_counter()
@@ -602,8 +623,9 @@ def main() -> None:
         print(f"[bench] {stage} {precision}", file=sys.stderr, flush=True)
         extra = [f"--steps-override={opts.steps_override}"] if opts.steps_override else []
         extra += [f"--peak-tflops={opts.peak_tflops}"] if opts.peak_tflops else []
+        extra += ["--quick"] if opts.quick else []
         if opts.in_process:
-            figures = run_one(opts.workload, stage, precision, opts.steps_override, opts.peak_tflops)
+            figures = run_one(opts.workload, stage, precision, opts.steps_override, opts.peak_tflops, opts.quick)
         else:  # one process per job: each stage's peak memory is its own
             proc = subprocess.run([sys.executable, __file__, "--workload", opts.workload, "--out", "-", *extra,
                                    "--one", stage, precision], capture_output=True, text=True, env=env)

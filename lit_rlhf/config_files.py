@@ -22,6 +22,31 @@ from pathlib import Path
 from typing import Any
 
 
+def default_precision(accelerator: Any, bf16_gpu: bool) -> str:
+    """The trainer precision of a config that sets none: ``bf16-mixed`` on a bf16-capable CUDA
+    GPU (``bf16_gpu``), else ``32-true``; a config that asks for the CPU gets ``32-true`` also on
+    a machine that has a GPU. The CLI passes the machine's GPU, the estimator its target's."""
+    wants_gpu = str(accelerator or "auto").lower() in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if wants_gpu and bf16_gpu else "32-true"
+
+
+# trainer.strategy names lit_rlhf's modules cannot run under yet (matched in the lower-case name
+# or class path): their sharded parameters need the modules' own support.
+UNSUPPORTED_STRATEGIES = ("fsdp", "deepspeed")
+SUPPORTED_STRATEGIES = "auto, ddp, ddp_spawn, ddp_find_unused_parameters_true or single_device"
+
+
+def strategy_problem(strategy: Any) -> str | None:
+    """Why ``trainer.strategy`` (a name, or a ``class_path`` mapping) cannot run lit_rlhf's
+    modules, or None."""
+    name = strategy.get("class_path") if hasattr(strategy, "get") else strategy
+    name = str(name or "auto")
+    if any(kind in name.lower() for kind in UNSUPPORTED_STRATEGIES):
+        return (f"trainer.strategy={name!r}: sharded strategies are not supported by lit_rlhf's modules yet; "
+                f"use {SUPPORTED_STRATEGIES} (or LoRA / a 4-bit base to fit one device)")
+    return None
+
+
 def read_config(path: Path) -> dict:
     """One YAML config file as a mapping; a syntax error names the file and line."""
     import yaml

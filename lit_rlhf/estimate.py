@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lit_rlhf import memory as M
-from lit_rlhf.config_files import compose, config_chain, merge_configs, nested
+from lit_rlhf.config_files import (
+    compose,
+    config_chain,
+    default_precision,
+    merge_configs,
+    nested,
+    strategy_problem,
+)
 from lit_rlhf.models import ModelConfig
 
 Stage = M.Stage
@@ -548,15 +555,14 @@ def estimate_config(config: dict, source: str = "the config") -> M.Estimate:
     precision = trainer.get("precision")
     notes = [f"stage {stage} ({model.get('class_path')}), figures per device"]
     if precision is None:
-        precision = "32-true" if device == "cpu" else "bf16-mixed"
+        # The CLI's rule, for the GPU the estimate is for (unless the config asks for the CPU).
+        precision = default_precision(accelerator, bf16_gpu=True)
         notes.append(f"trainer.precision not set: {precision} (lit_rlhf's default on "
                      f"{'CPU' if device == 'cpu' else 'a bf16-capable GPU'})")
     devices = trainer.get("devices", 1)
     devices = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
-    strategy = str(trainer.get("strategy") or "")
-    if "fsdp" in strategy or "deepspeed" in strategy:
-        notes.append(f"trainer.strategy={strategy}: sharding is not modeled (weights, gradients and optimizer "
-                     "states counted whole on every device)")
+    if (problem := strategy_problem(trainer.get("strategy"))) is not None:
+        raise ValueError(problem)  # what `fit` would say
 
     def data_arg(name: str, fallback):
         value = data_init.get(name)

@@ -17,14 +17,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from lit_rlhf.callbacks import NonFiniteLossError
-from lit_rlhf.config_files import expand_config_includes
+from lit_rlhf.config_files import default_precision, expand_config_includes, strategy_problem
 
 
-def _default_precision() -> str:
-    # bf16 mixed precision wherever the GPU supports it; CPUs default to full fp32.
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+def machine_has_bf16_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 class LitRLHFCLI(LightningCLI):
@@ -41,6 +38,11 @@ class LitRLHFCLI(LightningCLI):
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise ValueError(f"trainer.accelerator={accelerator!r}: no CUDA GPU is visible on this machine "
                              "(use trainer.accelerator=cpu or auto, or check CUDA_VISIBLE_DEVICES)")
+        if (problem := strategy_problem(config.trainer.get("strategy"))) is not None:
+            raise ValueError(problem)
+        if config.trainer.get("precision") is None:
+            # Decided after the accelerator: `accelerator: cpu` on a GPU machine stays 32-true.
+            config.trainer.precision = default_precision(accelerator, machine_has_bf16_gpu())
         for source, target in self.DATA_TO_MODEL.items():
             if target in model_args and source in data_args and model_args[target] is None:
                 model_args[target] = data_args[source]
@@ -145,7 +147,6 @@ def cli_kwargs(args: list[str] | None, **overrides) -> dict:
         datamodule_class=L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={"precision": _default_precision()},
         # Re-running into the same log dir must not crash on an existing config.yaml.
         save_config_kwargs={"overwrite": True},
         # Parser errors are raised, not printed with the usage: main reports their cause.

@@ -17,6 +17,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # would print a logging traceback.
 import lightning.pytorch  # noqa: E402, F401
 
+# The demo's names (demo, demo-tiny, ...) come through the package's entry point once installed;
+# registered here too, so the tests also run from a source tree that is not (the GPU machine).
+from lit_rlhf.demo.models import register  # noqa: E402
+
+register()
+
 TINY_LLAMA = dict(
     model_type="llama",
     hidden_size=64,
@@ -49,3 +55,14 @@ def cli():
 
     with CLIRunner() as runner:
         yield runner
+
+
+def pytest_collection_finish(session):
+    """`-m gpu` on a machine without CUDA fails in one line: a silent skip would hide that nothing ran."""
+    import torch
+
+    wants_gpu = any(item.get_closest_marker("gpu") for item in session.items)
+    on_cpu = os.environ.get("LIT_RLHF_GPU_TEST_DEVICE", "cuda") == "cpu"  # the GPU tests' own dry run
+    if wants_gpu and not on_cpu and not torch.cuda.is_available():
+        pytest.exit("the gpu tests need a CUDA GPU and none is visible on this machine "
+                    "(run them where one is: bash scripts/gpu_check.sh)", returncode=1)

@@ -225,7 +225,10 @@ def load_model(
         extra.update({name: 0.0 for name in dropout_fields(architecture)})
     kwargs: dict = {"dtype": cfg.torch_dtype, "attn_implementation": attention_for(cfg, architecture, task)}
 
-    with contextlib.ExitStack() as stack:
+    # Whatever the default device (Lightning runs configure_model under torch.device(<the GPU>),
+    # where a 20B random init would be materialised in full before any quantization): quantized
+    # weights go straight to `device`, everything else is built on the CPU and the Trainer moves it.
+    with contextlib.ExitStack() as stack, torch.device(device if cfg.quantized else "cpu"):
         if cfg.name_or_path is not None:
             source = resolve_path(cfg.name_or_path)
             kwargs.update(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -233,7 +236,7 @@ def load_model(
             config = architecture
             for key, value in extra.items():
                 setattr(config, key, value)
-            with _seeded(cfg.seed):
+            with _seeded(cfg.seed), torch.device("cpu"):  # the same init for every device
                 model = _auto_class(task).from_config(config, **kwargs)
             if not cfg.quantized:
                 return _finish(model, cfg, task, tokenizer)
@@ -249,7 +252,7 @@ def load_model(
                           device_map={"": device})
         model = from_pretrained_checked(_auto_class(task), source, new_head=new_head or cfg.arch is not None,
                                         **extra, **kwargs)
-    return _finish(model, cfg, task, tokenizer)
+        return _finish(model, cfg, task, tokenizer)
 
 
 def from_pretrained_checked(auto_class, source: str, *, new_head: bool = False, **kwargs) -> nn.Module:

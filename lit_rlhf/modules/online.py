@@ -26,6 +26,7 @@ One training step = one iteration on one batch of prompts:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -34,6 +35,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
@@ -514,10 +516,11 @@ class OnlineRLModule(HFModule):
                 # gradient_accumulation_steps pieces, fewer for a short last minibatch (e.g.
                 # after GRPO left groups out): each piece's loss is a mean, so divide by their count.
                 pieces = minibatch.split(micro)
-                for idx in pieces:
+                for i, idx in enumerate(pieces):
                     loss, stats = self.loss(rollout[idx], advantages[idx], None if returns is None else returns[idx])
                     self.check_finite(f"{self.stats_prefix}/loss_total", loss)
-                    self.manual_backward(loss / len(pieces))
+                    with self._accumulating(last=i == len(pieces) - 1):
+                        self.manual_backward(loss / len(pieces))
                     ratios.append(stats["ratio_mean"])
                     epoch_kl.append(stats["approx_kl"])
                     ratio_max = torch.maximum(ratio_max, stats.pop("ratio_max").float())
@@ -545,6 +548,14 @@ class OnlineRLModule(HFModule):
         out["epochs"] = torch.tensor(float(epochs_done))
         return {f"{self.stats_prefix}/{k}": v for k, v in out.items()}
 
+    def _accumulating(self, last: bool):
+        """Under DDP, a non-final micro-batch's backward only accumulates gradients: the
+        all-reduce runs once per optimizer step, with the last micro-batch."""
+        strategy = self.trainer.strategy
+        if last or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
+
     def _loss_scaler(self):
         """The fp16 GradScaler of ``16-mixed``; None for fp32 and bf16."""
         return getattr(self.trainer.precision_plugin, "scaler", None)
@@ -555,8 +566,8 @@ class OnlineRLModule(HFModule):
     def _clip_gradients(self, optimizer, max_norm: float) -> None:
         if isinstance(self.trainer.precision_plugin, MixedPrecision) and self._loss_scaler() is None:
             # bf16-mixed: nothing to unscale, so clip directly. Lightning's clip_gradients
-            # refuses any fused optimizer under this plugin, although it has no scaler. Every
-            # other case (fp32, fp16 with its scaler, FSDP) goes through Lightning.
+            # refuses any fused optimizer under this plugin, although it has no scaler. The
+            # other cases (fp32, fp16 with its scaler) go through Lightning.
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
@@ -603,19 +614,24 @@ class OnlineRLModule(HFModule):
         n = len(responses)
         fields = self.row_fields(self.reward_fn, batch, num_generations=1)
         scores = self.reward_fn(self.prompts_for(self.reward_fn, batch), responses, **fields)
-        self.val_score.update(torch.as_tensor(scores, dtype=torch.float32).mean(), n)
+        # On the metrics' device: a reward function's CPU scores with a NaN among them would meet
+        # the GPU-side weight in torchmetrics' NaN filter (a device mismatch).
+        self.val_score.update(self._as_metric_value(scores).mean(), n)
         stats = self.reward_fn.statistics() if hasattr(self.reward_fn, "statistics") else {}
         accuracy = next((v for k, v in stats.items() if k == "accuracy" or k.endswith("/accuracy")), None)
         if accuracy is not None:  # an answer checker's fraction of correct answers
-            self.val_accuracy.update(torch.as_tensor(accuracy, dtype=torch.float32), n)
+            self.val_accuracy.update(self._as_metric_value(accuracy), n)
         if self.judge is not None:
-            judged = torch.as_tensor(self.judge(self.prompts_for(self.judge, batch), responses,
-                                                **self.row_fields(self.judge, batch, num_generations=1)),
-                                     dtype=torch.float32)
+            judged = self._as_metric_value(self.judge(self.prompts_for(self.judge, batch), responses,
+                                                      **self.row_fields(self.judge, batch, num_generations=1)))
             self.val_judge.update(judged.mean(), n)
         if rollout.ref_logprobs is not None:
             self.val_kl.update(((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1).mean(), n)
         self.val_length.update(mask.sum(-1).mean(), n)
+
+    def _as_metric_value(self, value) -> torch.Tensor:
+        """A score (list, CPU or device tensor) as a float32 tensor on the module's device."""
+        return torch.as_tensor(value, dtype=torch.float32).to(self.device)
 
     def on_validation_epoch_end(self) -> None:
         out = {"val/score": self.val_score.compute(), "val/response_length": self.val_length.compute()}

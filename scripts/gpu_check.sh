@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GPU check: what a CPU cannot show, on one CUDA GPU, in one command (under 8 minutes on one H100).
+#
+#   bash scripts/gpu_check.sh [--wheels DIR] [--out DIR]   run the CUDA tests and the quick GPU benchmark
+#   bash scripts/gpu_check.sh --download DIR [PYVER]       fetch the wheels it may need (network; PYVER 3.12)
+#
+# It runs in a ready-made CUDA environment that has torch, lightning, transformers, peft,
+# torchmetrics and accelerate (older minor versions too: torch 2.11, transformers 5.17). What such an
+# environment often lacks (bitsandbytes, jsonargparse, torchdata, datasets and their small
+# dependencies) comes from the wheels in DIR (default: .whl), installed with
+# `pip install --no-index --no-deps --target` into a temporary folder: no network, nothing changed in
+# the environment. Prints one line per check and a summary; exits 1 if a check failed or no GPU is
+# visible. Logs and the benchmark's JSON go to --out (default: gpu_check_out).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+WHEELS_FOR=(bitsandbytes==0.50.2 jsonargparse==4.53.0 docstring-parser typeshed-client torchdata==0.11.0
+            datasets==5.2.0 dill multiprocess)
+
+if [ "${1:-}" = "--download" ]; then
+  dir=${2:?usage: gpu_check.sh --download DIR [PYVER]}; pyver=${3:-3.12}
+  mkdir -p "$dir"
+  for spec in "${WHEELS_FOR[@]}"; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 --platform any -d "$dir" "$spec" || { echo "gpu_check: cannot download $spec"; exit 1; }
+  done
+  echo "gpu_check: wheels for Python $pyver in $dir ($(du -sh "$dir" | cut -f1))"
+  exit 0
+fi
+
+wheels=.whl; out=gpu_check_out
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --wheels) wheels=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    *) echo "gpu_check: unknown argument $1 (see the top of scripts/gpu_check.sh)"; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+
+passed=0; failed=0
+check() {  # check NAME STATUS DETAIL: one line per check
+  if [ "$2" = PASS ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+  printf '%-4s %-58s %s\n' "$2" "$1" "$3"
+}
+
+# 1. A GPU, or one line and exit 1: nothing below would mean anything without one.
+if ! gpu=$("$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name())" 2>/dev/null); then
+  echo "gpu_check: FAILED: no CUDA GPU is visible to $PY (torch.cuda.is_available() is False, or no torch); run this on a GPU machine"
+  exit 1
+fi
+check "cuda device" PASS "$gpu"
+
+# 2. The packages the environment lacks, from the carried wheels (never from the network).
+missing=$("$PY" - <<'EOF'
+import importlib.util
+names = {"bitsandbytes": "bitsandbytes", "jsonargparse": "jsonargparse", "torchdata": "torchdata",
+         "datasets": "datasets", "docstring_parser": "docstring-parser", "typeshed_client": "typeshed-client",
+         "dill": "dill", "multiprocess": "multiprocess"}
+print(" ".join(wheel for module, wheel in names.items() if importlib.util.find_spec(module) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+  site=$(mktemp -d)
+  files=()
+  for name in $missing; do
+    found=$(ls "$wheels"/$(echo "$name" | tr - _)-*.whl 2>/dev/null | head -1)
+    [ -n "$found" ] && files+=("$found")
+  done
+  if [ ${#files[@]} -gt 0 ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+       --target "$site" "${files[@]}" >"$out/pip.log" 2>&1; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+if versions=$("$PY" -c "
+import bitsandbytes, datasets, jsonargparse, lightning, peft, torch, torchdata, transformers, lit_rlhf
+print(' '.join(f'{m.__name__} {m.__version__}' for m in (torch, lightning, transformers, peft, bitsandbytes)))" 2>"$out/imports.log"); then
+  check "packages" PASS "$versions"
+else
+  check "packages" FAIL "$(tail -1 "$out/imports.log") (missing: ${missing:-none}; wheels from $wheels: bash scripts/gpu_check.sh --download $wheels)"
+fi
+
+# 3. The CUDA tests: every stage through the Trainer (tests/test_gpu.py), one line each.
+"$PY" -m pytest -m gpu tests/test_gpu.py -q -rA -p no:cacheprovider >"$out/tests.log" 2>&1
+while read -r status name rest; do
+  check "${name#tests/test_gpu.py::}" "$([ "$status" = PASSED ] && echo PASS || echo FAIL)" "${rest#- }"
+done < <(grep -E '^(PASSED|FAILED|ERROR) ' "$out/tests.log")
+grep -qE '^(PASSED|FAILED|ERROR) ' "$out/tests.log" || check "gpu tests" FAIL "none ran: $(tail -1 "$out/tests.log")"
+
+# 4. The quick GPU benchmark: SFT MFU of a 1.1B Llama, peak memory of a 1.1B 4-bit PPO step.
+start=$SECONDS
+if "$PY" benchmarks/run.py --workload gpu --quick --out "$out/gpu.json" >"$out/bench.log" 2>&1; then
+  check "benchmark --workload gpu --quick" PASS "$("$PY" -c "
+import json; r = json.load(open('$out/gpu.json'))
+print(', '.join(f'{k} {v}' for k, v in r.items() if k.startswith(('sft_mfu', 'sft_tokens', 'ppo_nf4_lora_peak')))
+")  ($((SECONDS - start)) s)"
+else
+  check "benchmark --workload gpu --quick" FAIL "$(tail -1 "$out/bench.log")"
+fi
+
+echo "gpu_check: $passed passed, $failed failed (logs in $out/)"
+[ "$failed" -eq 0 ]

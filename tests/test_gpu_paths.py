@@ -302,3 +302,23 @@ def test_random_init_is_built_on_the_cpu_under_another_default_device(tokenizer,
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         if torch.is_tensor(a) and a.is_floating_point() and "lora_" not in name:  # LoRA A: the global RNG
             assert torch.equal(a, b), name
+
+
+def test_packed_dpo_and_reward_rows_under_flash_attention_equal_segment_attention(flash_name):
+    from lit_rlhf.data.preference import Pair, pack_pairs
+    from lit_rlhf.modules import DPOModule, RewardModule
+
+    dpo = DPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo"))
+    dpo.configure_model()
+    rm = RewardModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo"))
+    rm.configure_model()
+    pairs = [Pair([3, 7, 9, 11, 4], [3, 7, 9, 5], 0.0, 3), Pair([8, 6, 12, 13, 14, 2], [8, 6, 2], 0.0, 2)]
+    batch = pack_pairs(pairs, 0)
+    with torch.no_grad():
+        segment = (dpo.sequence_logps(dpo.model, batch)[0],
+                   rm.forward_packed(batch["input_ids"], batch["position_ids"], batch["lengths"]))
+        dpo.model.config._attn_implementation = rm.model.config._attn_implementation = flash_name
+        flash = (dpo.sequence_logps(dpo.model, batch)[0],
+                 rm.forward_packed(batch["input_ids"], batch["position_ids"], batch["lengths"]))
+    for a, b in zip(segment, flash):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -38,8 +38,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 # The methods each task can run after SFT, and the default choice.
 TASKS = {"reviews": (("ppo", "dpo", "grpo"), "ppo,dpo"), "arithmetic": (("grpo",), "grpo")}
 # Which stages need the reward model.
@@ -56,7 +54,7 @@ class Stage:
 
 def stage_key(stage: Stage, done: dict[str, str]) -> str:
     """Hash of everything a stage's result depends on."""
-    from lit_rlhf.config_files import config_chain
+    from lit_rlhf.cli.config_files import config_chain
 
     h = hashlib.sha256()
     for path in config_chain(stage.config):
@@ -87,7 +85,8 @@ def run_stage(stage: Stage, out: Path, keys: dict[str, str], extra: list[str]) -
            f"--trainer.default_root_dir={root}", *stage.overrides, *extra]
     _log(f"{stage.name}: {' '.join(cmd[2:])}")
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(cmd, cwd=root, check=True)  # absolute paths throughout: the cwd does not matter
     run_dir = max((root / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
     model_dir = export_run(run_dir, root / "model")
     wall = time.perf_counter() - start
@@ -272,7 +271,8 @@ def write_report(path: Path, out: Path, results: dict[str, dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lit_rlhf.export import OneLineParser
+    from lit_rlhf.cli.config_files import find_config
+    from lit_rlhf.cli.errors import OneLineParser
 
     parser = OneLineParser(prog="lit-rlhf pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="everything goes under this folder")
@@ -302,10 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     needs_rm = bool(USES_RM[opts.task] & set(opts.methods))
     for stage in ("sft", *(["rm"] if needs_rm else []), *opts.methods):
         name = f"{stage}_config"
-        if getattr(opts, name) is None:
-            setattr(opts, name, str(REPO / "configs" / stage / recipe))
-        if not Path(getattr(opts, name)).is_file():
-            parser.error(f"--{name} {getattr(opts, name)}: no such file")
+        try:  # a file where it is named, else a recipe shipped in the package (the default)
+            setattr(opts, name, str(find_config(getattr(opts, name) or f"{stage}/{recipe}").resolve()))
+        except FileNotFoundError:
+            parser.error(f"--{name} {getattr(opts, name)}: no such file (nor a recipe shipped with lit_rlhf)")
     if opts.eval_max_new_tokens is None:
         opts.eval_max_new_tokens = 24 if opts.task == "reviews" else 4
     if opts.eval_prompts < 1:
@@ -340,8 +340,9 @@ def check_stages(stages: list[Stage], uses_rm: set[str], out: Path) -> None:
     policy and (when it scores with the reward model) the output folder as the reward
     model's path, which only has to exist.
     """
-    from lit_rlhf.config_files import compose, config_chain
-    from lit_rlhf.lightning_cli import USER_ERRORS, check_fit_config, error_line
+    from lit_rlhf.cli.config_files import compose, config_chain
+    from lit_rlhf.cli.errors import USER_ERRORS, error_line
+    from lit_rlhf.cli.lightning import check_fit_config
 
     sft_lm = compose(config_chain(stages[0].config)).get("model", {}).get("init_args", {}).get("lm", {})
     policy = {k: sft_lm.get(k) for k in ("name_or_path", "arch", "tokenizer")}

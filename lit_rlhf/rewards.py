@@ -1,6 +1,8 @@
 """Reward functions for PPO: ``(prompts, responses) -> (B,) scores``.
 
-Any callable with that signature works (give it as a ``class_path`` in the config). Built in:
+Any callable with that signature works (from Python; the online modules wrap it once with
+:func:`as_reward_function`); from a config, give a :class:`RewardFunction` subclass by
+``class_path``. Built in:
 
 * :class:`RewardModelReward`: a reward model exported by the RM stage (or any HF
   sequence-classification model with one output), optionally normalized with the reward
@@ -9,7 +11,6 @@ Any callable with that signature works (give it as a ``class_path`` in the confi
   loaded onto the policy's own model as a second adapter (no second copy of the base);
 * :class:`TextClassificationReward`: a transformers text-classification model, scored by the
   logit of one label, as in the classic IMDB sentiment experiment;
-* :class:`JudgeReward`: the offline demo's lexicon judge;
 * rule checks ("verifiable rewards"): :class:`ExactAnswerReward` (the final answer against
   the row's ``answer`` field), :class:`RegexFormatReward`, :class:`LengthPenalty`;
 * :class:`WeightedRewards`: a weighted sum of several, each logged on its own.
@@ -60,6 +61,38 @@ class RewardFunction:
     def statistics(self) -> dict[str, torch.Tensor]:
         """Scalars about the last call worth logging (e.g. ``accuracy``); none by default."""
         return {}
+
+    @property
+    def display_name(self) -> str:
+        """How messages name this function."""
+        return type(self).__name__
+
+
+class CallableReward(RewardFunction):
+    """A plain ``(prompts, responses, **fields) -> (B,)`` callable in the full protocol."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        # A plain callable may still declare what it wants, as a RewardFunction does.
+        self.fields = tuple(getattr(fn, "fields", ()))
+        self.wants_messages = bool(getattr(fn, "wants_messages", False))
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
+        return self.fn(prompts, responses, **fields)
+
+    @property
+    def display_name(self) -> str:
+        return getattr(self.fn, "__name__", type(self.fn).__name__)
+
+
+def as_reward_function(fn) -> RewardFunction:
+    """``fn`` in the full :class:`RewardFunction` protocol: itself, or a plain callable wrapped once."""
+    if isinstance(fn, RewardFunction):
+        return fn
+    if not callable(fn):
+        raise ValueError(f"reward: expected a RewardFunction or a callable (prompts, responses) -> scores, "
+                         f"got {type(fn).__name__}")
+    return CallableReward(fn)
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -188,22 +221,6 @@ class WeightedRewards(RewardFunction):
 
     def statistics(self) -> dict[str, torch.Tensor]:
         return dict(self._last)
-
-
-class JudgeReward(RewardFunction):
-    """The demo's transparent sentiment judge on prompt + response (see lit_rlhf.demo.judge)."""
-
-    def __init__(self, scale: float = 1.0) -> None:
-        """
-        Args:
-            scale: multiply the judge's score (about [-1, 1]) by this.
-        """
-        self.scale = scale
-
-    def __call__(self, prompts: list[str], responses: list[str], **fields) -> torch.Tensor:
-        from lit_rlhf.demo import sentiment_score
-
-        return torch.tensor([self.scale * sentiment_score(p + r) for p, r in zip(prompts, responses)])
 
 
 class _HFClassifierReward(RewardFunction):

@@ -21,7 +21,7 @@ RM = "configs/rm/demo.yaml"
 PPO = "configs/ppo/demo.yaml"
 # A random-init policy scored by the rule-based judge: no demo model is built for PPO cases.
 PPO_TINY = ("--model.init_args.lm.name_or_path=null", "--model.init_args.lm.arch=demo-tiny",
-            "--model.init_args.lm.tokenizer=demo", "--model.init_args.reward=lit_rlhf.rewards.JudgeReward",
+            "--model.init_args.lm.tokenizer=demo", "--model.init_args.reward=lit_rlhf.demo.JudgeReward",
             "--model.init_args.judge=null", "--model.init_args.sampling.max_new_tokens=8",
             "--model.init_args.sampling.min_new_tokens=4", "--data.init_args.batch_size=8",
             "--model.init_args.ppo.mini_batch_size=8", "--trainer.max_steps=1")

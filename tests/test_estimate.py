@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_rlhf import memory as M
 from lit_rlhf.cli import main
 from lit_rlhf.estimate import RewardSpec, arch_shape, estimate_stage, parse_memory
+from lit_rlhf.estimate import memory as M
 from lit_rlhf.models import LoraSettings, ModelConfig, PolicyWithValueHead, load_model
 
 ROOT = Path(__file__).resolve().parents[1]

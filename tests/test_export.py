@@ -8,8 +8,9 @@ import lightning as L
 import pytest
 import torch
 
+from lit_rlhf.cli.export import main
 from lit_rlhf.data import SFTDataModule
-from lit_rlhf.export import export_run, main
+from lit_rlhf.export import export_run
 from lit_rlhf.models import LoraSettings, ModelConfig
 from lit_rlhf.modules import SFTModule
 from lit_rlhf.optim import OptimConfig

@@ -116,7 +116,7 @@ def test_reward_model_trains_and_serves_ppo_as_an_adapter_with_ratio_one_at_step
                        ppo=PPOConfig(mini_batch_size=8, ppo_epochs=2),
                        sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), rollout_batch_size=8)
     first, logged = _first_update(policy), _first_rollout_stats(policy)
-    prompts = PromptDataModule(batch_size=8, val_size=8, tokenizer=policy.tokenizer)
+    prompts = PromptDataModule("demo", batch_size=8, val_size=8, tokenizer=policy.tokenizer)
     trainer = _trainer(tmp_path / "ppo", -1, limit_train_batches=2, val_every=2)  # 2 rollouts, validated after
     trainer.fit(policy, prompts)
     assert policy.rollouts_done == 2 and _finite(policy)
@@ -134,7 +134,7 @@ def test_grpo_4bit_lora_ratio_one_kl_zero_and_resume(base, tmp_path):
                             sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), rollout_batch_size=4)
         first = _first_update(module)
         trainer = _trainer(tmp_path, rollouts, val_every=1)  # one optimizer step per rollout
-        trainer.fit(module, PromptDataModule(batch_size=4, val_size=8, tokenizer=module.tokenizer), ckpt_path=ckpt)
+        trainer.fit(module, PromptDataModule("demo", batch_size=4, val_size=8, tokenizer=module.tokenizer), ckpt_path=ckpt)
         return trainer, module, first
 
     trainer, module, first = run(2)

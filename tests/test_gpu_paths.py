@@ -179,8 +179,8 @@ def test_ppo_grpo_and_rm_train_in_bf16_true(tmp_path, tokenizer):
 
 
 def test_precision_default_follows_the_accelerator(monkeypatch, tmp_path):
-    from lit_rlhf.config_files import default_precision
-    from lit_rlhf.lightning_cli import LitRLHFCLI, cli_kwargs
+    from lit_rlhf.cli.config_files import default_precision
+    from lit_rlhf.cli.lightning import LitRLHFCLI, cli_kwargs
 
     assert default_precision("cpu", bf16_gpu=True) == "32-true"
     assert default_precision("auto", bf16_gpu=True) == default_precision("gpu", bf16_gpu=True) == "bf16-mixed"

@@ -12,7 +12,7 @@ from tests.resume import kill_and_resume
 
 PPO_TINY = (  # a random-init policy scored by the rule-based judge: no trained models needed
     "--model.init_args.lm.name_or_path=null", "--model.init_args.lm.arch=demo-tiny",
-    "--model.init_args.lm.tokenizer=demo", "--model.init_args.reward=lit_rlhf.rewards.JudgeReward",
+    "--model.init_args.lm.tokenizer=demo", "--model.init_args.reward=lit_rlhf.demo.JudgeReward",
     "--model.init_args.judge=null", "--model.init_args.sampling.min_new_tokens=4",
     "--model.init_args.sampling.max_new_tokens=8", "--model.init_args.ppo.ppo_epochs=1",
     "--model.init_args.ppo.mini_batch_size=8", "--data.init_args.batch_size=8",

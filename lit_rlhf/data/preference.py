@@ -23,12 +23,12 @@ import math
 import random
 from typing import Literal, NamedTuple
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lit_rlhf.data.base import RowsDataModule, collate
 from lit_rlhf.data.chat import (
     as_messages,
     check_messages,
@@ -38,7 +38,7 @@ from lit_rlhf.data.chat import (
     split_pair,
     template_of,
 )
-from lit_rlhf.data.formats import ROW_COLUMN, load_rows, load_train_val, rank_and_world, row_label
+from lit_rlhf.data.formats import ROW_COLUMN, load_train_val, rank_and_world, row_label
 
 Schema = Literal["auto", "explicit", "implicit", "stack_exchange", "chat"]
 SCHEMA_FIELDS: dict[str, tuple[str, ...]] = {
@@ -48,7 +48,6 @@ SCHEMA_FIELDS: dict[str, tuple[str, ...]] = {
 }
 CHAT_FIELDS = ("chosen", "rejected")  # the "chat" schema; "prompt" is optional
 STACK_EXCHANGE_TEMPLATE = "Question: {question}\n\nAnswer: {response}"
-DEMO = "demo"
 
 
 def detect_schema(columns, source: str) -> str:
@@ -357,22 +356,14 @@ def pack_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     }, pairs)
 
 
-class _Collate:
-    """Picklable collate for DataLoader workers: one packed row, or right-padded rows."""
+class PreferenceDataModule(RowsDataModule):
+    """Preference pairs from a registered name, the hub or local files, batched for one forward pass."""
 
-    def __init__(self, pad_id: int, pack: bool = True) -> None:
-        self.pad_id, self.pack = pad_id, pack
-
-    def __call__(self, pairs):
-        return (pack_pairs if self.pack else collate_pairs)(pairs, self.pad_id)
-
-
-class PreferenceDataModule(L.LightningDataModule):
-    """Preference pairs from the demo, the hub or local files, batched for one forward pass."""
+    kind = "preference"
 
     def __init__(
         self,
-        path: str = DEMO,
+        path: str,
         schema: Schema = "auto",
         max_length: int = 512,
         too_long: Literal["drop", "truncate"] = "drop",
@@ -394,8 +385,9 @@ class PreferenceDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            path: ``"demo"`` (offline pairs labelled by the demo judge), a hub dataset name,
-                or local json/jsonl/csv/parquet file(s) or directory.
+            path: a hub dataset name, local json/jsonl/csv/parquet file(s) or directory, or a
+                registered name (:mod:`lit_rlhf.data.sources`; the demo's ``demo``: pairs
+                labelled by its judge).
             schema: ``explicit``, ``implicit``, ``stack_exchange``, ``chat``, or ``auto`` (by columns
                 and, for ``chat``, message lists in the first row).
             max_length: longest tokenized side of a pair.
@@ -436,15 +428,13 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _splits(self):
         hp = self.hparams
-        if hp.path == DEMO:
-            from lit_rlhf.demo import prepare_demo
-
-            demo = prepare_demo()
-            return load_rows(str(demo.pairs_train_file)), load_rows(str(demo.pairs_val_file)), "demo pairs"
-        train, val = load_train_val(hp.path, train_split=hp.train_split, val_split=hp.val_split,
+        source = self.source()
+        if source.train is not None:  # rows a registered name made (no file to name in errors)
+            return source.train, source.val, source.description, None
+        train, val = load_train_val(source.path, train_split=hp.train_split, val_split=source.val_split,
                                     val_size=hp.val_size, seed=hp.seed, check=self._check, row_numbers=True,
                                     name=hp.name, data_files=hp.data_files, revision=hp.revision)
-        return train, val, hp.path
+        return train, val, hp.path, source.path
 
     def _check(self, rows) -> None:
         # Every row, in file order, before the held-out split shuffles them.
@@ -469,25 +459,20 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.tokenizer is None:
-            raise ValueError("PreferenceDataModule needs a tokenizer (the CLI links it from the model)")
+        self.require_tokenizer()
         hp = self.hparams
-        train, val, source = self._splits()
+        train, val, source, file = self._splits()
         if hp.max_train_pairs is not None:
             train = train.select(range(min(hp.max_train_pairs, len(train))))
         common = dict(schema=hp.schema, max_length=hp.max_length, too_long=hp.too_long,
                       chat_truncation=hp.chat_truncation,
                       on_bad_row=hp.on_bad_row, margin_field=hp.margin_field)
-        file = None if hp.path == DEMO else hp.path
         self.train_set = PairDataset(train, self.tokenizer, source=f"{source} [train]", file=file, **common)
         self.val_set = PairDataset(val, self.tokenizer, source=f"{source} [val]", file=file, **common)
         for split, ds in (("train", self.train_set), ("val", self.val_set)):
             rank_zero_info(f"{source} [{split}] schema={ds.schema}: {ds.stats}")
-        if self.trainer is not None and self.trainer.logger is not None:
-            self.trainer.logger.log_metrics(
-                {f"data/{split}_{k}": v for split, ds in (("train", self.train_set), ("val", self.val_set))
-                 for k, v in ds.stats.items()}, step=0
-            )
+        self.log_counts({f"{split}_{k}": v for split, ds in (("train", self.train_set), ("val", self.val_set))
+                         for k, v in ds.stats.items()})
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -502,4 +487,4 @@ class PreferenceDataModule(L.LightningDataModule):
         # mid-epoch with the next batch.
         loader_class = StatefulDataLoader if shuffle else DataLoader
         return loader_class(dataset, batch_size=None, sampler=sampler, num_workers=self.hparams.num_workers,
-                          collate_fn=_Collate(self.tokenizer.pad_token_id, self.hparams.pack))
+                          collate_fn=collate(pack_pairs if self.hparams.pack else collate_pairs, self.tokenizer.pad_token_id))

@@ -5,16 +5,13 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
+from lit_rlhf.data.base import RowsDataModule, collate
 from lit_rlhf.data.chat import as_messages, drop_oldest_turns, is_conversation, render, template_of
 from lit_rlhf.data.formats import TextFormatter, load_train_val, rank_and_world
-
-DEMO = "demo"
-ARITHMETIC = "arithmetic"  # the arithmetic demo (lit_rlhf.demo.arithmetic)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,20 +76,14 @@ class PromptStream(IterableDataset):
             k += 1
 
 
-class _Collate:
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items):
-        return collate_prompts(items, self.pad_id)
-
-
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(RowsDataModule):
     """Prompts for PPO rollouts (train: endless stream) and evaluation (val: held out)."""
+
+    kind = "prompts"
 
     def __init__(
         self,
-        path: str = DEMO,
+        path: str,
         prompt_field: str = "prompt",
         template: str | None = None,
         max_prompt_length: int = 64,
@@ -103,8 +94,6 @@ class PromptDataModule(L.LightningDataModule):
         data_files: str | list[str] | dict | None = None,
         train_split: str = "train",
         val_split: str | None = None,
-        demo_min_words: int = 2,
-        demo_max_words: int = 8,
         seed: int = 0,
         revision: str | None = None,
         chat: bool | None = None,
@@ -114,9 +103,9 @@ class PromptDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            path: ``"demo"`` (first words of the demo reviews, like the IMDB experiment),
-                ``"arithmetic"`` (the arithmetic demo's problems, with an ``answer`` field), a
-                hub dataset name, or local json/jsonl/csv/parquet file(s) or directory.
+            path: a hub dataset name, local json/jsonl/csv/parquet file(s) or directory, or a
+                registered name (:mod:`lit_rlhf.data.sources`; the demo's: ``demo``, the first
+                words of its reviews, and ``arithmetic``, problems with an ``answer`` field).
             prompt_field: row field holding the prompt, when no template is given: text, or a
                 list of messages rendered by the tokenizer's chat template with the
                 generation prompt (the response is the assistant's turn).
@@ -132,8 +121,6 @@ class PromptDataModule(L.LightningDataModule):
             data_files: ``data_files`` for ``load_dataset``.
             train_split: split with the prompts.
             val_split: split for validation prompts.
-            demo_min_words: demo prompts have at least this many words.
-            demo_max_words: ... and at most this many.
             seed: shuffling seed.
             revision: hub dataset revision.
             chat: render prompts with the tokenizer's chat template (a text prompt becomes one
@@ -163,22 +150,14 @@ class PromptDataModule(L.LightningDataModule):
 
     def _texts(self) -> tuple[list[str], list[str], str]:
         hp = self.hparams
-        if hp.path == DEMO:
+        source = self.source()
+        if source.train is not None:  # prompt texts a registered name made
             if hp.fields:
-                raise ValueError(f"data.fields {hp.fields}: the demo prompts have no fields (give a file's path)")
-            from lit_rlhf.demo import make_prompts, prepare_demo, read_jsonl
-
-            demo = prepare_demo()
-            train = [r["text"] for r in read_jsonl(demo.train_file)]
-            val = [r["text"] for r in read_jsonl(demo.val_file)][: hp.val_size]
-            return (make_prompts(train, hp.demo_min_words, hp.demo_max_words, hp.seed),
-                    make_prompts(val, hp.demo_min_words, hp.demo_max_words, hp.seed + 1), "demo prompts")
+                raise ValueError(f"data.fields {hp.fields}: the {source.description} have no fields "
+                                 "(give a file's path)")
+            return list(source.train), list(source.val), source.description
         formatter = TextFormatter(hp.prompt_field, hp.template)
-        path, val_split = hp.path, hp.val_split
-        if path == ARITHMETIC:  # the arithmetic demo's problems: {prompt, answer} rows
-            from lit_rlhf.demo.arithmetic import prepare_arithmetic
-
-            path, val_split = str(prepare_arithmetic().prompts_dir), "validation"
+        path, val_split = source.path, source.val_split
         rows, val_rows = load_train_val(path, train_split=hp.train_split, val_split=val_split,
                                         val_size=hp.val_size, seed=hp.seed,
                                         name=hp.name, data_files=hp.data_files, revision=hp.revision)
@@ -249,14 +228,12 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_prompts is not None:
             return
-        if self.tokenizer is None:
-            raise ValueError("PromptDataModule needs a tokenizer (the CLI links it from the model)")
+        self.require_tokenizer()
         train, val, source = self._texts()
         self.train_prompts = self._tokenize(train, "train", source)
         self.val_prompts = self._tokenize(val, "val", source)
         rank_zero_info(f"{source}: {self.stats}")
-        if self.trainer is not None and self.trainer.logger is not None:
-            self.trainer.logger.log_metrics({f"data/{k}": v for k, v in self.stats.items()}, step=0)
+        self.log_counts(self.stats)
 
     def train_dataloader(self) -> DataLoader:
         # Resume: the module counts rollouts done (restored from the checkpoint first).
@@ -267,4 +244,4 @@ class PromptDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_prompts, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
-                          shuffle=False, collate_fn=_Collate(self.tokenizer.pad_token_id))
+                          shuffle=False, collate_fn=collate(collate_prompts, self.tokenizer.pad_token_id))

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import lightning as L
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lit_rlhf.data.base import RowsDataModule
 from lit_rlhf.data.chat import template_of
 from lit_rlhf.data.formats import (
     ConversationFormatter,
     TextFormatter,
     conversation_kind,
-    load_rows,
     load_train_val,
 )
 from lit_rlhf.data.packing import ConstantLengthDataset, pack_collate
 
-DEMO = "demo"
-ARITHMETIC = "arithmetic"  # the arithmetic demo (lit_rlhf.demo.arithmetic)
 
-
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(RowsDataModule):
     """Packed causal-LM data for SFT.
 
     Every batch is ``{"input_ids", "labels", "position_ids"}`` of shape (batch_size,
@@ -28,9 +24,11 @@ class SFTDataModule(L.LightningDataModule):
     so attention stays inside each document.
     """
 
+    kind = "sft"
+
     def __init__(
         self,
-        path: str = DEMO,
+        path: str,
         seq_length: int = 512,
         batch_size: int = 8,
         text_field: str = "text",
@@ -52,9 +50,8 @@ class SFTDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            path: ``"demo"`` (offline demo reviews), ``"arithmetic"`` (the arithmetic demo's
-                SFT slice), a hub dataset name, or local json/jsonl/csv/parquet/txt file(s) or
-                directory.
+            path: a hub dataset name, local json/jsonl/csv/parquet/txt file(s) or directory, or
+                a registered name (:mod:`lit_rlhf.data.sources`; the demo's: ``demo``, ``arithmetic``).
             seq_length: tokens per packed chunk.
             batch_size: chunks per batch, per device.
             text_field: row field with the text, when no template is given.
@@ -92,16 +89,10 @@ class SFTDataModule(L.LightningDataModule):
 
     def _splits(self):
         hp = self.hparams
-        if hp.path == DEMO:
-            from lit_rlhf.demo import prepare_demo
-
-            demo = prepare_demo()
-            return load_rows(str(demo.train_file)), load_rows(str(demo.val_file)), str(demo.root)
-        path, val_split = hp.path, hp.val_split
-        if path == ARITHMETIC:  # the arithmetic demo's SFT slice: {prompt, completion} rows
-            from lit_rlhf.demo.arithmetic import prepare_arithmetic
-
-            path, val_split = str(prepare_arithmetic().sft_dir), "validation"
+        source = self.source()
+        if source.train is not None:  # rows a registered name made
+            return source.train, source.val, source.description
+        path, val_split = source.path, source.val_split
         train, val = load_train_val(path, train_split=hp.train_split, val_split=val_split,
                                     val_size=hp.val_size, seed=hp.seed, streaming=hp.streaming,
                                     name=hp.name, data_files=hp.data_files, revision=hp.revision,
@@ -121,8 +112,7 @@ class SFTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.tokenizer is None:
-            raise ValueError("SFTDataModule needs a tokenizer (the CLI links it from the model)")
+        self.require_tokenizer()
         hp = self.hparams
         train, val, source = self._splits()
         for rows, split in ((train, "train"), (val, "val")):

@@ -5,7 +5,7 @@ It mirrors the classic IMDB + sentiment-classifier RLHF experiment:
 * :func:`generate_reviews` writes plain-English movie reviews of mixed sentiment (the IMDB
   stand-in) and :func:`make_prompts` cuts their first few words into PPO prompts;
 * :func:`sentiment_score` / :class:`DemoJudge` is a transparent lexicon-based judge (the
-  sentiment-classifier stand-in), used as gold labeller and reward;
+  sentiment-classifier stand-in), used as gold labeller and, as :class:`JudgeReward`, reward;
 * :func:`build_tokenizer` trains a small byte-level BPE on the reviews;
 * :func:`prepare_demo` builds the train/val files and tokenizer once, atomically, into a
   cache directory, and :data:`TINY_LLAMA` is the matching tiny model architecture.
@@ -23,12 +23,14 @@ from pathlib import Path
 
 from .corpus import generate_reviews, make_prompts
 from .judge import DemoJudge, sentiment_score
+from .rewards import JudgeReward
 from .tokenizer import build_tokenizer
 
 __all__ = [
     "TINY_LLAMA",
     "DemoJudge",
     "DemoPaths",
+    "JudgeReward",
     "build_tokenizer",
     "demo_cache_root",
     "generate_reviews",

@@ -29,12 +29,11 @@ from pathlib import Path
 # name -> (cache folder, the config that builds it)
 DEMO_MODELS = {"demo-sft": ("sft", "sft/demo.yaml"), "demo-rm": ("rm", "rm/demo.yaml"),
                "arithmetic-sft": ("arithmetic-sft", "sft/arithmetic.yaml")}
-REPO = Path(__file__).resolve().parents[2]
 
 
 def register() -> None:
-    """Register the demo's names with the model loader (idempotent)."""
-    from lit_rlhf.demo import TINY_LLAMA, prepare_demo
+    """Register the demo's names with the model loader and the data modules (idempotent)."""
+    from lit_rlhf.demo import TINY_LLAMA, datasets, prepare_demo
     from lit_rlhf.demo.arithmetic import ARITHMETIC, prepare_arithmetic
     from lit_rlhf.models.sources import register_arch, register_path
 
@@ -42,7 +41,8 @@ def register() -> None:
     register_path(ARITHMETIC, lambda: prepare_arithmetic().tokenizer_dir)
     register_arch("demo-tiny", lambda: {"model_type": "llama", **TINY_LLAMA})
     for name in DEMO_MODELS:
-        register_path(name, lambda name=name: ensure_demo_model(name))
+        register_path(name, lambda name=name: ensure_demo_model(name), unbuilt=lambda name=name: unbuilt_fields(name))
+    datasets.register()
 
 
 def demo_models_root() -> Path:
@@ -60,28 +60,41 @@ def is_demo_model(name: str | None) -> bool:
 
 def ensure_demo_model(name: str) -> Path:
     """Path of the demo model ``name`` (a key of :data:`DEMO_MODELS`), training it if absent."""
+    from lit_rlhf.cli.config_files import recipe_path
     from lit_rlhf.export import export_run
 
     stage, recipe = DEMO_MODELS[name]
     target = demo_models_root() / stage
-    config = REPO / "configs" / recipe
-    stamp = recipe_stamp(config) if config.is_file() else None
+    config = recipe_path(recipe)  # shipped in the package: works from any directory
+    stamp = recipe_stamp(config)
     if (target / "config.json").is_file():
         built_by = (target / STAMP_FILE).read_text().strip() if (target / STAMP_FILE).is_file() else None
-        if stamp is None or built_by == stamp:  # outside a checkout, the cached model is all there is
+        if built_by == stamp:
             return target
-        print(f"[lit_rlhf] {config.relative_to(REPO)} changed since {name} was built: rebuilding it", file=sys.stderr)
-    if stamp is None:
-        raise FileNotFoundError(f"{name}: {config} not found; run from a lit_rlhf checkout to build demo models")
-    print(f"[lit_rlhf] building {name}: python train.py fit -c {config.relative_to(REPO)} (once; cached in {target})",
+        print(f"[lit_rlhf] configs/{recipe} changed since {name} was built: rebuilding it", file=sys.stderr)
+    print(f"[lit_rlhf] building {name}: lit-rlhf fit -c configs/{recipe} (once; cached in {target})",
           file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix=f"lit_rlhf_{stage}_") as run_root:
+        # Its own process, in the run's folder: nothing depends on where the user stands.
         subprocess.run([sys.executable, "-m", "lit_rlhf.cli", "fit", "-c", str(config),
-                        f"--trainer.default_root_dir={run_root}"], cwd=REPO, check=True)
+                        f"--trainer.default_root_dir={run_root}"], cwd=run_root, check=True)
         run_dir = max(Path(run_root, "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
         export_run(run_dir, target)
     (target / STAMP_FILE).write_text(stamp + "\n")  # absent until here: an interrupted build is redone
     return target
+
+
+def unbuilt_fields(name: str) -> tuple[dict, str] | None:
+    """For the memory estimator: the ``arch``/``tokenizer`` of demo model ``name`` while it is
+    not built yet (building it trains for minutes), and a note saying so; None once built."""
+    from lit_rlhf.cli.config_files import compose, config_chain, recipe_path
+
+    stage, recipe = DEMO_MODELS[name]
+    if (demo_models_root() / stage / "config.json").is_file():
+        return None
+    fields = compose(config_chain(recipe_path(recipe)))["model"]["init_args"]["lm"]
+    return ({k: v for k, v in fields.items() if k in ("arch", "tokenizer")},
+            f"is not built yet: shape of the model that configs/{recipe} trains")
 
 
 STAMP_FILE = "recipe.sha256"
@@ -90,7 +103,7 @@ STAMP_FILE = "recipe.sha256"
 def recipe_stamp(config: Path) -> str:
     """SHA-256 of a recipe and the base files it builds on: a cached demo model built from
     other settings is rebuilt instead of silently reused."""
-    from lit_rlhf.config_files import config_chain
+    from lit_rlhf.cli.config_files import config_chain
 
     digest = hashlib.sha256()
     for path in config_chain(config):

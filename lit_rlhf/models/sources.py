@@ -20,13 +20,30 @@ from importlib.metadata import entry_points
 ENTRY_POINT_GROUP = "lit_rlhf.sources"
 
 _PATHS: dict[str, Callable[[], str]] = {}
+_UNBUILT: dict[str, Callable[[], tuple[dict, str] | None]] = {}
 _ARCHS: dict[str, Callable[[], dict]] = {}
 _loaded_entry_points = False
 
 
-def register_path(name: str, resolve: Callable[[], object]) -> None:
-    """Make ``name`` stand for the directory that ``resolve()`` returns (called on first use)."""
+def register_path(name: str, resolve: Callable[[], object],
+                  unbuilt: Callable[[], tuple[dict, str] | None] | None = None) -> None:
+    """Make ``name`` stand for the directory that ``resolve()`` returns (called on first use).
+
+    ``unbuilt()``, for a model that ``resolve()`` would first have to build: while it is not
+    built, the ``ModelConfig`` fields of its shape (``arch``, ``tokenizer``) and a note saying
+    so; None once built. What reads a shape without weights (the memory estimator) asks it.
+    """
     _PATHS[name] = lambda: str(resolve())
+    if unbuilt is not None:
+        _UNBUILT[name] = unbuilt
+
+
+def unbuilt_model(name: str) -> tuple[dict, str] | None:
+    """``(fields, note)`` for a registered model that is not built yet (see :func:`register_path`)."""
+    if name not in _PATHS:
+        _load_entry_points()
+    unbuilt = _UNBUILT.get(name)
+    return unbuilt() if unbuilt is not None else None
 
 
 def register_arch(name: str, fields: Callable[[], dict]) -> None:

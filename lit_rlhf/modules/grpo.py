@@ -27,9 +27,9 @@ from lit_rlhf.modules.online import (  # noqa: F401  (the configs are part of GR
     RewardFn,
     SamplingConfig,
     ScoreConfig,
-    UpdateConfig,
 )
 from lit_rlhf.modules.rollout import Rollout, evaluate_actions
+from lit_rlhf.modules.update import UpdateConfig
 from lit_rlhf.objectives import (
     group_advantages,
     informative_groups,
@@ -101,6 +101,24 @@ class GRPOConfig:
             raise ValueError(f"grpo.skip_zero_std_groups needs per-group advantages (advantage grpo with scale "
                              f"group or none, or rloo), got advantage {self.advantage} with scale {self.scale}")
 
+    def update(self, prompts: int | None) -> UpdateConfig:
+        """The shared update loop's settings for rollouts of ``prompts`` prompts per device
+        (``data.batch_size``), checked in GRPO's own terms."""
+        completions = prompts * self.num_generations if prompts is not None else None
+        mini = self.mini_batch_size or completions
+        if mini is None:
+            raise ValueError("GRPOModule needs rollout_batch_size (data.batch_size) or grpo.mini_batch_size")
+        rollout = (f"the rollout's {completions} completions (data.batch_size={prompts} prompts x "
+                   f"grpo.num_generations={self.num_generations})")
+        if completions is not None and completions % mini:
+            raise ValueError(f"grpo.mini_batch_size={mini} does not divide {rollout}")
+        if mini % self.gradient_accumulation_steps:
+            raise ValueError(f"grpo.gradient_accumulation_steps={self.gradient_accumulation_steps} does not divide "
+                             f"the minibatch of {mini} completions")
+        return UpdateConfig(epochs=self.num_iterations, mini_batch_size=mini,
+                            gradient_accumulation_steps=self.gradient_accumulation_steps, clip_range=self.clip_range,
+                            max_grad_norm=self.max_grad_norm, ratio_threshold=self.ratio_threshold)
+
 
 class GRPOModule(OnlineRLModule):
     """GRPO / RLOO / REINFORCE++ fine-tuning of a causal LM against (rule-based) rewards.
@@ -145,19 +163,9 @@ class GRPOModule(OnlineRLModule):
             seed: seed of sampling and minibatch shuffling (offset by the rank).
         """
         g = as_config(GRPOConfig, grpo) or GRPOConfig()
-        completions = rollout_batch_size * g.num_generations if rollout_batch_size is not None else None
-        mini = g.mini_batch_size or completions
-        if mini is None:
-            raise ValueError("GRPOModule needs rollout_batch_size (data.batch_size) or grpo.mini_batch_size")
-        if mini % g.gradient_accumulation_steps:
-            raise ValueError(f"grpo.gradient_accumulation_steps={g.gradient_accumulation_steps} does not divide "
-                             f"the minibatch of {mini} completions")
-        update = UpdateConfig(ppo_epochs=g.num_iterations, mini_batch_size=mini,
-                              gradient_accumulation_steps=g.gradient_accumulation_steps, clip_range=g.clip_range,
-                              max_grad_norm=g.max_grad_norm, ratio_threshold=g.ratio_threshold)
         kl = as_config(KLConfig, kl) or KLConfig(init_coef=0.0, adaptive=False)
-        super().__init__(lm, reward, update, optim=optim, sampling=sampling, kl=kl, score=score, judge=judge,
-                         rollout_batch_size=completions, seed=seed)
+        super().__init__(lm, reward, g.update(rollout_batch_size), optim=optim, sampling=sampling, kl=kl,
+                         score=score, judge=judge, seed=seed)
         self.grpo = g
         self.num_generations = g.num_generations
         if g.skip_zero_std_groups and self._kl_in_reward():

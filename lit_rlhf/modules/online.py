@@ -8,7 +8,11 @@ statistics that agree on every DDP rank, validation, and exact resume. A method 
 and supplies two things:
 
 * :meth:`OnlineRLModule.advantages`: the advantage estimator (PPO: GAE on a value head);
-* :meth:`OnlineRLModule.loss`: the minibatch loss (PPO: clipped policy + value losses).
+* :meth:`OnlineRLModule.loss`: the minibatch loss (PPO: clipped policy + value losses);
+
+and its own config block, mapped onto the shared :class:`~lit_rlhf.modules.update.UpdateConfig`
+(the update loop is :mod:`lit_rlhf.modules.update`, the logged statistics
+:mod:`lit_rlhf.modules.statistics`).
 
 One training step = one iteration on one batch of prompts:
 
@@ -26,7 +30,6 @@ One training step = one iteration on one batch of prompts:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -34,14 +37,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_rlhf.callbacks import NonFiniteLossError
-from lit_rlhf.metrics import distinct_n, unique_fraction
 from lit_rlhf.models import ModelConfig, PolicyWithValueHead, load_model, trainable_parameters
 from lit_rlhf.modules.base import HFModule, as_config, gather_ranks
 from lit_rlhf.modules.rollout import (
@@ -51,9 +51,11 @@ from lit_rlhf.modules.rollout import (
     generate,
     sample_lengths,
 )
+from lit_rlhf.modules.statistics import StepRecord, Stopwatch, sample_rows, step_statistics
+from lit_rlhf.modules.update import MinibatchUpdates, UpdateConfig
 from lit_rlhf.objectives import AdaptiveKLController, FixedKLController, compute_rewards
 from lit_rlhf.optim import OptimConfig
-from lit_rlhf.rewards import RewardFunction
+from lit_rlhf.rewards import RewardFunction, as_reward_function
 
 
 @dataclass
@@ -84,38 +86,6 @@ class SamplingConfig:
             raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"sampling: top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
-
-
-@dataclass
-class UpdateConfig:
-    """The minibatch update loop that every online method shares (PPO's ``ppo:`` block)."""
-
-    ppo_epochs: int = 4
-    """Passes over each rollout batch."""
-    mini_batch_size: int = 8
-    """Episodes per optimizer step, per device; must divide the rollout batch size."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per minibatch; must divide mini_batch_size."""
-    clip_range: float = 0.2
-    """Policy ratio clip epsilon."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus (0: off)."""
-    max_grad_norm: float | None = 1.0
-    """Gradient norm clip; None: off."""
-    target_kl: float | None = None
-    """Stop this rollout's epochs once approx-KL exceeds 1.5 x target_kl; None: off."""
-    ratio_threshold: float | None = 10.0
-    """Skip (and count) a minibatch whose mean ratio exceeds this; None: off."""
-
-    def __post_init__(self) -> None:
-        for name in ("ppo_epochs", "mini_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
-        if self.mini_batch_size % self.gradient_accumulation_steps:
-            raise ValueError(
-                f"ppo.gradient_accumulation_steps={self.gradient_accumulation_steps} does not divide "
-                f"ppo.mini_batch_size={self.mini_batch_size}"
-            )
 
 
 @dataclass
@@ -158,15 +128,15 @@ class ScoreConfig:
 RewardFn = RewardFunction
 
 
-class OnlineRLModule(HFModule):
+class OnlineRLModule(MinibatchUpdates, HFModule):
     """Base of the online methods: the shared rollout loop; subclasses give advantages and loss.
 
     Batches come from :class:`~lit_rlhf.data.PromptDataModule`:
     ``{"input_ids", "attention_mask": (B, Tq) left-padded, "prompt": list[str]}``.
     """
 
-    stats_prefix = "ppo"
-    """TensorBoard prefix of the update statistics (``ppo/loss_policy``, ...)."""
+    stats_prefix: str
+    """TensorBoard prefix of the update statistics, the method's name (``ppo/loss_policy``, ...)."""
     uses_value_head = True
     """False for critic-free methods: no value head is built and rollouts carry no values."""
 
@@ -180,26 +150,22 @@ class OnlineRLModule(HFModule):
         kl: KLConfig | None = None,
         score: ScoreConfig | None = None,
         judge: RewardFn | None = None,
-        rollout_batch_size: int | None = None,
         seed: int = 0,
     ) -> None:
-        """See the subclass (e.g. :class:`~lit_rlhf.modules.PPOModule`) for the arguments."""
+        """See the subclass (e.g. :class:`~lit_rlhf.modules.PPOModule`) for the arguments; the
+        subclass checks its own update settings against the rollout, naming its own keys."""
         super().__init__(lm, optim)
         self.automatic_optimization = False
-        self.reward_fn, self.judge = reward, judge
+        # Any `(prompts, responses, **fields) -> (B,)` callable, wrapped once into the full protocol.
+        self.reward_fn = as_reward_function(reward)
+        self.judge = as_reward_function(judge) if judge is not None else None
         self.update_config = update
         self.sampling = as_config(SamplingConfig, sampling) or SamplingConfig()
         self.kl_config = as_config(KLConfig, kl) or KLConfig()
         self.score_config = as_config(ScoreConfig, score) or ScoreConfig()
         self.seed = seed
-        if rollout_batch_size is not None and rollout_batch_size % update.mini_batch_size:
-            raise ValueError(
-                f"ppo.mini_batch_size={update.mini_batch_size} does not divide the rollout "
-                f"batch size data.batch_size={rollout_batch_size}"
-            )
-        for role, fn in (("reward", reward), ("judge", judge)):
-            if hasattr(fn, "check_base"):  # e.g. a reward adapter must fit the policy's base
-                fn.check_base(self.lm_config, where=f"model.init_args.{role}")
+        for role, fn in self.scorers():  # e.g. a reward adapter must fit the policy's base
+            fn.check_base(self.lm_config, where=f"model.init_args.{role}")
         k = self.kl_config
         self.kl_ctl = (AdaptiveKLController(k.init_coef, k.target, k.horizon) if k.adaptive
                        else FixedKLController(k.init_coef))
@@ -214,6 +180,10 @@ class OnlineRLModule(HFModule):
         self.num_generations = 1  # responses per prompt; a group method sets more
         self.val_score, self.val_judge, self.val_kl, self.val_length = (MeanMetric() for _ in range(4))
         self.val_accuracy = MeanMetric()
+
+    def scorers(self) -> list[tuple[str, RewardFunction]]:
+        """``(role, function)``: the reward, and the judge when there is one."""
+        return [("reward", self.reward_fn)] + ([("judge", self.judge)] if self.judge is not None else [])
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -232,9 +202,8 @@ class OnlineRLModule(HFModule):
         for module in self.modules():  # nn.Dropout modules, LoRA dropout among them
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-        for fn in (self.reward_fn, self.judge):
-            if hasattr(fn, "attach"):  # a reward model served from the policy's base (AdapterReward)
-                fn.attach(self.policy.lm, self.tokenizer)
+        for _, fn in self.scorers():  # e.g. a reward model served from the policy's base (AdapterReward)
+            fn.attach(self.policy.lm, self.tokenizer)
         self.generator = torch.Generator(device=device).manual_seed(self.seed + self.global_rank)
         trainable, total = trainable_parameters(self.policy)
         rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "
@@ -249,102 +218,82 @@ class OnlineRLModule(HFModule):
         hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", None)
         if hparams is None or "fields" not in hparams:
             return
-        for role, fn in (("reward", self.reward_fn), ("judge", self.judge)):
-            missing = [f for f in getattr(fn, "fields", ()) if f not in (hparams.fields or [])]
+        for role, fn in self.scorers():
+            missing = [f for f in fn.fields if f not in (hparams.fields or [])]
             if missing:
-                raise ValueError(f"model.{role} {type(fn).__name__} needs the prompt rows' field(s) {missing}: "
+                raise ValueError(f"model.{role} {fn.display_name} needs the prompt rows' field(s) {missing}: "
                                  f"add them to data.init_args.fields (now {hparams.fields})")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if hasattr(self.reward_fn, "to"):
-            self.reward_fn.to(self.device)
-        if self.judge is not None and hasattr(self.judge, "to"):
-            self.judge.to(self.device)
+        for _, fn in self.scorers():
+            fn.to(self.device)
 
     # ------------------------------------------------------------------------------ the step
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        t0 = time.perf_counter()
-        # 1. rollout (num_generations responses per prompt, each prompt's rows together)
-        sampled = self.sample(batch, self.generator)
-        responses = self.decode(sampled)
-        prompts = self.grouped(batch["prompt"])
-        t1 = time.perf_counter()
-        # 2. rewards: shaped scores, and per-token rewards with the KL penalty
-        all_scores = self.score(self.grouped(self.prompts_for(self.reward_fn, batch)), responses, sampled,
+        watch = Stopwatch()
+        # 1. rollout: num_generations responses per prompt, each prompt's rows together
+        with watch.phase("generate"):
+            sampled = self.sample(batch, self.generator)
+            responses = self.decode(sampled)
+        # 2. rewards: shaped scores; the episodes the update trains on (all, unless the method
+        #    leaves some out), their old log-probs (and values) and reference log-probs; the
+        #    per-token rewards with the KL penalty
+        with watch.phase("score"):
+            scores = self.score(self.grouped(self.prompts_for(self.reward_fn, batch)), responses, sampled,
                                 self.row_fields(self.reward_fn, batch))
-        reward_stats = self.reward_fn.statistics() if hasattr(self.reward_fn, "statistics") else {}
-        # The episodes that enter the update (all, unless the method leaves some out), then
-        # their old log-probs (and values) and reference log-probs.
-        keep = self.episodes_to_update(all_scores)
-        rollout, scores = (sampled, all_scores) if keep is None else (sampled[keep], all_scores[keep])
-        t_passes = time.perf_counter()
-        if len(rollout):
-            self.scoring_passes(rollout)
-        t1 += time.perf_counter() - t_passes  # generate_s: sampling + those passes
-        mask = rollout.response_mask.float()
-        # Without old log-probs (a single on-policy update, see needs_old_logprobs) or a
-        # reference, there is no KL in the reward: the method measures it in its loss.
+            keep = self.episodes_to_update(scores)
+            rollout = sampled if keep is None else sampled[keep]
+        with watch.phase("generate"):  # the no-grad passes count with sampling
+            if len(rollout):
+                self.scoring_passes(rollout)
+        with watch.phase("score"):
+            kept_scores = scores if keep is None else scores[keep]
+            mask = rollout.response_mask.float()
+            rewards, kl, non_score = self.kl_rewards(rollout, kept_scores, mask)
+        with watch.phase("learn"):
+            # 3. advantages: the method's estimator
+            advantages, returns = self.advantages(rollout, kept_scores, rewards, mask)
+            # 4. update epochs (none when every episode was left out), then the schedule
+            update = self.update_policy(rollout, advantages, returns) if len(rollout) else {}
+            self.check_weights_finite(self.global_step)  # manual optimization: already counted
+            self.step_schedule()
+        watch.stop()
+        # 5. KL controller (on the KL of the whole global batch, so every rank agrees), logging
+        seq_kl = (kl * mask).sum(-1)
+        global_kl = self._mean_ranks(seq_kl.mean() if len(seq_kl) else seq_kl.new_zeros(()))
+        self.kl_ctl.update(float(global_kl), len(sampled) * self.trainer.world_size)
+        self.rollouts_done += 1
+        step = StepRecord(sampled, rollout, keep, responses, scores, mask, non_score, seq_kl, global_kl,
+                          self.kl_ctl.value, len(sampled) * self.trainer.world_size)
+        self.report(step, watch, update, self.grouped(batch["prompt"]))
+
+    def kl_rewards(self, rollout: Rollout, scores: torch.Tensor, mask: torch.Tensor):
+        """(rewards, kl, non_score), each (U, Tr): the per-token KL penalty plus the score on
+        the last token. Without old log-probs (a single on-policy update, see
+        needs_old_logprobs) or a reference there is no KL in the reward: the method measures
+        it in its loss."""
         logprobs, ref = rollout.logprobs, rollout.ref_logprobs
         if logprobs is None or ref is None:
             logprobs = ref = torch.zeros_like(mask)
-        rewards, kl, non_score = compute_rewards(scores, logprobs, ref, mask,
-                                                 self.kl_ctl.value, self.kl_config.estimator)
-        t2 = time.perf_counter()
-        # 3. advantages: the method's estimator
-        advantages, returns = self.advantages(rollout, scores, rewards, mask)
-        # 4. update epochs (none when every episode was left out)
-        update = self.update_policy(rollout, advantages, returns) if len(rollout) else {}
-        self.check_weights_finite(self.global_step)  # manual optimization: already counted
+        return compute_rewards(scores, logprobs, ref, mask, self.kl_ctl.value, self.kl_config.estimator)
+
+    def step_schedule(self) -> None:
+        """The learning-rate schedule advances once per rollout."""
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        t3 = time.perf_counter()
-        # 5. KL controller (on the KL of the whole global batch, so every rank agrees)
-        seq_kl = (kl * mask).sum(-1)
-        global_kl = self._mean_ranks(seq_kl.mean() if len(seq_kl) else seq_kl.new_zeros(()))
-        global_batch = len(sampled) * self.trainer.world_size
-        self.kl_ctl.update(float(global_kl), global_batch)
-        self.rollouts_done += 1
-        stats = {
-            "env/score": all_scores.mean(),
-            "env/score_std": all_scores.std() if len(all_scores) > 1 else torch.zeros(()),
-            "objective/kl": global_kl,
-            "objective/kl_coef": torch.tensor(self.kl_ctl.value),
-            # Per episode; the KL part is known for the updated episodes (all, for PPO).
-            "objective/non_score_reward": (non_score * mask).sum() / max(len(rollout), 1),
-            "objective/total_reward": all_scores.mean() + (non_score * mask).sum() / len(sampled),  # before whitening
-            "rollout/response_length": sampled.response_mask.float().sum(-1).mean(),
-            "rollout/eos_rate": sampled.ended_with(self.tokenizer.eos_token_id).float().mean(),
-            # Variety: a policy that hacks its reward collapses onto a few stock responses.
-            "rollout/distinct_2": torch.tensor(distinct_n(responses, 2)),
-            "rollout/unique_responses": torch.tensor(unique_fraction(responses)),
-            "time/generate_s": torch.tensor(t1 - t0),  # sampling + log-prob/value/reference passes
-            "time/sample_s": torch.tensor(self.last_sample_s),  # KV-cached sampling alone
-            "time/score_s": torch.tensor(t2 - t1),
-            "time/learn_s": torch.tensor(t3 - t2),
-            "time/episodes_per_s": torch.tensor(global_batch / max(t3 - t0, 1e-9)),
-            **{f"rewards/{name}": torch.as_tensor(value, dtype=torch.float32) for name, value in reward_stats.items()},
-            **self.rollout_statistics(sampled, all_scores),
-            **update,
-        }
-        if keep is not None:
-            stats["rollout/updated_fraction"] = torch.tensor(len(rollout) / max(len(sampled), 1))
-        if rollout.logprobs is None or rollout.ref_logprobs is None:  # no KL in the reward (see above)
-            for name in ("objective/kl", "objective/kl_coef", "objective/non_score_reward"):
-                stats.pop(name)
+
+    def report(self, step: StepRecord, watch: Stopwatch, update: dict, prompts: list[str]) -> None:
+        """Log the step's statistics (one all-reduce) and keep its sample rows."""
+        stats = step_statistics(step, self.tokenizer.eos_token_id, watch, self.last_sample_s,
+                                self.reward_fn.statistics(), self.rollout_statistics(step.sampled, step.scores),
+                                update)
         self._log_step(stats)
-        if rollout.logprobs is not None and rollout.ref_logprobs is not None:
-            self._watch_kl(float(global_kl))
-        # The per-response KL is known for the episodes that were updated on.
-        kls = [float("nan")] * len(sampled)
-        for i, k in zip(range(len(sampled)) if keep is None else keep.tolist(), seq_kl.tolist()):
-            kls[i] = k
-        self.last_samples = [
-            {"prompt": p, "response": r, "score": s, "kl": k}
-            for p, r, s, k in zip(prompts, responses, all_scores.tolist(), kls)
-        ]
+        if step.kl_in_reward:
+            self._watch_kl(float(step.global_kl))
+        self.last_samples = sample_rows(prompts, step)
 
     # ------------------------------------------------------------------------------ what a method gives
 
@@ -403,11 +352,11 @@ class OnlineRLModule(HFModule):
 
     def row_fields(self, reward_fn, batch: dict, num_generations: int | None = None) -> dict[str, list]:
         """The data-row fields ``reward_fn`` asks for (its ``fields``), one value per response."""
-        wanted = getattr(reward_fn, "fields", ())
+        wanted = reward_fn.fields
         available = batch.get("fields", {})
         missing = [name for name in wanted if name not in available]
         if missing:
-            raise ValueError(f"{type(reward_fn).__name__} needs the prompt rows' field(s) {missing}: add them to "
+            raise ValueError(f"{reward_fn.display_name} needs the prompt rows' field(s) {missing}: add them to "
                              f"data.init_args.fields (the batch has {sorted(available)})")
         g = self.num_generations if num_generations is None else num_generations
         return {name: [v for v in available[name] for _ in range(g)] for name in wanted}
@@ -472,7 +421,7 @@ class OnlineRLModule(HFModule):
     @staticmethod
     def prompts_for(reward_fn, batch: dict) -> list:
         """The batch's prompts as ``reward_fn`` wants them: text, or message lists."""
-        if getattr(reward_fn, "wants_messages", False) and "messages" in batch:
+        if reward_fn.wants_messages and "messages" in batch:
             return batch["messages"]
         return batch["prompt"]
 
@@ -500,88 +449,7 @@ class OnlineRLModule(HFModule):
             scores = scores + c.missing_eos_penalty * no_eos.float()
         return scores
 
-    def update_policy(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None) -> dict:
-        """epochs x shuffled minibatches x gradient accumulation; returns mean statistics."""
-        cfg = self.update_config
-        optimizer = self.optimizers()
-        micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-        sums: dict[str, torch.Tensor] = {}
-        ratio_max = torch.zeros((), device=self.device)
-        n_stats, skipped, epochs_done = 0, 0, 0
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(rollout), generator=self.generator, device=self.generator.device)
-            epoch_kl = []
-            for minibatch in order.split(cfg.mini_batch_size):
-                ratios = []
-                # gradient_accumulation_steps pieces, fewer for a short last minibatch (e.g.
-                # after GRPO left groups out): each piece's loss is a mean, so divide by their count.
-                pieces = minibatch.split(micro)
-                for i, idx in enumerate(pieces):
-                    loss, stats = self.loss(rollout[idx], advantages[idx], None if returns is None else returns[idx])
-                    self.check_finite(f"{self.stats_prefix}/loss_total", loss)
-                    with self._accumulating(last=i == len(pieces) - 1):
-                        self.manual_backward(loss / len(pieces))
-                    ratios.append(stats["ratio_mean"])
-                    epoch_kl.append(stats["approx_kl"])
-                    ratio_max = torch.maximum(ratio_max, stats.pop("ratio_max").float())
-                    for key, value in stats.items():  # kept on device: no sync per micro-batch
-                        sums[key] = sums.get(key, 0.0) + value.float()
-                    n_stats += 1
-                mean_ratio = self._mean_ranks(torch.stack(ratios).mean())
-                if cfg.ratio_threshold is not None and mean_ratio > cfg.ratio_threshold:
-                    # A blown-up ratio means this minibatch is far off-policy: drop its update.
-                    optimizer.zero_grad()
-                    skipped += 1
-                    continue
-                if cfg.max_grad_norm is not None:
-                    self._clip_gradients(optimizer, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            epochs_done += 1
-            if cfg.target_kl is not None:
-                approx_kl = self._mean_ranks(torch.stack(epoch_kl).mean())
-                if approx_kl > 1.5 * cfg.target_kl:
-                    break
-        out = {k: v / max(n_stats, 1) for k, v in sums.items()}
-        out["ratio_max"] = ratio_max
-        out["skipped_minibatches"] = torch.tensor(float(skipped))
-        out["epochs"] = torch.tensor(float(epochs_done))
-        return {f"{self.stats_prefix}/{k}": v for k, v in out.items()}
-
-    def _accumulating(self, last: bool):
-        """Under DDP, a non-final micro-batch's backward only accumulates gradients: the
-        all-reduce runs once per optimizer step, with the last micro-batch."""
-        strategy = self.trainer.strategy
-        if last or not isinstance(strategy, ParallelStrategy):
-            return contextlib.nullcontext()
-        return strategy.block_backward_sync()
-
-    def _loss_scaler(self):
-        """The fp16 GradScaler of ``16-mixed``; None for fp32 and bf16."""
-        return getattr(self.trainer.precision_plugin, "scaler", None)
-
-    def _allow_fused_optimizer(self) -> bool:
-        return self._loss_scaler() is None  # see _clip_gradients
-
-    def _clip_gradients(self, optimizer, max_norm: float) -> None:
-        if isinstance(self.trainer.precision_plugin, MixedPrecision) and self._loss_scaler() is None:
-            # bf16-mixed: nothing to unscale, so clip directly. Lightning's clip_gradients
-            # refuses any fused optimizer under this plugin, although it has no scaler. The
-            # other cases (fp32, fp16 with its scaler) go through Lightning.
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
-
-    # ------------------------------------------------------------------------------ DDP helpers
-
-    def _sum_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        """All-reduce sum (identity on one device): shared whitening statistics."""
-        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
-
-    def _mean_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        """Mean over ranks, so decisions (early stop, skips, KL control) agree everywhere."""
-        return self.trainer.strategy.reduce(t.float(), reduce_op="mean") if self.trainer.world_size > 1 else t
+    # ------------------------------------------------------------------------------ logging
 
     def _log_step(self, stats: dict[str, torch.Tensor]) -> None:
         names = sorted(stats)
@@ -617,7 +485,7 @@ class OnlineRLModule(HFModule):
         # On the metrics' device: a reward function's CPU scores with a NaN among them would meet
         # the GPU-side weight in torchmetrics' NaN filter (a device mismatch).
         self.val_score.update(self._as_metric_value(scores).mean(), n)
-        stats = self.reward_fn.statistics() if hasattr(self.reward_fn, "statistics") else {}
+        stats = self.reward_fn.statistics()
         accuracy = next((v for k, v in stats.items() if k == "accuracy" or k.endswith("/accuracy")), None)
         if accuracy is not None:  # an answer checker's fraction of correct answers
             self.val_accuracy.update(self._as_metric_value(accuracy), n)
@@ -664,18 +532,29 @@ class OnlineRLModule(HFModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.strict_loading = False  # frozen weights are not in the checkpoint
-        state = checkpoint.get("rl_state", checkpoint.get("ppo_state"))  # ppo_state: older checkpoints
+        state = rl_state(checkpoint, self.trainer.world_size if self._trainer is not None else 1)
         if state is None:
             return
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.rollouts_done = int(state["rollouts_done"])
         if self.generator is None or self._trainer is None:
             return
-        # Older checkpoints hold rank 0's generator only ("generator").
-        generators = state.get("generators") or [state["generator"]] * self.trainer.world_size
+        generators = state["generators"]
         if len(generators) == self.trainer.world_size:
             self.generator.set_state(generators[self.global_rank])
         else:
             rank_zero_warn(f"the checkpoint was written by {len(generators)} process(es), this run has "
                            f"{self.trainer.world_size}: sampling restarts from the seed, so the resumed run "
                            "is not identical to an uninterrupted one")
+
+
+def rl_state(checkpoint: dict, world_size: int) -> dict | None:
+    """The online state a checkpoint holds (KL controller, rollouts done, every rank's sampling
+    generator), in today's format; None if it holds none. Older checkpoints named it
+    ``ppo_state`` and kept rank 0's generator only (``generator``)."""
+    state = checkpoint.get("rl_state", checkpoint.get("ppo_state"))
+    if state is None:
+        return None
+    if "generators" not in state:
+        state = {**state, "generators": [state["generator"]] * world_size}
+    return state

@@ -20,9 +20,9 @@ from lit_rlhf.modules.online import (  # noqa: F401  (the configs are part of PP
     RewardFn,
     SamplingConfig,
     ScoreConfig,
-    UpdateConfig,
 )
 from lit_rlhf.modules.rollout import Rollout, evaluate_actions
+from lit_rlhf.modules.update import UpdateConfig
 from lit_rlhf.objectives import (
     explained_variance,
     gae,
@@ -35,9 +35,25 @@ from lit_rlhf.optim import OptimConfig
 
 
 @dataclass
-class PPOConfig(UpdateConfig):
-    """The PPO update: the shared update loop, plus the value function and GAE."""
+class PPOConfig:
+    """The PPO update (the ``ppo:`` block): the shared update loop, plus the value function and GAE."""
 
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    mini_batch_size: int = 8
+    """Episodes per optimizer step, per device; must divide the rollout batch size."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch; must divide mini_batch_size."""
+    clip_range: float = 0.2
+    """Policy ratio clip epsilon."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (0: off)."""
+    max_grad_norm: float | None = 1.0
+    """Gradient norm clip; None: off."""
+    target_kl: float | None = None
+    """Stop this rollout's epochs once approx-KL exceeds 1.5 x target_kl; None: off."""
+    ratio_threshold: float | None = 10.0
+    """Skip (and count) a minibatch whose mean ratio exceeds this; None: off."""
     clip_range_value: float = 0.2
     """Value clip around the old values."""
     vf_coef: float = 0.1
@@ -50,6 +66,21 @@ class PPOConfig(UpdateConfig):
     """Normalize advantages (masked, across all ranks)."""
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance without shifting the mean."""
+
+    def __post_init__(self) -> None:
+        for name in ("ppo_epochs", "mini_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"ppo.gradient_accumulation_steps={self.gradient_accumulation_steps} does not divide "
+                             f"ppo.mini_batch_size={self.mini_batch_size}")
+
+    def update(self) -> UpdateConfig:
+        """The shared update loop's settings."""
+        return UpdateConfig(epochs=self.ppo_epochs, mini_batch_size=self.mini_batch_size,
+                            gradient_accumulation_steps=self.gradient_accumulation_steps, clip_range=self.clip_range,
+                            entropy_coef=self.entropy_coef, max_grad_norm=self.max_grad_norm,
+                            target_kl=self.target_kl, ratio_threshold=self.ratio_threshold)
 
 
 class PPOModule(OnlineRLModule):
@@ -93,8 +124,11 @@ class PPOModule(OnlineRLModule):
             seed: seed of sampling and minibatch shuffling (offset by the rank).
         """
         ppo_config = as_config(PPOConfig, ppo) or PPOConfig()
-        super().__init__(lm, reward, ppo_config, optim=optim, sampling=sampling, kl=kl, score=score, judge=judge,
-                         rollout_batch_size=rollout_batch_size, seed=seed)
+        if rollout_batch_size is not None and rollout_batch_size % ppo_config.mini_batch_size:
+            raise ValueError(f"ppo.mini_batch_size={ppo_config.mini_batch_size} does not divide the rollout "
+                             f"batch size data.batch_size={rollout_batch_size}")
+        super().__init__(lm, reward, ppo_config.update(), optim=optim, sampling=sampling, kl=kl, score=score,
+                         judge=judge, seed=seed)
         self.ppo = ppo_config
         self.save_hyperparameters(ignore=["reward", "judge"])
 

@@ -131,13 +131,7 @@ def generate(
     """
     device = query_ids.device
     max_new_tokens = max_new_tokens.to(device)
-    positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = policy(query_ids, query_mask, positions, use_cache=True, with_values=False, logits_slice=slice(-1, None))
-    next_logits, cache = out.logits[:, -1], out.cache
-    if num_generations > 1:  # the group shares its prompt: one prefill, the cache repeated
-        cache.batch_repeat_interleave(num_generations)
-        next_logits, query_ids, query_mask, positions = (
-            t.repeat_interleave(num_generations, 0) for t in (next_logits, query_ids, query_mask, positions))
+    next_logits, cache, query_ids, query_mask, positions = _prefill(policy, query_ids, query_mask, num_generations)
     batch = query_ids.size(0)
     if max_new_tokens.shape != (batch,):
         raise ValueError(f"max_new_tokens {tuple(max_new_tokens.shape)}: expected ({batch},)")
@@ -163,6 +157,19 @@ def generate(
                      with_values=False)
         next_logits, cache = out.logits[:, -1], out.cache
     return Rollout(query_ids, query_mask, torch.stack(tokens, 1), torch.stack(alive, 1).to(query_mask.dtype))
+
+
+def _prefill(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, num_generations: int):
+    """One forward over the (B, Tq) prompts: the next-token logits (B * G, V), the KV cache,
+    and the prompts, their mask and positions, each row repeated for its G responses."""
+    positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = policy(query_ids, query_mask, positions, use_cache=True, with_values=False, logits_slice=slice(-1, None))
+    next_logits, cache = out.logits[:, -1], out.cache
+    if num_generations > 1:  # the group shares its prompt: one prefill, the cache repeated
+        cache.batch_repeat_interleave(num_generations)
+        next_logits, query_ids, query_mask, positions = (
+            t.repeat_interleave(num_generations, 0) for t in (next_logits, query_ids, query_mask, positions))
+    return next_logits, cache, query_ids, query_mask, positions
 
 
 def shared_prompts(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -187,7 +187,7 @@ RUN = ("--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_
     ("sft", ultrachat_rows, "chatml", ("--data.init_args.seq_length=64", "--data.init_args.batch_size=4")),
     ("rm", ultrafeedback_rows, "llama3", ("--data.init_args.batch_size=4",)),
     ("rm", hh_rows, "chatml-system", ("--data.init_args.batch_size=4",)),
-    ("ppo", prompt_rows, "chatml-system", (*TINY, "--model.init_args.reward=lit_rlhf.rewards.JudgeReward",
+    ("ppo", prompt_rows, "chatml-system", (*TINY, "--model.init_args.reward=lit_rlhf.demo.JudgeReward",
                                            "--model.init_args.judge=null", "--model.init_args.sampling.min_new_tokens=4",
                                            "--model.init_args.sampling.max_new_tokens=8", "--data.init_args.batch_size=8",
                                            "--model.init_args.ppo.mini_batch_size=8", "--data.init_args.max_prompt_length=160",

@@ -115,9 +115,9 @@ def test_too_little_data_is_explained(tmp_path, tokenizer):
 
 def test_bad_sizes_fail_at_construction():
     with pytest.raises(ValueError, match="seq_length"):
-        SFTDataModule(seq_length=1)
+        SFTDataModule("demo", seq_length=1)
     with pytest.raises(ValueError, match="batch_size"):
-        SFTDataModule(batch_size=0)
+        SFTDataModule("demo", batch_size=0)
 
 
 @pytest.mark.parametrize("content, expected", [

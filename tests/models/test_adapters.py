@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from lit_rlhf.export import merge_adapter
-from lit_rlhf.models import LoraSettings, ModelConfig, disable_cpu_4bit_repacking, load_model, load_tokenizer
+from lit_rlhf.models import (
+    LoraSettings,
+    ModelConfig,
+    disable_cpu_4bit_repacking,
+    load_model,
+    load_tokenizer,
+)
 from lit_rlhf.models.adapters import adapter_active, base_identity
 from lit_rlhf.modules import GRPOModule, PPOModule
 from lit_rlhf.modules.grpo import GRPOConfig

@@ -43,8 +43,8 @@ def make_module(reward=None, lora=LORA, quantization="none", batch=8, **kwargs):
     return PPOModule(lm, reward or LetterReward(), rollout_batch_size=batch, **kwargs)
 
 
-def make_data(module, batch=8, **kwargs):
-    return PromptDataModule(batch_size=batch, val_size=16, tokenizer=module.tokenizer, **kwargs)
+def make_data(module, batch=8, path="demo", **kwargs):
+    return PromptDataModule(path, batch_size=batch, val_size=16, tokenizer=module.tokenizer, **kwargs)
 
 
 def make_batch(module, n=8):

@@ -14,8 +14,9 @@ from lit_rlhf.data import PromptDataModule
 from lit_rlhf.metrics import distinct_n, unique_fraction
 from lit_rlhf.models import LoraSettings, ModelConfig
 from lit_rlhf.modules import OnlineRLModule
-from lit_rlhf.modules.online import SamplingConfig, UpdateConfig
+from lit_rlhf.modules.online import SamplingConfig
 from lit_rlhf.modules.rollout import evaluate_actions
+from lit_rlhf.modules.update import UpdateConfig
 from lit_rlhf.objectives import policy_loss
 from lit_rlhf.optim import OptimConfig
 from tests.conftest import TINY_LLAMA
@@ -26,11 +27,10 @@ class BaselineReinforce(OnlineRLModule):
     stats_prefix = "pg"
     uses_value_head = False
 
-    def __init__(self, lm: ModelConfig, reward, rollout_batch_size: int = 8) -> None:
-        super().__init__(lm, reward, UpdateConfig(ppo_epochs=1, mini_batch_size=4),
+    def __init__(self, lm: ModelConfig, reward) -> None:
+        super().__init__(lm, reward, UpdateConfig(epochs=1, mini_batch_size=4),
                          optim=OptimConfig(lr=1e-3, min_lr_ratio=1.0),
-                         sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=6),
-                         rollout_batch_size=rollout_batch_size)
+                         sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=6))
         self.seen: list[dict] = []
 
     def advantages(self, rollout, scores, rewards, mask):
@@ -52,7 +52,7 @@ def test_a_critic_free_method_runs_on_the_shared_core(tmp_path):
     lm = ModelConfig(arch=TINY_LLAMA, tokenizer="demo",
                      lora=LoraSettings(r=8, alpha=16, dropout=0.0, target_modules="all-linear"))
     module = BaselineReinforce(lm, LetterReward())
-    data = PromptDataModule(batch_size=8, val_size=8, tokenizer=module.tokenizer)
+    data = PromptDataModule("demo", batch_size=8, val_size=8, tokenizer=module.tokenizer)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu",
                         default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False)

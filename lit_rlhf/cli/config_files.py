@@ -1,4 +1,12 @@
-"""Config files composed from a base and overlays: ``config: base.yaml`` inside a recipe.
+"""Config files composed from a base and overlays: ``config: base.yaml`` inside a recipe; and
+the recipes shipped in the package.
+
+The recipes live in ``lit_rlhf/configs/`` (package data, in the wheel too; the repository's
+top-level ``configs/`` links to it). A ``-c`` file that does not exist where it is named is
+looked up there, with or without a leading ``configs/``: ``-c sft/demo.yaml`` and
+``-c configs/sft/demo.yaml`` run the shipped SFT demo from any directory (a local file of
+that name wins); so is a ``config:`` base that is not beside the file naming it, so a user's
+overlay can build on a shipped recipe (``config: sft/demo.yaml``).
 
 Shared by the CLI (which composes the files before LightningCLI parses) and the pipeline
 (which hashes every file a stage's config builds on).
@@ -47,6 +55,29 @@ def strategy_problem(strategy: Any) -> str | None:
     return None
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+"""The recipes shipped in the package: ``<method>/<recipe>.yaml``."""
+
+
+def recipe_path(name: str | Path) -> Path:
+    """The shipped recipe ``name`` (``sft/demo.yaml``, or ``configs/sft/demo.yaml``)."""
+    rel = Path(name)
+    if rel.parts[:1] == ("configs",):
+        rel = Path(*rel.parts[1:])
+    path = RECIPES / rel
+    if rel.is_absolute() or not path.is_file():
+        shipped = ", ".join(sorted(str(p.relative_to(RECIPES)) for p in RECIPES.glob("*/*.yaml")
+                                   if p.name != "base.yaml"))
+        raise FileNotFoundError(f"config file not found: {name} (neither here nor among the recipes shipped "
+                                f"with lit_rlhf: {shipped})")
+    return path
+
+
+def find_config(value: str) -> Path:
+    """A ``-c`` argument as a file: where it is named, else the shipped recipe of that name."""
+    return Path(value) if _is_file(value) else recipe_path(value)
+
+
 def read_config(path: Path) -> dict:
     """One YAML config file as a mapping; a syntax error names the file and line."""
     import yaml
@@ -74,8 +105,18 @@ def config_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
         raise FileNotFoundError(f"config file not found: {path}")
     base = read_config(path).get("config")
     bases = [base] if isinstance(base, str) else list(base or [])
-    files = [f for b in bases for f in config_chain(path.parent / b, (*seen, path))]
+    # A base is relative to the file naming it, else a shipped recipe (`config: sft/demo.yaml`).
+    files = [f for b in bases for f in config_chain(_base_file(path.parent / b, b), (*seen, path))]
     return [*files, str(path)]
+
+
+def _base_file(beside: Path, name: str) -> Path:
+    if beside.is_file():
+        return beside
+    try:
+        return recipe_path(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {beside}") from None
 
 
 def merge_configs(base: Any, overlay: Any) -> Any:
@@ -165,9 +206,9 @@ def expand_config_includes(args: list[str]) -> list[str]:
             out.append(arg)
             i += 1
             continue
-        if "\n" not in value and _is_file(value):
-            pending += config_chain(Path(value))
-        elif value.endswith((".yaml", ".yml", ".json")) or ":" not in value:
+        if "\n" not in value and (value.endswith((".yaml", ".yml", ".json")) or _is_file(value)):
+            pending += config_chain(find_config(value))
+        elif ":" not in value:
             raise FileNotFoundError(f"config file not found: {value}")
         else:  # an inline YAML string
             flush()

@@ -1,5 +1,9 @@
 """The command line: one LightningCLI for every stage, chosen by the config's class paths.
 
+Here: the entry point (:func:`main`); ``lightning.py`` the LightningCLI subclass;
+``config_files.py`` config composition and the recipes shipped in the package; ``errors.py``
+the one line a mistake becomes; ``export.py`` the export command.
+
     python train.py fit -c configs/sft/demo.yaml
     lit-rlhf fit -c configs/sft/gpt-neox-20b-imdb.yaml --trainer.devices=8
     python train.py pipeline --output_dir runs/pipeline     (see lit_rlhf.pipeline)
@@ -12,14 +16,9 @@ import os
 import sys
 
 from lit_rlhf.callbacks import NonFiniteLossError
-from lit_rlhf.config_files import expand_config_includes
-from lit_rlhf.lightning_cli import (
-    USER_ERRORS,
-    LitRLHFCLI,
-    cli_kwargs,
-    error_line,
-    parser_error_cause,
-)
+from lit_rlhf.cli.config_files import expand_config_includes
+from lit_rlhf.cli.errors import USER_ERRORS, error_line, parser_error_cause
+from lit_rlhf.cli.lightning import LitRLHFCLI, cli_kwargs
 
 __all__ = ["LitRLHFCLI", "main", "parser_error_cause"]
 
@@ -36,6 +35,11 @@ def main(args: list[str] | None = None) -> None:
         from lit_rlhf import pipeline
 
         pipeline.main(argv[1:])
+        return
+    if argv[:1] == ["export"]:
+        from lit_rlhf.cli import export
+
+        export.main(argv[1:])
         return
     if argv[:1] == ["estimate"]:
         # Predicted peak memory from the config alone: no LightningCLI, no weights.

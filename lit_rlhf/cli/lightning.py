@@ -1,23 +1,20 @@
-"""The LightningCLI that every ``fit`` runs, the one line a user's mistake becomes, and a
-check of a command line without training (used by the pipeline before its first stage).
+"""The LightningCLI that every ``fit`` runs, and a check of a command line without training
+(used by the pipeline before its first stage).
 
-The entry point that dispatches to it is :mod:`lit_rlhf.cli`.
+The entry point that dispatches to it is :mod:`lit_rlhf.cli`; the one line a user's mistake
+becomes is :mod:`lit_rlhf.cli.errors`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 
 import lightning as L
 import torch
-from jsonargparse import ArgumentError
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from lit_rlhf.callbacks import NonFiniteLossError
-from lit_rlhf.config_files import default_precision, expand_config_includes, strategy_problem
+from lit_rlhf.cli.config_files import default_precision, expand_config_includes, strategy_problem
 
 
 def machine_has_bf16_gpu() -> bool:
@@ -74,73 +71,6 @@ class LitRLHFCLI(LightningCLI):
             self.datamodule.tokenizer = self.model.tokenizer
 
 
-# What a user's mistake raises (a diverged run too: NonFiniteLossError). Anything else is a
-# bug and keeps its traceback.
-USER_ERRORS = (ArgumentError, NonFiniteLossError, ValueError, OSError, MisconfigurationException)
-
-# Lines of jsonargparse's error dump that describe the search, not the problem.
-_PARSER_NOISE = re.compile(
-    r"^(- )?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|"
-    r"Expected a <class 'NoneType'>|Problem with given class_path|tip:|Validation failed: )"
-)
-_PARSER_KEY = re.compile(r'^(- )?Parser key "([^"]+)":\s*(.*)$')
-_CLASS_PATH = re.compile(r"Problem with given class_path '([\w.]+)'")
-
-
-def _is_dataclass_path(path: str) -> bool:
-    import dataclasses
-    import importlib
-
-    module, _, name = path.rpartition(".")
-    try:
-        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
-    except (ImportError, AttributeError, ValueError):
-        return False
-
-
-def parser_error_cause(message: str) -> str:
-    """The one line of a jsonargparse error that says what is wrong, with the config key.
-
-    jsonargparse reports a bad value deep in a config as a nested dump: every Union member it
-    tried (``Expected a <class 'NoneType'>``), the class path, and the whole ``Namespace`` it
-    was given. The cause is the first line that is none of those; the ``Parser key`` lines
-    above it give the field, e.g. ``model.init_args.lm.quantization: Expected a
-    typing.Literal['none', '8bit', '4bit-nf4', '4bit-fp4']. Got value: 3bit``.
-    """
-    field, under_class = "", False
-    for raw in message.splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        if chosen := _CLASS_PATH.search(line):
-            under_class = not _is_dataclass_path(chosen.group(1))
-        if match := _PARSER_KEY.match(line):
-            # A key below a chosen class is one of its init_args; below a dataclass, a field.
-            sep = ".init_args." if under_class else "."
-            field = f"{field}{sep}{match.group(2)}" if field else match.group(2)
-            under_class = False
-            line = match.group(3).strip()
-            if not line:
-                continue
-        if _PARSER_NOISE.match(line):
-            continue
-        line = line.removeprefix("- ")
-        if line.startswith("Expected a ") and "Got value" not in line:
-            line = _union_mismatch(message) or line
-        return f"{field}: {line}" if field and not line.startswith(field) else line
-    return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
-
-
-def _union_mismatch(message: str) -> str | None:
-    """``'17-true' is none of: int, Literal[...]`` from a Union's error dump, or None."""
-    given = re.findall(r"^\s*Given value: (.*)$", message, re.M)
-    if not given or given[-1].startswith("Namespace("):
-        return None
-    expected = [re.sub(r"<class '(\w+)'>", r"\1", m).replace("typing.", "")
-                for m in re.findall(r"^\s*- Expected a (.*)$", message, re.M) if "NoneType" not in m]
-    return f"{given[-1]!r} is none of: {'; '.join(expected)}" if expected else None
-
-
 def cli_kwargs(args: list[str] | None, **overrides) -> dict:
     return dict(
         model_class=L.LightningModule,
@@ -155,11 +85,6 @@ def cli_kwargs(args: list[str] | None, **overrides) -> dict:
         args=args,
         **overrides,
     )
-
-
-def error_line(err: BaseException) -> str:
-    """The one line the user sees for ``err``."""
-    return parser_error_cause(str(err)) if str(err).strip() else type(err).__name__
 
 
 def check_fit_config(args: list[str]) -> None:

@@ -1,23 +1,5 @@
-"""``lit-rlhf estimate``: a stage's predicted peak memory per device, from its config, no weights read.
-
-    lit-rlhf estimate -c configs/ppo/demo.yaml
-    python train.py estimate -c configs/sft/llama-7b-stack-exchange.yaml --memory 24GB
-    python train.py estimate -c configs/ppo/gpt-neox-20b-sentiment.yaml --model.init_args.lm.quantization=4bit-nf4
-
-The configs compose as for ``fit`` (``-c base -c overlay``, ``config:`` includes, dotted
-overrides). The model's shape comes from its ``config.json`` (a local directory, the hub cache,
-or the hub) or its ``arch``, built on PyTorch's meta device (shapes without storage); the
-arithmetic is :mod:`lit_rlhf.memory`. ``--memory`` (``24GB``, ``24GiB``, ``24000MB``, ``80G``)
-adds a last line saying whether the prediction fits; the exit code is 0 either way, 2 for bad
-input (one ``error:`` line).
-
-From Python (a benchmark beside its measured peak)::
-
-    from lit_rlhf.estimate import RewardSpec, estimate_stage
-    est = estimate_stage(lm, "ppo", batch_size=8, prompt_length=32, new_tokens=32,
-                         reward=RewardSpec("adapter"))
-    est.allocated  # bytes, comparable to torch.cuda.max_memory_allocated()
-"""
+"""Reading a stage's config into the memory formulas (:mod:`lit_rlhf.estimate.memory`), and the
+``lit-rlhf estimate`` command; see :mod:`lit_rlhf.estimate`."""
 
 from __future__ import annotations
 
@@ -32,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lit_rlhf import memory as M
-from lit_rlhf.config_files import (
+from lit_rlhf.cli.config_files import (
     compose,
     config_chain,
     default_precision,
@@ -41,6 +22,7 @@ from lit_rlhf.config_files import (
     nested,
     strategy_problem,
 )
+from lit_rlhf.estimate import memory as M
 from lit_rlhf.models import ModelConfig
 
 Stage = M.Stage
@@ -106,7 +88,7 @@ def _text_config(config):
 
 
 def arch_shape(config, task: str = "causal_lm", trust_remote_code: bool = False) -> M.ArchShape:
-    """The :class:`~lit_rlhf.memory.ArchShape` of a transformers config, exact for any architecture.
+    """The :class:`~lit_rlhf.estimate.memory.ArchShape` of a transformers config, exact for any architecture.
 
     The model is built on PyTorch's meta device (shapes, no storage, no weights read) and its
     modules are read: the linears of the first decoder layer, the embeddings, the LM head (tied
@@ -174,12 +156,6 @@ def _arch_has_vocab(arch) -> bool:
     return bool(fields) and "vocab_size" in fields
 
 
-def _register_demo() -> None:
-    from lit_rlhf.demo.models import register
-
-    register()
-
-
 @contextlib.contextmanager
 def _quiet_hub():
     """huggingface_hub's warnings (one per retry) off for a block."""
@@ -197,23 +173,20 @@ def _quiet_hub():
 def model_architecture(lm: ModelConfig, where: str, notes: list[str]):
     """The ``PretrainedConfig`` of ``lm`` without reading weights (nor building a demo model).
 
-    A demo model that is not built yet (``demo-sft``, ``demo-rm``: training them takes minutes)
-    is taken from the recipe that builds it. A hub id is read from the hub cache first.
+    A registered model that is not built yet (``demo-sft``: training it takes minutes) is
+    taken from the shape its package reports (see ``lit_rlhf.models.sources.unbuilt_model``). A hub id is read from the hub cache first.
     """
     from transformers import AutoConfig
 
-    from lit_rlhf.demo.models import DEMO_MODELS, REPO, demo_models_root
     from lit_rlhf.models import load_tokenizer, resolve_path
+    from lit_rlhf.models.sources import unbuilt_model
 
-    _register_demo()
     name = lm.name_or_path
     if name is not None:
-        if name in DEMO_MODELS and not (demo_models_root() / DEMO_MODELS[name][0] / "config.json").is_file():
-            recipe = REPO / "configs" / DEMO_MODELS[name][1]
-            fields = compose(config_chain(recipe))["model"]["init_args"]["lm"]
-            notes.append(f"{where}={name} is not built yet: shape of the model that {recipe.relative_to(REPO)} trains")
-            return model_architecture(ModelConfig(**{k: v for k, v in fields.items() if k in ("arch", "tokenizer")}),
-                                      where, notes)
+        if (pending := unbuilt_model(name)) is not None:  # e.g. demo-sft before its first use
+            fields, note = pending
+            notes.append(f"{where}={name} {note}")
+            return model_architecture(ModelConfig(**fields), where, notes)
         path = resolve_path(name)
         if Path(path).expanduser().is_dir() and not (Path(path).expanduser() / "config.json").is_file():
             raise ValueError(f"{where}: {path} has no config.json")
@@ -365,7 +338,7 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
         shape: the architecture, when already known (skips building it on the meta device).
 
     Returns:
-        An :class:`~lit_rlhf.memory.Estimate`: ``.total`` (bytes, CUDA context included),
+        An :class:`~lit_rlhf.estimate.memory.Estimate`: ``.total`` (bytes, CUDA context included),
         ``.allocated`` (comparable to ``torch.cuda.max_memory_allocated()``), ``.rows``.
     """
     notes = [] if notes is None else notes
@@ -617,7 +590,7 @@ def estimate_config(config: dict, source: str = "the config") -> M.Estimate:
 def compose_args(args: list[str]) -> tuple[dict, int | None, list[str]]:
     """(the composed config, --memory in bytes or None, the config files) of a command line.
 
-    ``-c``/``--config`` files compose by :mod:`lit_rlhf.config_files`' rule (with their
+    ``-c``/``--config`` files compose by :mod:`lit_rlhf.cli.config_files`' rule (with their
     ``config:`` bases); ``--a.b=value`` / ``--a.b value`` set a key after them (the value read
     as YAML); a class-typed key given a bare class path becomes ``{class_path: ...}``.
     """

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
 from pathlib import Path
 
 from lit_rlhf.models import DType, ModelConfig, Task, load_model, save_pretrained_atomic
@@ -75,34 +72,3 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: DType | None = N
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
     return Path(out_dir)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """``argparse`` that reports a usage mistake as one ``error:`` line (exit 2), as the CLI does."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def main(args: list[str] | None = None) -> None:
-    """``python -m lit_rlhf.export RUN_DIR OUT_DIR [--dtype bfloat16]``."""
-    parser = OneLineParser(prog="python -m lit_rlhf.export", description="Merge a run's LoRA adapter into its base and save in HF format.")
-    parser.add_argument("run_dir", help="a finished run: lightning_logs/version_N")
-    parser.add_argument("out_dir", help="where to write the merged model (replaced atomically)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="weights dtype of the merged model (default: the run's lm.dtype)")
-    opts = parser.parse_args(args)
-    try:
-        print(export_run(opts.run_dir, opts.out_dir, opts.dtype))
-    except (FileNotFoundError, ValueError, OSError) as err:
-        if os.environ.get("LIT_RLHF_DEBUG"):
-            raise
-        # A missing or unfinished run, or a damaged adapter: one line, nothing half-written.
-        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
-              file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

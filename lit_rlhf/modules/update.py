@@ -1,0 +1,141 @@
+"""The minibatch update loop every online method shares: epochs x shuffled minibatches x
+gradient accumulation, with ratio skips, a KL early stop, gradient clipping and DDP's
+reductions.
+
+:class:`UpdateConfig` holds its settings in neutral names; each method builds one from its own
+config block (PPO's ``ppo:``, GRPO's ``grpo:``), whose keys its messages name.
+:class:`MinibatchUpdates` is the part of :class:`~lit_rlhf.modules.online.OnlineRLModule`
+that runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import ParallelStrategy
+
+
+@dataclass
+class UpdateConfig:
+    """The shared update loop's settings (each method maps its own config keys onto these)."""
+
+    epochs: int = 1
+    """Passes over each rollout."""
+    mini_batch_size: int = 8
+    """Episodes per optimizer step, per device."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch; divides mini_batch_size."""
+    clip_range: float = 0.2
+    """Policy ratio clip epsilon."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (0: off)."""
+    max_grad_norm: float | None = 1.0
+    """Gradient norm clip; None: off."""
+    target_kl: float | None = None
+    """Stop a rollout's epochs once approx-KL exceeds 1.5 x target_kl; None: off."""
+    ratio_threshold: float | None = 10.0
+    """Skip (and count) a minibatch whose mean ratio exceeds this; None: off."""
+
+
+class MinibatchUpdates:
+    """The update loop of an online LightningModule (manual optimization).
+
+    The module supplies ``update_config``, ``generator``, ``stats_prefix`` and ``loss(sub,
+    advantages, returns) -> (loss, stats)`` with ``ratio_mean``, ``ratio_max`` and
+    ``approx_kl`` among the statistics.
+    """
+
+    def update_policy(self, rollout, advantages: torch.Tensor, returns: torch.Tensor | None) -> dict:
+        """epochs x shuffled minibatches x gradient accumulation; returns mean statistics.
+
+        Args:
+            rollout: the B episodes to update on.
+            advantages: (B, Tr); returns: (B, Tr) or None (critic-free).
+        """
+        cfg = self.update_config
+        sums: dict[str, torch.Tensor] = {}
+        counts = {"n": 0, "skipped": 0, "epochs": 0}
+        ratio_max = torch.zeros((), device=self.device)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(rollout), generator=self.generator, device=self.generator.device)
+            epoch_kl = []
+            for minibatch in order.split(cfg.mini_batch_size):
+                ratio_max = self._minibatch_step(rollout, advantages, returns, minibatch, sums, counts,
+                                                 epoch_kl, ratio_max)
+            counts["epochs"] += 1
+            if cfg.target_kl is not None and self._mean_ranks(torch.stack(epoch_kl).mean()) > 1.5 * cfg.target_kl:
+                break
+        out = {k: v / max(counts["n"], 1) for k, v in sums.items()}
+        out["ratio_max"] = ratio_max
+        out["skipped_minibatches"] = torch.tensor(float(counts["skipped"]))
+        out["epochs"] = torch.tensor(float(counts["epochs"]))
+        return {f"{self.stats_prefix}/{k}": v for k, v in out.items()}
+
+    def _minibatch_step(self, rollout, advantages, returns, minibatch, sums, counts, epoch_kl, ratio_max):
+        """One optimizer step over ``minibatch`` (episode indices), or a skip; statistics are
+        summed on the device (no host sync per micro-batch)."""
+        cfg, optimizer = self.update_config, self.optimizers()
+        ratios = []
+        # gradient_accumulation_steps pieces, fewer for a short last minibatch (e.g. after GRPO
+        # left groups out): each piece's loss is a mean, so divide by their count.
+        pieces = minibatch.split(cfg.mini_batch_size // cfg.gradient_accumulation_steps)
+        for i, idx in enumerate(pieces):
+            loss, stats = self.loss(rollout[idx], advantages[idx], None if returns is None else returns[idx])
+            self.check_finite(f"{self.stats_prefix}/loss_total", loss)
+            with self._accumulating(last=i == len(pieces) - 1):
+                self.manual_backward(loss / len(pieces))
+            ratios.append(stats["ratio_mean"])
+            epoch_kl.append(stats["approx_kl"])
+            ratio_max = torch.maximum(ratio_max, stats.pop("ratio_max").float())
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value.float()
+            counts["n"] += 1
+        mean_ratio = self._mean_ranks(torch.stack(ratios).mean())
+        if cfg.ratio_threshold is not None and mean_ratio > cfg.ratio_threshold:
+            # A blown-up ratio means this minibatch is far off-policy: drop its update.
+            optimizer.zero_grad()
+            counts["skipped"] += 1
+            return ratio_max
+        if cfg.max_grad_norm is not None:
+            self._clip_gradients(optimizer, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        return ratio_max
+
+    def _accumulating(self, last: bool):
+        """Under DDP, a non-final micro-batch's backward only accumulates gradients: the
+        all-reduce runs once per optimizer step, with the last micro-batch."""
+        strategy = self.trainer.strategy
+        if last or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
+
+    def _loss_scaler(self):
+        """The fp16 GradScaler of ``16-mixed``; None for fp32 and bf16."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def _allow_fused_optimizer(self) -> bool:
+        return self._loss_scaler() is None  # see _clip_gradients
+
+    def _clip_gradients(self, optimizer, max_norm: float) -> None:
+        if isinstance(self.trainer.precision_plugin, MixedPrecision) and self._loss_scaler() is None:
+            # bf16-mixed: nothing to unscale, so clip directly. Lightning's clip_gradients
+            # refuses any fused optimizer under this plugin, although it has no scaler. The
+            # other cases (fp32, fp16 with its scaler) go through Lightning.
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    # ------------------------------------------------------------------------------ DDP reductions
+
+    def _sum_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce sum (identity on one device): shared whitening statistics."""
+        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+
+    def _mean_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks, so decisions (early stop, skips, KL control) agree everywhere."""
+        return self.trainer.strategy.reduce(t.float(), reduce_op="mean") if self.trainer.world_size > 1 else t

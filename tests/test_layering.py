@@ -1,14 +1,18 @@
-"""The package's architecture, checked: no import cycles, and lower layers never import higher ones.
+"""The package's architecture, checked: no import cycles, lower layers never import higher ones,
+and the rules that keep the package readable.
 
 Every ``import`` statement counts, also those inside functions (a lazy import is still a
 dependency). Layers, lowest first; a module may import its own layer and the ones below:
 
-0. foundation: ``objectives`` (pure tensor math) and the demo's task data and judge;
+0. foundation: ``objectives`` (pure tensor math);
 1. parts: ``models``, ``data``, ``optim``, ``metrics``, ``callbacks``;
 2. services: ``rewards``, ``export``;
 3. methods: ``modules``;
-4. application: ``cli``, ``pipeline``, ``config_files``, ``estimate``, and ``demo.models`` (which builds the
-   demo models by running the CLI and registers the demo's names with the loader).
+4. application: ``cli``, ``pipeline``, ``estimate``, ``python -m`` entry points, and the ``demo``,
+   a plug-in that registers its names (models, datasets) with the layers below.
+
+Only the demo itself, the CLI and the pipeline import the demo; at most 8 modules sit directly
+in ``lit_rlhf/``; no function in ``lit_rlhf/modules/`` is longer than 60 lines.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from lit_rlhf.cli.config_files import (
     compose,
     config_chain,
     default_precision,
+    find_config,
     merge_configs,
     nested,
     strategy_problem,
@@ -609,11 +610,11 @@ def compose_args(args: list[str]) -> tuple[dict, int | None, list[str]]:
             value, i = args[i + 1], i + 1
         i += 1
         if key in ("-c", "--config"):
-            if "\n" not in value and Path(value).is_file():
-                chain = config_chain(Path(value))
+            if "\n" not in value and (value.endswith((".yaml", ".yml", ".json")) or Path(value).is_file()):
+                chain = config_chain(find_config(value))  # where it is named, else a shipped recipe
                 files.append(value)
                 merged = merge_configs(merged, compose(chain))
-            elif value.endswith((".yaml", ".yml", ".json")) or ":" not in value:
+            elif ":" not in value:
                 raise FileNotFoundError(f"config file not found: {value}")
             else:
                 inline = yaml.safe_load(value)

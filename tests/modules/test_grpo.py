@@ -102,6 +102,16 @@ def test_bad_settings_fail_before_any_weights_load():
         _module(prompts=3, mini_batch_size=8)  # 12 completions in minibatches of 8
 
 
+def test_update_errors_name_grpos_own_keys_and_numbers():
+    # The arithmetic recipe's shape: 3 prompts x 8 completions = 24, minibatches of 16.
+    with pytest.raises(ValueError) as err:
+        _module(prompts=3, num_generations=8, mini_batch_size=16)
+    assert str(err.value) == ("grpo.mini_batch_size=16 does not divide the rollout's 24 completions "
+                              "(data.batch_size=3 prompts x grpo.num_generations=8)")
+    with pytest.raises(ValueError, match=r"^grpo.gradient_accumulation_steps=3 does not divide the minibatch of 16"):
+        _module(prompts=4, mini_batch_size=16, gradient_accumulation_steps=3)
+
+
 # Two groups of 4 with different rewards, two whose rewards are all equal.
 MIXED_SCORES = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0])
 

@@ -71,3 +71,26 @@ def test_a_critic_free_method_runs_on_the_shared_core(tmp_path):
     metrics = trainer.callback_metrics
     assert float(metrics["rollout/distinct_2"]) == pytest.approx(distinct_n(responses, 2), abs=1e-6)
     assert float(metrics["rollout/unique_responses"]) == pytest.approx(unique_fraction(responses), abs=1e-6)
+
+
+def test_a_plain_callable_is_a_reward_function_and_names_itself(tmp_path):
+    import torch
+
+    from lit_rlhf.rewards import RewardFunction, as_reward_function
+
+    def letters(prompts, responses):
+        return torch.tensor([float(len(r)) for r in responses])
+
+    wrapped = as_reward_function(letters)
+    assert isinstance(wrapped, RewardFunction) and wrapped.display_name == "letters"
+    assert wrapped.statistics() == {} and wrapped.fields == () and not wrapped.wants_messages
+    assert as_reward_function(wrapped) is wrapped  # wrapped once
+    with pytest.raises(ValueError, match="expected a RewardFunction or a callable"):
+        as_reward_function(3)
+    lm = ModelConfig(arch=TINY_LLAMA, tokenizer="demo", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    module = BaselineReinforce(lm, letters)
+    data = PromptDataModule("demo", batch_size=8, val_size=8, tokenizer=module.tokenizer)
+    L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", default_root_dir=tmp_path,
+              logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(module, data)
+    assert module.rollouts_done == 1
+    assert [s["score"] for s in module.last_samples] == [float(len(s["response"])) for s in module.last_samples]

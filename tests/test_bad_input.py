@@ -325,10 +325,10 @@ CASES = [
     ("pipeline-bad-ppo-before-sft", lambda f: pipeline(f, f"--output_dir={f.root / 'p4'}", f"--ppo_config={f['overlay_bad_ppo']}"),
      ["pipeline stage ppo", "kl.target must be a finite number > 0, got -3"], 2),
     # --- export of a run
-    ("export-missing-dir", lambda f: ["/no/such/run", str(f.root / "out1")], ["config.yaml not found"], 1),
-    ("export-not-a-run", lambda f: [str(f.root), str(f.root / "out2")], ["config.yaml not found"], 1),
-    ("export-unfinished", lambda f: [f["unfinished"], str(f.root / "out3")], ["did the run finish?"], 1),
-    ("export-truncated-adapter", lambda f: [f["bad_adapter"], str(f.root / "out4")], ["adapter"], 1),
+    ("export-missing-dir", lambda f: ["/no/such/run", str(f.root / "out1")], ["config.yaml not found"], 2),
+    ("export-not-a-run", lambda f: [str(f.root), str(f.root / "out2")], ["config.yaml not found"], 2),
+    ("export-unfinished", lambda f: [f["unfinished"], str(f.root / "out3")], ["did the run finish?"], 2),
+    ("export-truncated-adapter", lambda f: [f["bad_adapter"], str(f.root / "out4")], ["adapter"], 2),
 ]
 
 EXPORT = "lit_rlhf.export"

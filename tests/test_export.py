@@ -93,7 +93,57 @@ def test_export_command_failures_are_one_line(case, expected, tmp_path, capsys):
             "      tokenizer: demo\n      lora: null\n")
     with pytest.raises(SystemExit) as exit_:
         main([str(run), str(tmp_path / "out")])
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2  # bad input
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_full_fine_tuning_export_reads_every_weight_file_and_applies_the_dtype(tmp_path, capsys):
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from lit_rlhf.models import load_model, load_tokenizer
+
+    # A full fine-tuning run as the SFT stage leaves it: config.yaml and model/.
+    run = tmp_path / "run"
+    tokenizer = load_tokenizer("demo")
+    model = load_model(ModelConfig(arch=TINY_LLAMA, tokenizer="demo"), tokenizer)
+    model.save_pretrained(run / "model")
+    tokenizer.save_pretrained(run / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {
+        "class_path": "lit_rlhf.modules.SFTModule",
+        "init_args": {"lm": {"arch": TINY_LLAMA, "tokenizer": "demo", "lora": None}}}}))
+    main([str(run), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert exported.dtype == torch.bfloat16
+    torch.testing.assert_close(exported.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
+    # A truncated weight file: one line, exit 2 (bad input), nothing written.
+    weights = run / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run), str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read the weights file (truncated or corrupt?)" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_written_model_that_does_not_load_back_is_never_put_in_place(lora_run, tmp_path, monkeypatch):
+    import lit_rlhf.export as export
+
+    run_dir, _ = lora_run
+    export_run(run_dir, tmp_path / "out")  # a good export in place
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+
+    def broken(task):
+        def check(folder):
+            raise ValueError(f"{folder}: cannot load the model's weights: broken on purpose")
+        return check
+
+    monkeypatch.setattr(export, "loads_back", broken)
+    with pytest.raises(ValueError, match="broken on purpose"):
+        export_run(run_dir, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before  # the old export stays
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary left

@@ -11,8 +11,8 @@ from lit_rlhf.export import export_run
 
 
 def main(args: list[str] | None = None) -> None:
-    """``python -m lit_rlhf.export RUN_DIR OUT_DIR [--dtype bfloat16]``."""
-    parser = OneLineParser(prog="python -m lit_rlhf.export", description="Merge a run's LoRA adapter into its base and save in HF format.")
+    """``lit-rlhf export RUN_DIR OUT_DIR [--dtype bfloat16]`` (``python -m lit_rlhf.export``)."""
+    parser = OneLineParser(prog="lit-rlhf export", description="Merge a run's LoRA adapter into its base and save in HF format.")
     parser.add_argument("run_dir", help="a finished run: lightning_logs/version_N")
     parser.add_argument("out_dir", help="where to write the merged model (replaced atomically)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -23,8 +23,9 @@ def main(args: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError, OSError) as err:
         if os.environ.get("LIT_RLHF_DEBUG"):
             raise
-        # A missing or unfinished run, or a damaged adapter: one line, nothing half-written.
+        # A missing or unfinished run, or a damaged adapter: bad input, one line, exit 2, nothing
+        # half-written.
         print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
               file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
 

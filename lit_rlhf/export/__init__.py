@@ -5,7 +5,22 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lit_rlhf.models import DType, ModelConfig, Task, load_model, save_pretrained_atomic
+from lit_rlhf.models import DType, ModelConfig, Task, from_pretrained_checked, load_model, save_pretrained_atomic
+
+
+def _auto_class(task: Task):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def loads_back(task: Task):
+    """A check that a written model folder loads with transformers alone (every weight file read
+    and covered), run before the folder is renamed into place."""
+    def check(folder: Path) -> None:
+        from_pretrained_checked(_auto_class(task), str(folder), dtype="auto")
+
+    return check
 
 
 def merge_adapter(
@@ -38,17 +53,19 @@ def merge_adapter(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{adapter_dir}: cannot read the adapter (truncated or corrupt?): {first}") from err
     model.config.use_cache = True  # the exported model is for inference and generation
-    return save_pretrained_atomic(model, out_dir, tokenizer, **meta)
+    return save_pretrained_atomic(model, out_dir, tokenizer, check=loads_back(task), **meta)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, dtype: DType | None = None) -> Path:
     """Export a finished run (``lightning_logs/version_N``) as a plain HF model.
 
     Reads the run's ``config.yaml`` to know the base model and the task; merges
-    ``adapter/`` into the base (LoRA runs) or copies ``model/`` (full fine-tuning).
+    ``adapter/`` into the base (LoRA runs) or reads ``model/`` (full fine-tuning; ``export/``
+    for a reward model), in ``dtype`` (default: the run's ``lm.dtype``). Every weight file read
+    is checked (a truncated one is a one-line ``ValueError``), and the written model is loaded
+    back once before its folder replaces ``out_dir``.
     """
-    import shutil
-
+    import torch
     import yaml
 
     from lit_rlhf.models import load_tokenizer
@@ -67,8 +84,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: DType | None = N
     source = run_dir / ("export" if task == "seq_cls" else "model")
     if not source.is_dir():
         raise FileNotFoundError(f"{run_dir}: no adapter/ or {source.name}/ to export (did the run finish?)")
-    from lit_rlhf.models import atomic_dir
+    # Full fine-tuning: read the run's model (every weight file checked), in `dtype`, and write it anew.
+    import json
 
-    with atomic_dir(out_dir) as tmp:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-    return Path(out_dir)
+    meta_file = source / "lit_rlhf.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    model = from_pretrained_checked(_auto_class(task), str(source), dtype=getattr(torch, dtype or lm.dtype))
+    model.config.use_cache = True
+    return save_pretrained_atomic(model, out_dir, tokenizer, check=loads_back(task), **meta)

@@ -77,11 +77,12 @@ def _rmtree(path: Path) -> None:
 
 
 def save_pretrained_atomic(model: nn.Module, target: str | Path, tokenizer=None, adapters: list[str] | None = None,
-                           **meta) -> Path:
+                           check=None, **meta) -> Path:
     """``save_pretrained`` (safetensors) into ``target`` atomically, plus the tokenizer.
 
     ``adapters``: for a peft model, the adapters to save (all by default; a policy that also
-    carries a reward adapter saves only its own). ``meta`` is written to
+    carries a reward adapter saves only its own). ``check(folder)``, when given, runs on the
+    written folder before it replaces ``target`` (e.g. loading it back). ``meta`` is written to
     ``target/lit_rlhf.json`` (e.g. reward statistics, the base the adapter was trained on).
     """
     with atomic_dir(target) as tmp:
@@ -90,4 +91,6 @@ def save_pretrained_atomic(model: nn.Module, target: str | Path, tokenizer=None,
             tokenizer.save_pretrained(tmp)
         if meta:
             (tmp / "lit_rlhf.json").write_text(json.dumps(meta, indent=2))
+        if check is not None:
+            check(tmp)
     return Path(target)

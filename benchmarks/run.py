@@ -267,14 +267,15 @@ def _grouped_pair_loader(pairs: list, batch_size: int, warmup: int, collate):
 def bench_rm(w: dict, precision: str, tmp: Path) -> dict:
     from pairs import random_pairs
 
-    from lit_rlhf.data.preference import _Collate
+    from lit_rlhf.data.base import collate
+    from lit_rlhf.data.preference import pack_pairs
     from lit_rlhf.models import ModelConfig
     from lit_rlhf.modules import RewardModule
 
     cfg = w["rm"]
     pairs = [(chosen, rejected, 0.0) for chosen, rejected in random_pairs(w)]
     module = RewardModule(ModelConfig(arch=w["arch"], tokenizer="demo"))
-    loader = _grouped_pair_loader(pairs, cfg["batch_size"], w["warmup"], _Collate(module.tokenizer.pad_token_id))
+    loader = _grouped_pair_loader(pairs, cfg["batch_size"], w["warmup"], collate(pack_pairs, module.tokenizer.pad_token_id))
     timer = StepTimer()
     _trainer(precision, [timer], tmp, max_steps=w["warmup"] + w["timed"]).fit(module, loader)
     step = statistics.median(timer.times[w["warmup"]:])
@@ -286,7 +287,8 @@ def bench_dpo(w: dict, precision: str, tmp: Path) -> dict:
     model over each packed batch), sigmoid loss, on random (prompt, chosen, rejected) pairs."""
     from pairs import random_dpo_pairs
 
-    from lit_rlhf.data.preference import Pair, _Collate, shared_prefix
+    from lit_rlhf.data.base import collate
+    from lit_rlhf.data.preference import Pair, pack_pairs, shared_prefix
     from lit_rlhf.models import ModelConfig
     from lit_rlhf.modules import DPOModule
 
@@ -296,7 +298,7 @@ def bench_dpo(w: dict, precision: str, tmp: Path) -> dict:
         c, r = prompt + chosen, prompt + rejected
         pairs.append(Pair(c, r, 0.0, shared_prefix(c, r)))
     module = DPOModule(ModelConfig(arch=w["arch"], tokenizer="demo"), beta=cfg["beta"], loss_type="sigmoid")
-    loader = _grouped_pair_loader(pairs, cfg["batch_size"], w["warmup"], _Collate(module.tokenizer.pad_token_id))
+    loader = _grouped_pair_loader(pairs, cfg["batch_size"], w["warmup"], collate(pack_pairs, module.tokenizer.pad_token_id))
     timer = StepTimer()
     _trainer(precision, [timer], tmp, max_steps=w["warmup"] + w["timed"]).fit(module, loader)
     if module.ref_model is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 
 
 class TokenThroughput(L.Callback):
@@ -74,3 +75,21 @@ class SampleTable(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text("samples", self.markdown(samples, self.rows), global_step=done)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading as a stage's run: ``Rollout`` for the online
+    methods (one batch is one rollout), ``Epoch N`` without Lightning's ``/-2`` when the run
+    is bounded by steps, and no ``v_num``. The CLI adds it unless the config names a progress bar."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        online = hasattr(self.trainer.lightning_module, "rollouts_done")
+        description = "Rollouts" if online else f"Epoch {current_epoch}"
+        if not online and self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            description += f"/{self.trainer.max_epochs - 1}"
+        return f"{description:{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

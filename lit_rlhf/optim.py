@@ -62,7 +62,7 @@ def build_optimizer(params, cfg: OptimConfig, total_steps: int, allow_fused: boo
     """
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ValueError("no trainable parameters: check model.lora / quantization settings")
+        raise ValueError("no trainable parameters: check model.init_args.lm.lora / quantization settings")
     kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb

@@ -29,7 +29,7 @@ from typing import Literal, get_args
 
 import torch
 
-from lit_rlhf.models.config import ModelConfig, Quantization, looks_local
+from lit_rlhf.models.config import ModelConfig, Quantization, check_reference
 
 
 class RewardFunction:
@@ -66,6 +66,16 @@ class RewardFunction:
     def display_name(self) -> str:
         """How messages name this function."""
         return type(self).__name__
+
+    @property
+    def log_name(self) -> str:
+        """Its TensorBoard name: the class name in snake case without ``Reward``
+        (``RewardModelReward`` -> ``reward_model``, ``ExactAnswerReward`` -> ``exact_answer``)."""
+        return snake_name(self.display_name)
+
+
+def snake_name(class_name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", class_name.removesuffix("Reward")).lower()
 
 
 class CallableReward(RewardFunction):
@@ -199,7 +209,7 @@ class WeightedRewards(RewardFunction):
         self.functions, self.weights = functions, weights
         self.names: list[str] = []
         for f in functions:
-            name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(f).__name__.removesuffix("Reward")).lower()
+            name = snake_name(type(f).__name__)
             self.names.append(name if name not in self.names else f"{name}_{self.names.count(name) + 1}")
         self.fields = tuple(dict.fromkeys(field for f in functions for field in getattr(f, "fields", ())))
         self._last: dict[str, torch.Tensor] = {}
@@ -226,15 +236,16 @@ class WeightedRewards(RewardFunction):
 class _HFClassifierReward(RewardFunction):
     """Shared loading and batched scoring of a sequence-classification model."""
 
+    kind = "model"  # what check_reference expects at ``path`` (a reward model: a one-output head)
+
     def __init__(self, path: str, batch_size: int, dtype: str, max_length: int, trust_remote_code: bool,
                  quantization: str = "none") -> None:
         if quantization not in get_args(Quantization):
             raise ValueError(f"reward quantization must be none, 8bit, 4bit-nf4 or 4bit-fp4, got {quantization!r}")
         if batch_size < 1:
             raise ValueError(f"reward batch_size must be >= 1, got {batch_size}")
-        if looks_local(path) and not Path(path).expanduser().exists():
-            # Checked here, at construction: otherwise the first rollout would fail on a hub lookup.
-            raise FileNotFoundError(f"reward.init_args.path: no such model directory {path!r}")
+        # Checked here, at construction: otherwise the first rollout would fail on a hub lookup.
+        check_reference(path, "model.init_args.reward.init_args.path", self.kind)
         self.path, self.batch_size, self.max_length = path, batch_size, max_length
         self.dtype, self.trust_remote_code, self.quantization = getattr(torch, dtype), trust_remote_code, quantization
         self.device = torch.device("cpu")
@@ -295,6 +306,8 @@ class _HFClassifierReward(RewardFunction):
 class RewardModelReward(_HFClassifierReward):
     """A one-output reward model in HF format, e.g. ``<rm run>/export`` from the RM stage."""
 
+    kind = "reward model"
+
     def __init__(
         self,
         path: str,
@@ -320,6 +333,13 @@ class RewardModelReward(_HFClassifierReward):
         """
         super().__init__(path, batch_size, dtype, max_length, trust_remote_code, quantization)
         self.normalize, self.mean, self.std = normalize, 0.0, 1.0
+        stats = Path(path).expanduser() / "lit_rlhf.json"
+        if normalize and stats.is_file():  # an RM export: its statistics must be there to normalize by
+            meta = json.loads(stats.read_text())
+            if meta.get("reward_mean") is None or not meta.get("reward_std"):
+                raise ValueError(f"model.init_args.reward.init_args.normalize: {stats} has no reward mean/std (the RM run never "
+                                 "validated): validate the RM run (trainer.limit_val_batches > 0), or set "
+                                 "model.init_args.reward.init_args.normalize=false")
 
     def _load(self):
         first = self._model is None
@@ -374,7 +394,7 @@ class AdapterReward(RewardFunction):
         if name == "default":
             raise ValueError("AdapterReward name 'default' is the policy's own adapter: choose another")
         self.adapter = Path(adapter).expanduser()
-        self.config = read_scoring_adapter(self.adapter, "reward.init_args.adapter")
+        self.config = read_scoring_adapter(self.adapter, "model.init_args.reward.init_args.adapter")
         self.batch_size, self.max_length, self.name, self._check_base = batch_size, max_length, name, check_base
         self.mean, self.std = 0.0, 1.0
         meta = self.adapter / META
@@ -384,7 +404,7 @@ class AdapterReward(RewardFunction):
                 self.mean, self.std = float(stats["reward_mean"]), float(stats["reward_std"])
         self._lm = self._score = self._tokenizer = None
 
-    def check_base(self, lm: ModelConfig, where: str = "reward.init_args.adapter") -> None:
+    def check_base(self, lm: ModelConfig, where: str = "model.init_args.reward.init_args.adapter") -> None:
         """Called by the online modules at construction, with the policy's model config."""
         from lit_rlhf.models.adapters import check_same_base
 

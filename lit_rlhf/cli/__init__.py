@@ -16,18 +16,76 @@ import os
 import sys
 
 from lit_rlhf.callbacks import NonFiniteLossError
-from lit_rlhf.cli.config_files import expand_config_includes
+from lit_rlhf.cli.config_files import class_path_of, expand_config_includes
 from lit_rlhf.cli.errors import USER_ERRORS, error_line, parser_error_cause
 from lit_rlhf.cli.lightning import LitRLHFCLI, cli_kwargs
 
 __all__ = ["LitRLHFCLI", "main", "parser_error_cause"]
 
+USAGE = """usage: lit-rlhf COMMAND [ARGS]        (also: python train.py COMMAND, python -m lit_rlhf.cli COMMAND)
+
+RLHF of causal language models with PyTorch Lightning: SFT, reward models, PPO, DPO, GRPO.
+
+commands:
+  fit        train one stage from a config: lit-rlhf fit -c sft/demo.yaml [--trainer.max_steps=...]
+  validate   run a stage's validation on a model: lit-rlhf validate -c CONFIG [--ckpt_path=...]
+  pipeline   the demo end to end: SFT -> reward model -> PPO, SFT -> DPO, evaluated side by side
+  estimate   predicted peak memory per device of a config, without loading weights
+  export     a finished run as a plain HF model: lit-rlhf export RUN_DIR OUT_DIR [--dtype bfloat16]
+
+Recipes shipped with the package are named by their path under configs/ (sft/demo.yaml,
+ppo/gpt-neox-20b-sentiment.yaml, ...). Each command takes --help; short class names work
+where a class path is expected (--model.help SFTModule, class_path: PPOModule)."""
+
+
+def short_class_names(argv: list[str]) -> list[str]:
+    """``--model.help SFTModule`` and ``--model=PPOModule`` with the full class path."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        key, eq, value = arg.partition("=")
+        if eq and key.startswith("--") and key.count(".") == 0 and value and "." not in value:
+            out[i] = f"{key}={class_path_of(value)}"  # --model=PPOModule
+        elif arg.endswith(".help") and i + 1 < len(out) and "." not in out[i + 1]:
+            out[i + 1] = class_path_of(out[i + 1])  # --model.help SFTModule
+    return out
+
+
+# Messages of the libraries underneath that say nothing a user of lit_rlhf can act on.
+QUIET_WARNINGS = (
+    r".*`is_gradient_checkpointing` is deprecated",  # transformers, called by peft
+    r".*`gradient_checkpointing_enable` is deprecated",
+    r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # lightning on torch 2.13
+    r"Your `IterableDataset` has `__len__` defined",  # the packed SFT data: exact, one process per rank
+    r"No seed found, seed set to 0",
+)
+
+
+def quiet_dependencies() -> None:
+    """Silence :data:`QUIET_WARNINGS` and Lightning's advertisement for its cloud logger."""
+    import logging
+    import warnings
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+    class NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "litlogger" not in record.getMessage()
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(NoTips())
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python train.py`` and the ``lit-rlhf`` console script."""
     argv = sys.argv[1:] if args is None else list(args)
+    quiet_dependencies()
     # The demo's names (demo, demo-tiny, demo-sft, demo-rm) also come through the package's
     # entry point; registering here keeps them working from a source tree that is not installed.
+    if argv[:1] in ([], ["-h"], ["--help"]):
+        print(USAGE)
+        return
     from lit_rlhf.demo.models import register
 
     register()
@@ -50,9 +108,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         if args is None:
             # LightningCLI reads sys.argv (and warns when given both it and `args`).
-            sys.argv[1:] = expand_config_includes(sys.argv[1:])
+            sys.argv[1:] = expand_config_includes(short_class_names(sys.argv[1:]))
         else:
-            args = expand_config_includes(list(args))
+            args = expand_config_includes(short_class_names(list(args)))
         LitRLHFCLI(**cli_kwargs(args))
     except USER_ERRORS as err:
         if os.environ.get("LIT_RLHF_DEBUG"):

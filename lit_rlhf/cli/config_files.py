@@ -132,12 +132,44 @@ def merge_configs(base: Any, overlay: Any) -> Any:
 
 
 def compose(files: list[str]) -> dict:
-    """The files merged in order, without their ``config:`` include keys."""
+    """The files merged in order, without their ``config:`` include keys (short class names
+    resolved first, so ``class_path: PPOModule`` over ``lit_rlhf.modules.PPOModule`` merges)."""
     merged: dict = {}
     for file in files:
         data = {k: v for k, v in read_config(Path(file)).items() if k != "config"}
-        merged = merge_configs(merged, data)
+        merged = merge_configs(merged, full_class_paths(data))
     return merged
+
+
+# Where a short class name (`PPOModule`, `ExactAnswerReward`, `ModelCheckpoint`) is looked up.
+CLASS_MODULES = ("lit_rlhf.modules", "lit_rlhf.data", "lit_rlhf.rewards", "lit_rlhf.callbacks", "lit_rlhf.demo",
+                 "lightning.pytorch.callbacks", "lightning.pytorch.loggers")
+
+
+def class_path_of(name: str) -> str:
+    """The full class path of a short class name of :data:`CLASS_MODULES`; anything else unchanged."""
+    import importlib
+    import inspect
+
+    if "." in name:
+        return name
+    for module_name in CLASS_MODULES:
+        found = getattr(importlib.import_module(module_name), name, None)
+        if inspect.isclass(found):
+            return f"{module_name}.{name}"
+    return name
+
+
+def full_class_paths(config: Any) -> Any:
+    """``config`` with every short ``class_path`` value replaced by its full path."""
+    if isinstance(config, list):
+        return [full_class_paths(v) for v in config]
+    if not isinstance(config, dict):
+        return config
+    out = {k: full_class_paths(v) for k, v in config.items()}
+    if isinstance(out.get("class_path"), str):
+        out["class_path"] = class_path_of(out["class_path"])
+    return out
 
 
 NULLS = ("null", "None", "~")

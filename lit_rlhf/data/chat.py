@@ -2,7 +2,7 @@
 
 A conversation is a list of ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``.
 The tokenizer's chat template renders it to text (:func:`render`); for tokenizers without one,
-``model.chat_template`` names a built-in template or a Jinja file (see
+``model.init_args.lm.chat_template`` names a built-in template or a Jinja file (see
 :mod:`lit_rlhf.models.templates`), which the loader stores on the tokenizer.
 
 Assistant-only loss needs to know which tokens an assistant turn produced. Templates differ
@@ -19,12 +19,12 @@ from __future__ import annotations
 ROLES = ("system", "user", "assistant", "tool")
 
 def template_of(tokenizer) -> str:
-    """The tokenizer's chat template (set from ``model.chat_template`` by the loader)."""
+    """The tokenizer's chat template (set from ``model.init_args.lm.chat_template`` by the loader)."""
     own = getattr(tokenizer, "chat_template", None)
     if not own:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ValueError(f"tokenizer {name!r} has no chat template for conversational data (set "
-                         "model.chat_template to a .jinja file or one of chatml, chatml-system, llama3)")
+                         "model.init_args.lm.chat_template to a .jinja file or one of chatml, chatml-system, llama3)")
     return own
 
 

@@ -153,7 +153,7 @@ class PromptDataModule(RowsDataModule):
         source = self.source()
         if source.train is not None:  # prompt texts a registered name made
             if hp.fields:
-                raise ValueError(f"data.fields {hp.fields}: the {source.description} have no fields "
+                raise ValueError(f"data.init_args.fields {hp.fields}: the {source.description} have no fields "
                                  "(give a file's path)")
             return list(source.train), list(source.val), source.description
         formatter = TextFormatter(hp.prompt_field, hp.template)
@@ -167,7 +167,7 @@ class PromptDataModule(RowsDataModule):
         if hp.fields:
             missing = [f for f in hp.fields if f not in rows.column_names]
             if missing:
-                raise ValueError(f"{hp.path}: data.fields {missing} are not columns of the prompts "
+                raise ValueError(f"{hp.path}: data.init_args.fields {missing} are not columns of the prompts "
                                  f"(columns: {rows.column_names})")
             self.row_fields = {split: [{f: r[f] for f in hp.fields} for r in part]
                                for split, part in (("train", rows), ("val", val_rows))}
@@ -232,6 +232,12 @@ class PromptDataModule(RowsDataModule):
         train, val, source = self._texts()
         self.train_prompts = self._tokenize(train, "train", source)
         self.val_prompts = self._tokenize(val, "val", source)
+        # Before any weights load: every rollout takes one global batch of distinct prompts.
+        world = self.trainer.world_size if self.trainer is not None else rank_and_world()[1]
+        if len(self.train_prompts) < self.hparams.batch_size * world:
+            raise ValueError(f"{source}: {len(self.train_prompts)} prompts (after filtering) are fewer than one "
+                             f"global batch of {self.hparams.batch_size * world} (data.batch_size="
+                             f"{self.hparams.batch_size} x {world} device(s)): give more prompts or a smaller batch")
         rank_zero_info(f"{source}: {self.stats}")
         self.log_counts(self.stats)
 

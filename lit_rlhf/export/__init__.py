@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lit_rlhf.models import DType, ModelConfig, Task, from_pretrained_checked, load_model, save_pretrained_atomic
+from lit_rlhf.models import (
+    DType,
+    ModelConfig,
+    Task,
+    from_pretrained_checked,
+    load_model,
+    save_pretrained_atomic,
+)
 
 
 def _auto_class(task: Task):

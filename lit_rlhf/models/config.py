@@ -86,22 +86,22 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if (self.name_or_path is None) == (self.arch is None):
-            raise ValueError("model: give exactly one of `name_or_path` and `arch`")
+            raise ValueError("model.init_args.lm: give exactly one of `name_or_path` and `arch`")
         if self.tokenizer is None:
             if self.name_or_path is None:
-                raise ValueError("model.tokenizer is required when the model is built from `arch`")
+                raise ValueError("model.init_args.lm.tokenizer is required when the model is built from `arch`")
             self.tokenizer = self.name_or_path
-        for name in ("name_or_path", "tokenizer"):
+        for name, kind in (("name_or_path", "model"), ("tokenizer", "tokenizer")):
             value = getattr(self, name)
-            if isinstance(value, str) and looks_local(value) and not Path(value).expanduser().exists():
-                raise FileNotFoundError(f"model.{name}: no such directory {value!r}")
+            if isinstance(value, str):
+                check_reference(value, f"model.init_args.lm.{name}", kind)
         if self.chat_template is not None:
             resolve_template(self.chat_template)  # a name or file that exists, checked now
         if isinstance(self.lora, dict):  # when built from plain Python rather than the CLI
             self.lora = LoraSettings(**self.lora)
         if self.quantization != "none" and self.lora is None:
             raise ValueError(
-                f"model.quantization={self.quantization!r} needs `lora`: quantized weights are "
+                f"model.init_args.lm.quantization={self.quantization!r} needs `lora`: quantized weights are "
                 "frozen, so only adapters can be trained"
             )
 
@@ -134,8 +134,59 @@ class ModelConfig:
 
 
 def looks_local(name_or_path: str) -> bool:
-    """True for what can only be a local path (``/x``, ``./x``, ``../x``, ``~/x``), never a hub id."""
-    return name_or_path.startswith(("/", "./", "../", "~"))
+    """True for what can only be a local path, never a hub id: ``/x``, ``./x``, ``../x``, ``~/x``,
+    or more than one ``/`` (a hub id is ``name`` or ``org/name``)."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.strip("/").count("/") >= 2
+
+
+Kind = Literal["model", "reward model", "tokenizer"]
+
+# The folder a finished run exports each kind to (RM stage: export/; SFT/DPO/PPO: model/ or adapter/).
+_EXPORTS = {"reward model": ("export",), "model": ("model", "adapter"), "tokenizer": ("model", "adapter", "export")}
+
+
+def check_reference(value: str, where: str, kind: Kind = "model") -> None:
+    """A config's reference to a local model, reward model or tokenizer, checked before any
+    weights load: a missing path, a training run's folder instead of its export, a folder that
+    holds no model, or (for a reward model) a language model are one line naming ``where``.
+
+    Hub ids and registered names (``demo-rm``) are left to the loader; a local path never
+    falls through to the hub.
+    """
+    from lit_rlhf.models.sources import registered_names
+
+    path = Path(value).expanduser()
+    if not path.exists():
+        if looks_local(value) and value not in registered_names():
+            raise FileNotFoundError(f"{where}: no such directory {value!r}")
+        return  # a hub id or a registered name
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        run = _run_export(path, kind)
+        if run is not None:
+            raise ValueError(f"{where}: {value} is a training run's folder, not a {kind}; give {run}")
+        if kind != "tokenizer" or not any(path.glob("tokenizer*")):
+            raise ValueError(f"{where}: {value} holds no config.json: not a transformers {kind} folder")
+    if kind == "reward model" and (path / "config.json").is_file():
+        import json
+
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise ValueError(f"{where}: {value} is a {architectures[0]}, not a reward model (give the RM stage's "
+                             "export/ folder, a sequence-classification model with one output)")
+
+
+def _run_export(path: Path, kind: Kind) -> Path | None:
+    """The newest export of ``kind`` inside a run's folder (a run root with ``lightning_logs/``,
+    or one ``version_N``), or None if ``path`` is no run folder."""
+    runs = sorted(path.glob("lightning_logs/version_*"), key=lambda p: p.stat().st_mtime) or [path]
+    for run in reversed(runs):
+        for sub in _EXPORTS[kind]:
+            if (run / sub / "config.json").is_file() or (run / sub / "adapter_config.json").is_file():
+                return run / sub
+    if (path / "lightning_logs").is_dir() or (path / "config.yaml").is_file():
+        expected = " or ".join(f"{sub}/" for sub in _EXPORTS[kind])
+        return Path(f"{path}/lightning_logs/version_N/{expected} of a finished run (none is there yet)")
+    return None
 
 
 def _arch_fields(arch: str | dict) -> dict:
@@ -146,10 +197,10 @@ def _arch_fields(arch: str | dict) -> dict:
     else:
         path = Path(arch)
         if not path.is_file():
-            raise FileNotFoundError(f"model.arch: no such config file or registered name {arch!r}")
+            raise FileNotFoundError(f"model.init_args.lm.arch: no such config file or registered name {arch!r}")
         fields = json.loads(path.read_text())
     if "model_type" not in fields:
-        raise ValueError(f"model.arch {arch!r} has no `model_type` field")
+        raise ValueError(f"model.init_args.lm.arch {arch!r} has no `model_type` field")
     return fields
 
 

@@ -47,11 +47,11 @@ def check_quantization(quantization: str, device: torch.device) -> None:
         import bitsandbytes  # noqa: F401
     except Exception as err:  # ImportError, or a broken native library
         raise RuntimeError(
-            f"model.quantization={quantization!r} needs bitsandbytes, which failed to import: {err}"
+            f"model.init_args.lm.quantization={quantization!r} needs bitsandbytes, which failed to import: {err}"
         ) from err
     if device.type not in ("cuda", "cpu", "xpu"):
         raise RuntimeError(
-            f"model.quantization={quantization!r}: bitsandbytes does not run on device {device.type!r}"
+            f"model.init_args.lm.quantization={quantization!r}: bitsandbytes does not run on device {device.type!r}"
         )
 
 
@@ -129,9 +129,9 @@ def attention_for(cfg: ModelConfig, config, task: Task = "causal_lm") -> str:
     if choice is None:
         return "sdpa" if "sdpa" in supported else "eager"
     if (choice in _KNOWN_ATTENTION and choice not in supported) or (is_flash_attention(choice) and not flash):
-        raise ValueError(f"model.attn_implementation={choice!r}: {cls.__name__} supports {', '.join(supported)}")
+        raise ValueError(f"model.init_args.lm.attn_implementation={choice!r}: {cls.__name__} supports {', '.join(supported)}")
     if (missing := flash_unavailable(choice)) is not None:
-        raise ValueError(f"model.attn_implementation={choice!r}: {missing} (or use sdpa)")
+        raise ValueError(f"model.init_args.lm.attn_implementation={choice!r}: {missing} (or use sdpa)")
     return choice
 
 

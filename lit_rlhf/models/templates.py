@@ -1,6 +1,6 @@
 """Chat templates: the tokenizer's own, or a built-in one / a Jinja file for tokenizers without.
 
-``model.chat_template`` (:class:`~lit_rlhf.models.ModelConfig`) names one; :func:`load_tokenizer`
+``model.init_args.lm.chat_template`` (:class:`~lit_rlhf.models.ModelConfig`) names one; :func:`load_tokenizer`
 stores its text on the tokenizer, so ``tokenizer.save_pretrained`` writes it beside every
 exported model and adapter, and the data modules render conversations with it.
 """
@@ -40,4 +40,4 @@ def resolve_template(chat_template: str) -> str:
     path = Path(chat_template).expanduser()
     if path.is_file():
         return path.read_text()
-    raise ValueError(f"model.chat_template {chat_template!r}: no such file, and not one of {', '.join(TEMPLATES)}")
+    raise ValueError(f"model.init_args.lm.chat_template {chat_template!r}: no such file, and not one of {', '.join(TEMPLATES)}")

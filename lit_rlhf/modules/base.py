@@ -122,7 +122,7 @@ def check_checkpoint(path: str, class_path: str, lm: dict | None) -> None:
         return
     for key in _MODEL_IDENTITY:
         if saved_lm.get(key) != lm.get(key):
-            raise ValueError(f"{where}: saved from model.{key}={saved_lm.get(key)!r}, this run has "
+            raise ValueError(f"{where}: saved from model.init_args.lm.{key}={saved_lm.get(key)!r}, this run has "
                              f"{lm.get(key)!r} (resume with the model it was trained from)")
     saved_lora, lora = saved_lm.get("lora"), lm.get("lora")
     if (saved_lora is None) != (lora is None):
@@ -130,7 +130,7 @@ def check_checkpoint(path: str, class_path: str, lm: dict | None) -> None:
         raise ValueError(f"{where}: saved from {kind(saved_lora)}, this run configures {kind(lora)}")
     for key in _ADAPTER_IDENTITY if lora is not None else ():
         if saved_lora.get(key) != lora.get(key):
-            raise ValueError(f"{where}: saved with model.lora.{key}={saved_lora.get(key)!r}, this run has "
+            raise ValueError(f"{where}: saved with model.init_args.lm.lora.{key}={saved_lora.get(key)!r}, this run has "
                              f"{lora.get(key)!r} (the adapter's shape must match)")
 
 

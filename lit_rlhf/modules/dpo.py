@@ -87,7 +87,7 @@ class DPOModule(HFModule):
         dpo_loss(zero, zero, zero, zero, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                  nll_chosen=zero, nll_coef=nll_coef, target_margin=target_margin)
         if precompute_reference and reference == "none":
-            raise ValueError("model.precompute_reference: true needs a reference model, but reference is 'none'")
+            raise ValueError("model.init_args.precompute_reference: true needs a reference model, but reference is 'none'")
         if (problem := packing_problem(self.architecture, None)) is not None:
             raise ValueError(f"model {lm.name_or_path or lm.arch}: packed pairs cannot be kept apart: {problem}")
         self.save_hyperparameters()

@@ -174,6 +174,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         self.generator: torch.Generator | None = None
         self.rollouts_done = 0
         self.last_sample_s = 0.0
+        self.last_raw_score = torch.zeros(())
         self._negative_kl_steps = 0
         self._warned_negative_kl = False
         self.last_samples: list[dict] = []
@@ -221,7 +222,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         for role, fn in self.scorers():
             missing = [f for f in fn.fields if f not in (hparams.fields or [])]
             if missing:
-                raise ValueError(f"model.{role} {fn.display_name} needs the prompt rows' field(s) {missing}: "
+                raise ValueError(f"model.init_args.{role} {fn.display_name} needs the prompt rows' field(s) {missing}: "
                                  f"add them to data.init_args.fields (now {hparams.fields})")
 
     def on_fit_start(self) -> None:
@@ -256,9 +257,11 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
             # 3. advantages: the method's estimator
             advantages, returns = self.advantages(rollout, kept_scores, rewards, mask)
             # 4. update epochs (none when every episode was left out), then the schedule
+            steps_before = self.global_step
             update = self.update_policy(rollout, advantages, returns) if len(rollout) else {}
             self.check_weights_finite(self.global_step)  # manual optimization: already counted
-            self.step_schedule()
+            if self.global_step > steps_before:  # not on a rollout whose every update was skipped
+                self.step_schedule()
         watch.stop()
         # 5. KL controller (on the KL of the whole global batch, so every rank agrees), logging
         seq_kl = (kl * mask).sum(-1)
@@ -280,16 +283,17 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         return compute_rewards(scores, logprobs, ref, mask, self.kl_ctl.value, self.kl_config.estimator)
 
     def step_schedule(self) -> None:
-        """The learning-rate schedule advances once per rollout."""
+        """The learning-rate schedule advances once per rollout that stepped the optimizer."""
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
 
     def report(self, step: StepRecord, watch: Stopwatch, update: dict, prompts: list[str]) -> None:
         """Log the step's statistics (one all-reduce) and keep its sample rows."""
-        stats = step_statistics(step, self.tokenizer.eos_token_id, watch, self.last_sample_s,
-                                self.reward_fn.statistics(), self.rollout_statistics(step.sampled, step.scores),
-                                update)
+        # Every reward function's mean before shaping, and what it reports of itself.
+        reward_stats = {self.reward_fn.log_name: self.last_raw_score, **self.reward_fn.statistics()}
+        stats = step_statistics(step, self.tokenizer.eos_token_id, watch, self.last_sample_s, reward_stats,
+                                self.rollout_statistics(step.sampled, step.scores), update)
         self._log_step(stats)
         if step.kl_in_reward:
             self._watch_kl(float(step.global_kl))
@@ -432,6 +436,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         """
         raw = self.reward_fn(prompts, responses, **(fields or {}))
         raw = torch.as_tensor(raw, dtype=torch.float32)
+        self.last_raw_score = raw.mean() if raw.numel() else torch.zeros(())  # logged as rewards/<name>
         if raw.shape != (len(prompts),):
             raise ValueError(f"reward function returned shape {tuple(raw.shape)}; expected ({len(prompts)},)")
         bad = ~torch.isfinite(raw)

@@ -59,7 +59,7 @@ class RewardModule(HFModule):
         super().__init__(lm, optim)
         self.new_head = new_score_head
         if center_coef < 0:
-            raise ValueError(f"model.center_coef must be >= 0, got {center_coef}")
+            raise ValueError(f"model.init_args.center_coef must be >= 0, got {center_coef}")
         self.save_hyperparameters()
         self.center_coef = center_coef
         self.train_metrics = PairMetrics()

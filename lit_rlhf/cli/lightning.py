@@ -59,7 +59,7 @@ def unknown_init_key(argv: list[str]) -> str | None:
             continue
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f" (did you mean --{section}.init_args.{close[0]}?)" if close else ""
-        return f"unrecognized arguments: --{section}.init_args.{key}{hint}"
+        return f"unrecognized arguments: {arg}{hint}"
     return None
 
 
@@ -194,8 +194,8 @@ class LitRLHFCLI(LightningCLI):
                 print(f"[lit_rlhf] {note}", file=sys.stderr)
 
     def parse_arguments(self, parser, args) -> None:
-        # jsonargparse silently drops an unknown field of a dataclass argument
-        # (`--model.init_args.lm.dtyp=...`): every dotted model/data key is checked first.
+        # jsonargparse silently drops a misspelled field of a dataclass argument (one under
+        # --model.init_args.lm, say): every dotted model/data key is checked first.
         if (problem := unknown_init_key([str(a) for a in (args or sys.argv[1:])])) is not None:
             raise ArgumentError(None, problem)
         try:

@@ -142,7 +142,8 @@ def looks_local(name_or_path: str) -> bool:
 Kind = Literal["model", "reward model", "tokenizer"]
 
 # The folder a finished run exports each kind to (RM stage: export/; SFT/DPO/PPO: model/ or adapter/).
-_EXPORTS = {"reward model": ("export",), "model": ("model", "adapter"), "tokenizer": ("model", "adapter", "export")}
+_EXPORTS = {"reward model": ("export",), "model": ("model", "adapter", "export"),
+            "tokenizer": ("model", "adapter", "export")}
 
 
 def check_reference(value: str, where: str, kind: Kind = "model") -> None:
@@ -178,12 +179,13 @@ def check_reference(value: str, where: str, kind: Kind = "model") -> None:
 def _run_export(path: Path, kind: Kind) -> Path | None:
     """The newest export of ``kind`` inside a run's folder (a run root with ``lightning_logs/``,
     or one ``version_N``), or None if ``path`` is no run folder."""
-    runs = sorted(path.glob("lightning_logs/version_*"), key=lambda p: p.stat().st_mtime) or [path]
+    runs = sorted([*path.glob("lightning_logs/version_*"), *path.glob("version_*")],
+                  key=lambda p: p.stat().st_mtime) or [path]
     for run in reversed(runs):
         for sub in _EXPORTS[kind]:
             if (run / sub / "config.json").is_file() or (run / sub / "adapter_config.json").is_file():
                 return run / sub
-    if (path / "lightning_logs").is_dir() or (path / "config.yaml").is_file():
+    if (path / "lightning_logs").is_dir() or (path / "config.yaml").is_file() or path.name == "lightning_logs":
         expected = " or ".join(f"{sub}/" for sub in _EXPORTS[kind])
         return Path(f"{path}/lightning_logs/version_N/{expected} of a finished run (none is there yet)")
     return None

@@ -450,3 +450,37 @@ def test_bad_input_ends_in_one_error_line(case, bad_inputs, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert named in lines[0], lines[0]
     assert "Traceback" not in err
+
+
+# The published parameter counts of the models (their model cards and config.json).
+PUBLISHED_PARAMS = {
+    "huggyllama/llama-7b": 6_738_415_616, "meta-llama/Llama-2-7b-hf": 6_738_415_616,
+    "mistralai/Mistral-7B-v0.1": 7_241_732_096, "TinyLlama/TinyLlama-1.1B-Chat-v1.0": 1_100_048_384,
+    "EleutherAI/gpt-neox-20b": 20_554_567_680, "Qwen/Qwen2.5-0.5B-Instruct": 494_032_768,
+    "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512, "lvwerra/distilbert-imdb": 66_955_010,
+}
+
+
+def test_known_shapes_have_the_published_parameter_counts():
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lit_rlhf.estimate.config import KNOWN_SHAPES
+
+    assert set(KNOWN_SHAPES) == set(PUBLISHED_PARAMS)
+    for name, fields in KNOWN_SHAPES.items():
+        fields = dict(fields)
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        cls = AutoModelForSequenceClassification if "distilbert" in name else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name], name
+
+
+@pytest.mark.parametrize("recipe", ["configs/sft/llama-7b-stack-exchange.yaml", "configs/ppo/gpt-neox-20b-sentiment.yaml",
+                                    "configs/dpo/qwen-7b-ultrafeedback.yaml"])
+def test_the_readme_real_model_estimates_run_offline(recipe, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hub"))  # nothing cached
+    main(["estimate", "-c", str(ROOT / recipe), "--memory", "80GB"])
+    out = capsys.readouterr().out
+    assert "KNOWN_SHAPES" in out and "fits in 80GB" in out

@@ -94,8 +94,10 @@ def test_trial_runs_adapt_validation_and_logging_intervals():
                         "batch 2")
     trainer = Namespace(limit_train_batches=1.0, val_check_interval=25, max_epochs=None, max_steps=5,
                         log_every_n_steps=10)
-    assert fit_short_run(trainer) == ["trainer.log_every_n_steps=10 is beyond the run's 5 steps: logging every 5"]
-    assert trainer.val_check_interval == 25 and trainer.log_every_n_steps == 5
+    assert fit_short_run(trainer) == ["trainer.val_check_interval=25 is beyond trainer.max_steps=5: validating after "
+                                      "step 5",
+                                      "trainer.log_every_n_steps=10 is beyond the run's 5 steps: logging every 5"]
+    assert trainer.val_check_interval == 5 and trainer.log_every_n_steps == 5
     long = Namespace(limit_train_batches=200, val_check_interval=20, max_epochs=1, max_steps=-1, log_every_n_steps=1)
     assert fit_short_run(long) == [] and long.val_check_interval == 20
 

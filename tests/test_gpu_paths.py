@@ -91,7 +91,7 @@ def test_flash_attention_that_is_not_installed_fails_at_config_time(tokenizer):
 
     for name, missing in (("flash_attention_2", "flash_attn package is not installed"),
                           ("kernels-community/flash-attn2", "hub kernel kernels-community/flash-attn2")):
-        with pytest.raises(ValueError, match=rf"model.attn_implementation='{name}': the .*{missing}.*"):
+        with pytest.raises(ValueError, match=rf"model.init_args.lm.attn_implementation='{name}': the .*{missing}.*"):
             SFTModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo", attn_implementation=name))
 
 

@@ -15,12 +15,22 @@ from __future__ import annotations
 import os
 import sys
 
-from lit_rlhf.callbacks import NonFiniteLossError
 from lit_rlhf.cli.config_files import class_path_of, expand_config_includes
-from lit_rlhf.cli.errors import USER_ERRORS, error_line, parser_error_cause
-from lit_rlhf.cli.lightning import LitRLHFCLI, cli_kwargs
 
 __all__ = ["LitRLHFCLI", "main", "parser_error_cause"]
+
+
+def __getattr__(name: str):
+    # Lightning takes seconds to import: `lit-rlhf --help` should not wait for it.
+    if name == "LitRLHFCLI":
+        from lit_rlhf.cli.lightning import LitRLHFCLI
+
+        return LitRLHFCLI
+    if name == "parser_error_cause":
+        from lit_rlhf.cli.errors import parser_error_cause
+
+        return parser_error_cause
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 USAGE = """usage: lit-rlhf COMMAND [ARGS]        (also: python train.py COMMAND, python -m lit_rlhf.cli COMMAND)
 
@@ -80,12 +90,12 @@ def quiet_dependencies() -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python train.py`` and the ``lit-rlhf`` console script."""
     argv = sys.argv[1:] if args is None else list(args)
-    quiet_dependencies()
-    # The demo's names (demo, demo-tiny, demo-sft, demo-rm) also come through the package's
-    # entry point; registering here keeps them working from a source tree that is not installed.
     if argv[:1] in ([], ["-h"], ["--help"]):
         print(USAGE)
         return
+    quiet_dependencies()
+    # The demo's names (demo, demo-tiny, demo-sft, demo-rm) also come through the package's
+    # entry point; registering here keeps them working from a source tree that is not installed.
     from lit_rlhf.demo.models import register
 
     register()
@@ -105,6 +115,10 @@ def main(args: list[str] | None = None) -> None:
 
         estimate.main(argv[1:])
         return
+    from lit_rlhf.callbacks import NonFiniteLossError
+    from lit_rlhf.cli.errors import USER_ERRORS, error_line
+    from lit_rlhf.cli.lightning import LitRLHFCLI, cli_kwargs
+
     try:
         if args is None:
             # LightningCLI reads sys.argv (and warns when given both it and `args`).

@@ -135,20 +135,27 @@ def add_progress_bar(trainer) -> None:
 
 def fit_short_run(trainer) -> list[str]:
     """Trial runs stay what the user asked for: a ``val_check_interval`` beyond
-    ``limit_train_batches`` (Lightning refuses it once the weights are loaded) becomes the run's
-    length, and so does a ``log_every_n_steps`` beyond the run's length (nothing would be
-    logged). Changes ``trainer`` in place; returns one line per change."""
+    ``limit_train_batches`` (Lightning refuses it once the weights are loaded) or ``max_steps``
+    (the run would never validate) becomes the run's length, and so does a ``log_every_n_steps``
+    beyond the run's length (nothing would be logged). Changes ``trainer`` in place; returns one
+    line per change."""
     def count(value) -> int | None:
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     notes = []
     limit, interval = count(trainer.get("limit_train_batches")), trainer.get("val_check_interval")
+    steps = count(trainer.get("max_steps"))
     if limit is not None and count(interval) is not None and interval > limit:
         trainer.val_check_interval = limit
         notes.append(f"trainer.val_check_interval={interval} is beyond trainer.limit_train_batches={limit}: "
                      f"validating after batch {limit}")
+    elif steps is not None and count(interval) is not None and interval > steps:
+        # (one batch per step without gradient accumulation: the run would never validate)
+        trainer.val_check_interval = steps
+        notes.append(f"trainer.val_check_interval={interval} is beyond trainer.max_steps={steps}: "
+                     f"validating after step {steps}")
     one_epoch = trainer.get("max_epochs") == 1
-    lengths = [n for n in (count(trainer.get("max_steps")), limit if one_epoch else None) if n is not None]
+    lengths = [n for n in (steps, limit if one_epoch else None) if n is not None]
     every = trainer.get("log_every_n_steps") or 50  # Lightning's default
     if lengths and every > min(lengths):
         trainer.log_every_n_steps = min(lengths)

@@ -171,11 +171,38 @@ def _quiet_hub():
         logger.setLevel(level)
 
 
+# The published config.json shapes of the models the shipped recipes name, so that `estimate`
+# answers offline (a model in the local hub cache is read from there instead).
+_LLAMA_7B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False)
+KNOWN_SHAPES: dict[str, dict] = {
+    "huggyllama/llama-7b": dict(_LLAMA_7B, max_position_embeddings=2048),
+    "meta-llama/Llama-2-7b-hf": dict(_LLAMA_7B, max_position_embeddings=4096),
+    "mistralai/Mistral-7B-v0.1": dict(_LLAMA_7B, model_type="mistral", num_key_value_heads=8,
+                                      intermediate_size=14336, max_position_embeddings=32768, sliding_window=4096),
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": dict(_LLAMA_7B, hidden_size=2048, num_hidden_layers=22,
+                                               num_key_value_heads=4, intermediate_size=5632,
+                                               max_position_embeddings=2048),
+    "EleutherAI/gpt-neox-20b": dict(model_type="gpt_neox", hidden_size=6144, num_hidden_layers=44,
+                                    num_attention_heads=64, intermediate_size=24576, vocab_size=50432,
+                                    max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False),
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24,
+                                       num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                                       vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-7B-Instruct": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28,
+                                     num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+                                     vocab_size=152064, max_position_embeddings=32768, tie_word_embeddings=False),
+    "lvwerra/distilbert-imdb": dict(model_type="distilbert", dim=768, n_layers=6, n_heads=12, hidden_dim=3072,
+                                    vocab_size=30522, max_position_embeddings=512, num_labels=2),
+}
+
+
 def model_architecture(lm: ModelConfig, where: str, notes: list[str]):
     """The ``PretrainedConfig`` of ``lm`` without reading weights (nor building a demo model).
 
     A registered model that is not built yet (``demo-sft``: training it takes minutes) is
-    taken from the shape its package reports (see ``lit_rlhf.models.sources.unbuilt_model``). A hub id is read from the hub cache first.
+    taken from the shape its package reports (see ``lit_rlhf.models.sources.unbuilt_model``). A
+    hub id is read from the hub cache, else from :data:`KNOWN_SHAPES`, else from the hub.
     """
     from transformers import AutoConfig
 
@@ -197,12 +224,19 @@ def model_architecture(lm: ModelConfig, where: str, notes: list[str]):
         except (OSError, ValueError) as err:
             if Path(path).expanduser().exists():
                 raise ValueError(f"{where}: cannot read {path}/config.json: {_first_line(err)}") from None
-        try:  # not cached: ask the hub for config.json alone (its retry warnings would bury the error line)
+        if name in KNOWN_SHAPES:  # not cached: the published shape, no network needed
+            notes.append(f"{where}={name}: not in the hub cache; the shape of its published config.json "
+                         "(lit_rlhf.estimate.config.KNOWN_SHAPES)")
+            fields = dict(KNOWN_SHAPES[name])
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        try:  # ask the hub for config.json alone (its retry warnings would bury the error line)
             with _quiet_hub():
                 return lm.architecture()
         except (OSError, ValueError) as err:
             raise ValueError(f"{where}: cannot read the config.json of {name!r} (not a local directory, not in the "
-                             f"hub cache, hub unreachable?): {_first_line(err)}; give `arch` instead") from None
+                             f"hub cache, hub unreachable?): {_first_line(err)}; give its shape as "
+                             f"--{where.rpartition('.')[0]}.arch=PATH/config.json (and tokenizer), or download "
+                             "config.json once") from None
     tokenizer = None
     if not _arch_has_vocab(lm.arch):
         try:

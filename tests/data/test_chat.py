@@ -144,7 +144,7 @@ def test_sft_rows_with_a_bad_conversation_are_named_by_file_line_and_field(tmp_p
 def test_conversations_without_a_template_are_one_line(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", ultrachat_rows(20))
     dm = SFTDataModule(path=str(path), seq_length=32, val_size=4, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="has no chat template for conversational data .*model.chat_template"):
+    with pytest.raises(ValueError, match="has no chat template for conversational data .*model.init_args.lm.chat_template"):
         dm.setup("fit")
 
 

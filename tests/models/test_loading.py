@@ -207,13 +207,13 @@ def test_pretrained_models_load_in_train_mode(tmp_path, tokenizer):
 def test_a_missing_local_model_path_is_named_not_looked_up_on_the_hub(field, tmp_path):
     missing = str(tmp_path / "no-such-model")
     kwargs = {"name_or_path": missing} if field == "name_or_path" else {"arch": "demo-tiny", "tokenizer": missing}
-    with pytest.raises(FileNotFoundError, match=f"model.{field}: no such directory '{missing}'"):
+    with pytest.raises(FileNotFoundError, match=f"model.init_args.lm.{field}: no such directory '{missing}'"):
         ModelConfig(**kwargs)
 
 
 def test_a_missing_reward_model_path_fails_at_construction(tmp_path):
     from lit_rlhf.rewards import RewardModelReward
 
-    with pytest.raises(FileNotFoundError, match="reward.init_args.path: no such model directory"):
+    with pytest.raises(FileNotFoundError, match="model.init_args.reward.init_args.path: no such directory"):
         RewardModelReward(str(tmp_path / "no-such-rm"))
     assert RewardModelReward("some-org/some-model").path == "some-org/some-model"  # a hub id: loaded lazily

@@ -337,9 +337,17 @@ def check_stages(stages: list[Stage], uses_rm: set[str], out: Path) -> None:
     Stages are built as their runs would build them (tokenizer, model config, data module;
     no weights). A method reads models the earlier stages have not written yet: it is built
     with stand-ins of the same architecture and tokenizer, the SFT stage's own model as the
-    policy and (when it scores with the reward model) the output folder as the reward
-    model's path, which only has to exist.
+    policy and (when it scores with the reward model) a folder whose config.json says
+    "sequence classifier" as the reward model's path (what the reference checks read).
     """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lit_rlhf_rm_stand_in_") as rm:
+        (Path(rm) / "config.json").write_text(json.dumps({"architectures": ["StandInForSequenceClassification"]}))
+        _check_stages(stages, uses_rm, out, rm)
+
+
+def _check_stages(stages: list[Stage], uses_rm: set[str], out: Path, rm_stand_in: str) -> None:
     from lit_rlhf.cli.config_files import compose, config_chain
     from lit_rlhf.cli.errors import USER_ERRORS, error_line
     from lit_rlhf.cli.lightning import check_fit_config
@@ -351,7 +359,7 @@ def check_stages(stages: list[Stage], uses_rm: set[str], out: Path) -> None:
         if stage.name not in ("sft", "rm"):
             init = {"lm": policy}
             if stage.name in uses_rm:
-                init["reward"] = {"init_args": {"path": str(out)}}
+                init["reward"] = {"init_args": {"path": rm_stand_in}}
             stand_ins = ["--config", json.dumps({"model": {"init_args": init}})]
         try:
             check_fit_config(["-c", str(stage.config), *stand_ins, f"--trainer.default_root_dir={out / stage.name}"])

@@ -220,7 +220,7 @@ CASES = [
     ("ckpt-sft-for-ppo", lambda f: ppo(f, f"--ckpt_path={f['sft_ckpt']}"),
      ["saved by lit_rlhf.modules.SFTModule, but this run configures lit_rlhf.modules.PPOModule"], 2),
     ("ckpt-other-adapter", lambda f: sft(f, f"--ckpt_path={f['sft_ckpt']}", "--model.init_args.lm.lora.r=8"),
-     ["saved with model.lora.r=4, this run has 8"], 2),
+     ["saved with model.init_args.lm.lora.r=4, this run has 8"], 2),
     ("ckpt-lora-vs-full", lambda f: sft(f, f"--ckpt_path={f['sft_ckpt']}", "--model.init_args.lm.lora=null"),
      ["saved from LoRA, this run configures full fine-tuning"], 2),
     ("ckpt-other-model", lambda f: sft(f, f"--ckpt_path={f['sft_ckpt']}", "--model.init_args.lm.arch=null",
@@ -313,7 +313,7 @@ CASES = [
      ["{lm_dir}", "score.weight", "new_score_head"], 2),
     ("ppo-reward-is-a-language-model", lambda f: ppo(f, "--model.init_args.reward=lit_rlhf.rewards.RewardModelReward",
                                                      f"--model.init_args.reward.init_args.path={f['lm_dir']}"),
-     ["{lm_dir}", "score.weight"], 2),
+     ["model.init_args.reward.init_args.path: {lm_dir} is a LlamaForCausalLM, not a reward model"], 2),
     # --- the pipeline: every stage checked before the first one trains
     ("pipeline-output-is-a-file", lambda f: pipeline(f, f"--output_dir={f['a_file']}"), ["--output_dir", "not a directory"], 2),
     ("pipeline-config-missing", lambda f: pipeline(f, f"--output_dir={f.root / 'p1'}", "--rm_config=./nope.yaml"),

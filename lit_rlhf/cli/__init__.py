@@ -68,6 +68,8 @@ QUIET_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # lightning on torch 2.13
     r"Your `IterableDataset` has `__len__` defined",  # the packed SFT data: exact, one process per rank
     r"No seed found, seed set to 0",
+    # The frozen reference copies (DPO, PPO, GRPO with full fine-tuning) are in eval mode by design.
+    r"Found \d+ module\(s\) in eval mode at the start of training",
 )
 
 
@@ -85,6 +87,9 @@ def quiet_dependencies() -> None:
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(NoTips())
+    # bitsandbytes on an AVX512-BF16 CPU offers a hub kernel for its repacked 4-bit layout, which
+    # lit_rlhf switches off (see disable_cpu_4bit_repacking): its "install kernels" line is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any, Literal
+
+from lit_rlhf.models.sources import load_entry_points
 
 ENTRY_POINT_GROUP = "lit_rlhf.datasets"
 
@@ -40,7 +41,6 @@ class DatasetSource:
 
 # (name, kind) -> build(seed=..., val_size=...) -> DatasetSource, called on first use.
 _DATASETS: dict[tuple[str, str], Callable[..., DatasetSource]] = {}
-_loaded_entry_points = False
 
 
 def register_dataset(name: str, kind: Kind, build: Callable[..., DatasetSource]) -> None:
@@ -53,12 +53,7 @@ def register_dataset(name: str, kind: Kind, build: Callable[..., DatasetSource])
 
 
 def _load_entry_points() -> None:
-    global _loaded_entry_points
-    if _loaded_entry_points:
-        return
-    _loaded_entry_points = True
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        entry.load()()
+    load_entry_points(ENTRY_POINT_GROUP)
 
 
 def resolve_dataset(path: str, kind: Kind, *, val_split: str | None = None, seed: int = 0,

@@ -22,7 +22,6 @@ ENTRY_POINT_GROUP = "lit_rlhf.sources"
 _PATHS: dict[str, Callable[[], str]] = {}
 _UNBUILT: dict[str, Callable[[], tuple[dict, str] | None]] = {}
 _ARCHS: dict[str, Callable[[], dict]] = {}
-_loaded_entry_points = False
 
 
 def register_path(name: str, resolve: Callable[[], object],
@@ -51,13 +50,20 @@ def register_arch(name: str, fields: Callable[[], dict]) -> None:
     _ARCHS[name] = fields
 
 
-def _load_entry_points() -> None:
-    global _loaded_entry_points
-    if _loaded_entry_points:
+_LOADED_GROUPS: set[str] = set()
+
+
+def load_entry_points(group: str) -> None:
+    """Call every function of the entry-point ``group`` once per process (each registers names)."""
+    if group in _LOADED_GROUPS:
         return
-    _loaded_entry_points = True
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
+    _LOADED_GROUPS.add(group)
+    for entry in entry_points(group=group):
         entry.load()()
+
+
+def _load_entry_points() -> None:
+    load_entry_points(ENTRY_POINT_GROUP)
 
 
 def resolve_path(name_or_path: str) -> str:

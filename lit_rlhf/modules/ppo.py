@@ -22,7 +22,7 @@ from lit_rlhf.modules.online import (  # noqa: F401  (the configs are part of PP
     ScoreConfig,
 )
 from lit_rlhf.modules.rollout import Rollout, evaluate_actions
-from lit_rlhf.modules.update import UpdateConfig
+from lit_rlhf.modules.update import MinibatchSettings, UpdateConfig
 from lit_rlhf.objectives import (
     explained_variance,
     gae,
@@ -35,25 +35,11 @@ from lit_rlhf.optim import OptimConfig
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(MinibatchSettings):
     """The PPO update (the ``ppo:`` block): the shared update loop, plus the value function and GAE."""
 
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
-    mini_batch_size: int = 8
-    """Episodes per optimizer step, per device; must divide the rollout batch size."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per minibatch; must divide mini_batch_size."""
-    clip_range: float = 0.2
-    """Policy ratio clip epsilon."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus (0: off)."""
-    max_grad_norm: float | None = 1.0
-    """Gradient norm clip; None: off."""
-    target_kl: float | None = None
-    """Stop this rollout's epochs once approx-KL exceeds 1.5 x target_kl; None: off."""
-    ratio_threshold: float | None = 10.0
-    """Skip (and count) a minibatch whose mean ratio exceeds this; None: off."""
     clip_range_value: float = 0.2
     """Value clip around the old values."""
     vf_coef: float = 0.1
@@ -77,10 +63,7 @@ class PPOConfig:
 
     def update(self) -> UpdateConfig:
         """The shared update loop's settings."""
-        return UpdateConfig(epochs=self.ppo_epochs, mini_batch_size=self.mini_batch_size,
-                            gradient_accumulation_steps=self.gradient_accumulation_steps, clip_range=self.clip_range,
-                            entropy_coef=self.entropy_coef, max_grad_norm=self.max_grad_norm,
-                            target_kl=self.target_kl, ratio_threshold=self.ratio_threshold)
+        return UpdateConfig(epochs=self.ppo_epochs, **self.shared())
 
 
 class PPOModule(OnlineRLModule):

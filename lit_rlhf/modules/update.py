@@ -11,6 +11,7 @@ that runs it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +20,13 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 
 @dataclass
-class UpdateConfig:
-    """The shared update loop's settings (each method maps its own config keys onto these)."""
+class MinibatchSettings:
+    """The update loop's settings that online methods' configs share under these names."""
 
-    epochs: int = 1
-    """Passes over each rollout."""
     mini_batch_size: int = 8
-    """Episodes per optimizer step, per device."""
+    """Episodes per optimizer step, per device; must divide the rollout batch size."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per minibatch; divides mini_batch_size."""
+    """Micro-batches per minibatch; must divide mini_batch_size."""
     clip_range: float = 0.2
     """Policy ratio clip epsilon."""
     entropy_coef: float = 0.0
@@ -38,6 +37,18 @@ class UpdateConfig:
     """Stop a rollout's epochs once approx-KL exceeds 1.5 x target_kl; None: off."""
     ratio_threshold: float | None = 10.0
     """Skip (and count) a minibatch whose mean ratio exceeds this; None: off."""
+
+    def shared(self) -> dict:
+        """These settings by name (for building an :class:`UpdateConfig`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(MinibatchSettings)}
+
+
+@dataclass
+class UpdateConfig(MinibatchSettings):
+    """The shared update loop's settings, in neutral names (each method maps its config onto them)."""
+
+    epochs: int = 1
+    """Passes over each rollout."""
 
 
 class MinibatchUpdates:

@@ -8,7 +8,12 @@ import json
 import pytest
 
 from lit_rlhf.data import SFTDataModule
-from lit_rlhf.data.sources import DatasetSource, register_dataset, registered_datasets, resolve_dataset
+from lit_rlhf.data.sources import (
+    DatasetSource,
+    register_dataset,
+    registered_datasets,
+    resolve_dataset,
+)
 
 
 def test_a_registered_name_stands_for_files_or_rows(tmp_path, tokenizer):

@@ -118,16 +118,20 @@ def test_short_class_names_and_the_command_list(capsys):
     from lit_rlhf.cli import main, short_class_names
     from lit_rlhf.cli.config_files import compose
 
-    assert short_class_names(["fit", "--model.help", "SFTModule", "--model=PPOModule"]) == [
-        "fit", "--model.help", "lit_rlhf.modules.SFTModule", "--model=lit_rlhf.modules.PPOModule"]
+    assert short_class_names(["fit", "--model.help", "SFTModule", "--model=PPOModule", "--data.init_args.path=demo",
+                              "--model.init_args.reward=lit_rlhf.rewards.JudgeReward"]) == [
+        "fit", "--model.help", "lit_rlhf.modules.SFTModule", "--model=lit_rlhf.modules.PPOModule",
+        "--data.init_args.path=demo", "--model.init_args.reward=lit_rlhf.demo.JudgeReward"]  # a moved class
     composed = compose([str(ROOT / "configs/ppo/demo.yaml")])
-    overlay = {"model": {"class_path": "PPOModule", "init_args": {"reward": {"class_path": "ExactAnswerReward"}}}}
+    overlay = {"model": {"class_path": "PPOModule", "init_args": {"reward": {"class_path": "ExactAnswerReward"},
+                                                                  "judge": {"class_path": "lit_rlhf.rewards.JudgeReward"}}}}
     from lit_rlhf.cli.config_files import full_class_paths, merge_configs
 
     merged = merge_configs(composed, full_class_paths(overlay))
     assert merged["model"]["class_path"] == "lit_rlhf.modules.PPOModule"
     assert "lm" in merged["model"]["init_args"]  # the same class: merged, not replaced
     assert merged["model"]["init_args"]["reward"]["class_path"] == "lit_rlhf.rewards.ExactAnswerReward"
+    assert merged["model"]["init_args"]["judge"]["class_path"] == "lit_rlhf.demo.JudgeReward"  # its old path
     main(["--help"])
     out = capsys.readouterr().out
     for command in ("fit", "validate", "pipeline", "estimate", "export"):

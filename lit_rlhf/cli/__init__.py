@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lit_rlhf.cli.config_files import class_path_of, expand_config_includes
+from lit_rlhf.cli.config_files import MOVED_CLASSES, class_path_of, expand_config_includes
 
 __all__ = ["LitRLHFCLI", "main", "parser_error_cause"]
 
@@ -49,12 +49,14 @@ where a class path is expected (--model.help SFTModule, class_path: PPOModule)."
 
 
 def short_class_names(argv: list[str]) -> list[str]:
-    """``--model.help SFTModule`` and ``--model=PPOModule`` with the full class path."""
+    """``--model.help SFTModule``, ``--model=PPOModule`` (and a moved class's old path) with the
+    full class path."""
     out = list(argv)
     for i, arg in enumerate(out):
         key, eq, value = arg.partition("=")
-        if eq and key.startswith("--") and key.count(".") == 0 and value and "." not in value:
-            out[i] = f"{key}={class_path_of(value)}"  # --model=PPOModule
+        short = value[:1].isupper() and value.isidentifier()  # a class name, e.g. PPOModule
+        if eq and key.startswith("--") and (short or value in MOVED_CLASSES):
+            out[i] = f"{key}={class_path_of(value)}"  # --model=PPOModule, --model.init_args.reward=<old path>
         elif arg.endswith(".help") and i + 1 < len(out) and "." not in out[i + 1]:
             out[i + 1] = class_path_of(out[i + 1])  # --model.help SFTModule
     return out

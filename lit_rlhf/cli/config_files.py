@@ -146,13 +146,18 @@ CLASS_MODULES = ("lit_rlhf.modules", "lit_rlhf.data", "lit_rlhf.rewards", "lit_r
                  "lightning.pytorch.callbacks", "lightning.pytorch.loggers")
 
 
+# Classes that moved, by their old path: configs written before the move keep working.
+MOVED_CLASSES = {"lit_rlhf.rewards.JudgeReward": "lit_rlhf.demo.JudgeReward"}
+
+
 def class_path_of(name: str) -> str:
-    """The full class path of a short class name of :data:`CLASS_MODULES`; anything else unchanged."""
+    """The full class path of a short class name of :data:`CLASS_MODULES` (or of a class's old
+    path, :data:`MOVED_CLASSES`); anything else unchanged."""
     import importlib
     import inspect
 
     if "." in name:
-        return name
+        return MOVED_CLASSES.get(name, name)
     for module_name in CLASS_MODULES:
         found = getattr(importlib.import_module(module_name), name, None)
         if inspect.isclass(found):

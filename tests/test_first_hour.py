@@ -59,7 +59,7 @@ def test_reward_model_references_are_checked_at_construction(runs):
     RewardModelReward(str(runs / "rm-no-stats"), normalize=False)  # raw scores, asked for
 
 
-def test_model_references_never_fall_through_to_the_hub(runs):
+def test_model_references_never_fall_through_to_the_hub(runs, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"model.init_args.lm.name_or_path: no such directory 'my/runs/sft'"):
         ModelConfig(name_or_path="my/runs/sft")  # two slashes: a path, never a hub id
     with pytest.raises(ValueError, match=r"is a training run's folder, not a model; give .*version_0/export"):
@@ -69,6 +69,9 @@ def test_model_references_never_fall_through_to_the_hub(runs):
                                          r"of a finished run \(none is there yet\)"):
         ModelConfig(name_or_path=str(runs / "empty-run"))
     ModelConfig(name_or_path="org/name")  # a hub id: left to the loader
+    monkeypatch.chdir(runs)
+    with pytest.raises(FileNotFoundError, match="model.init_args.lm.name_or_path: no such directory 'rm/nope'"):
+        ModelConfig(name_or_path="rm/nope")  # one slash, but rm/ is a folder here: a path
 
 
 def test_too_few_prompts_for_one_global_batch_fail_at_setup(tmp_path, tokenizer):

@@ -158,7 +158,9 @@ def check_reference(value: str, where: str, kind: Kind = "model") -> None:
 
     path = Path(value).expanduser()
     if not path.exists():
-        if looks_local(value) and value not in registered_names():
+        # `runs/rm` where `runs/` exists is a path too, not the hub id of an organisation `runs`.
+        local = looks_local(value) or (len(path.parts) > 1 and path.parent.is_dir())
+        if local and value not in registered_names():
             raise FileNotFoundError(f"{where}: no such directory {value!r}")
         return  # a hub id or a registered name
     if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():

@@ -402,7 +402,9 @@ def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
 
     The reference is the base with adapters disabled, and gradient checkpointing is on: the
     configuration in which a large policy fits on one GPU. Two rollouts run; the peak covers
-    loading, sampling, the reference and value passes and the update.
+    sampling, the reference and value passes and the update (the statistics restart when
+    training starts, so building the random-init model does not count; the quantized weights,
+    on the GPU by then, do).
     """
     from lit_rlhf.models import LoraSettings, ModelConfig
     from lit_rlhf.modules import PPOModule
@@ -601,7 +603,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's dense bf16 peak, for MFU on a GPU missing from PEAK_BF16_TFLOPS")
     parser.add_argument("--quick", action="store_true",
-                        help="the workload's quick set (gpu: SFT MFU and the 1.1B PPO memory, under 8 min on one H100)")
+                        help="the workload's quick set (gpu: SFT MFU and the 1.1B PPO memory; what scripts/gpu_check.sh runs)")
     parser.add_argument("--one", nargs=2, metavar=("STAGE", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--in-process", action="store_true",
                         help="for smoke tests: run the jobs in this process (faster; peak memory is then "

@@ -182,9 +182,11 @@ def eval_set(task: str, n_prompts: int, seed: int) -> EvalSet:
                        lambda i, p, r: float(r.strip() == sample[i]["answer"]),
                        "exact-answer rate (sampled)", rows)
     from lit_rlhf.demo import make_prompts, prepare_demo, read_jsonl, sentiment_score
+    from lit_rlhf.demo.datasets import PROMPT_MAX_WORDS, PROMPT_MIN_WORDS
 
     val = [r["text"] for r in read_jsonl(prepare_demo().val_file)][-n_prompts:]  # not used in PPO validation
-    return EvalSet(make_prompts(val, 2, 8, seed=seed + 7), lambda i, p, r: sentiment_score(p + r),
+    return EvalSet(make_prompts(val, PROMPT_MIN_WORDS, PROMPT_MAX_WORDS, seed=seed + 7),
+                   lambda i, p, r: sentiment_score(p + r),
                    "demo judge score of prompt + response")
 
 

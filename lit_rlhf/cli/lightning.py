@@ -23,9 +23,7 @@ from lit_rlhf.cli.config_files import default_precision, expand_config_includes,
 def nearest_key(message: str, parser, args) -> str | None:
     """For ``unrecognized arguments: --trainer.max_stepz=7``, the valid key nearest to the first
     unknown one (``trainer.max_steps``), among the subcommand's own keys and the init arguments
-    of the configured model and datamodule classes (one level into their dataclasses)."""
-    import difflib
-
+    of the configured model and datamodule classes."""
     match = re.search(r"unrecognized arguments: --([\w.]+)", message)
     if match is None:
         return None
@@ -36,16 +34,13 @@ def nearest_key(message: str, parser, args) -> str | None:
     keys = [o[2:] for action in sub._actions for o in action.option_strings if o.startswith("--")]
     for section, class_path in _configured_classes(argv).items():
         keys += [f"{section}.init_args.{k}" for k in _init_keys(class_path)]
-    close = difflib.get_close_matches(match.group(1), keys, n=1, cutoff=0.6)
-    return close[0] if close else None
+    return _nearest(match.group(1), keys)
 
 
 def unknown_init_key(argv: list[str]) -> str | None:
     """``unrecognized arguments: --KEY (did you mean --NEAREST?)`` for the first ``--model.init_args.*``
     or ``--data.init_args.*`` key that is no argument of the configured class (nor a field of a
     dataclass argument); None when every such key exists."""
-    import difflib
-
     classes = _configured_classes(argv)
     for arg in argv:
         match = re.match(r"--(model|data)\.init_args\.([\w.]+)(=|$)", arg)
@@ -53,19 +48,25 @@ def unknown_init_key(argv: list[str]) -> str | None:
             continue
         section, key = match.group(1), match.group(2)
         known = _init_keys(classes[section])
-        if not known or any(key == k or key.startswith(k + ".") for k in known if not _has_fields(k, known)):
-            continue  # a known argument (below it: a class's own init_args, not checked here)
-        if key in known:
+        if not known or _is_known(key, known):
             continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f" (did you mean --{section}.init_args.{close[0]}?)" if close else ""
-        return f"unrecognized arguments: {arg}{hint}"
+        close = _nearest(key, known)
+        return f"unrecognized arguments: {arg}" + (f" (did you mean --{section}.init_args.{close}?)" if close else "")
     return None
 
 
-def _has_fields(key: str, known: list[str]) -> bool:
-    """True when ``key`` is a dataclass argument whose fields are listed in ``known``."""
-    return any(k.startswith(key + ".") for k in known)
+def _is_known(key: str, known: list[str]) -> bool:
+    """``key`` is a known argument or dataclass field, or lies below an argument whose fields are
+    not listed (a class's own ``init_args``: not checked here)."""
+    opaque = [k for k in known if not any(other.startswith(k + ".") for other in known)]
+    return key in known or any(key.startswith(k + ".") for k in opaque)
+
+
+def _nearest(key: str, keys: list[str]) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _configured_classes(argv: list[str]) -> dict[str, str]:
@@ -89,7 +90,8 @@ def _configured_classes(argv: list[str]) -> dict[str, str]:
 
 
 def _init_keys(class_path: str) -> list[str]:
-    import dataclasses
+    """The init arguments of ``class_path`` and, for dataclass arguments, their fields (dotted,
+    up to three levels: ``lm``, ``lm.lora``, ``lm.lora.r``); [] for a class that cannot load."""
     import importlib
     import inspect
     import typing
@@ -100,6 +102,7 @@ def _init_keys(class_path: str) -> list[str]:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:
         return []
+
     def fields(prefix: str, hint, depth: int) -> list[str]:
         out = []
         for kind in typing.get_args(hint) or (hint,):
@@ -111,9 +114,8 @@ def _init_keys(class_path: str) -> list[str]:
 
     keys = []
     for param in inspect.signature(cls.__init__).parameters:
-        if param in ("self", "tokenizer", "args", "kwargs"):
-            continue
-        keys += [param, *fields(param, hints.get(param), 1)]
+        if param not in ("self", "tokenizer", "args", "kwargs"):
+            keys += [param, *fields(param, hints.get(param), 1)]
     return keys
 
 
@@ -143,13 +145,13 @@ def fit_short_run(trainer) -> list[str]:
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     notes = []
-    limit, interval = count(trainer.get("limit_train_batches")), trainer.get("val_check_interval")
-    steps = count(trainer.get("max_steps"))
-    if limit is not None and count(interval) is not None and interval > limit:
+    limit, steps = count(trainer.get("limit_train_batches")), count(trainer.get("max_steps"))
+    interval = count(trainer.get("val_check_interval"))
+    if limit is not None and interval is not None and interval > limit:
         trainer.val_check_interval = limit
         notes.append(f"trainer.val_check_interval={interval} is beyond trainer.limit_train_batches={limit}: "
                      f"validating after batch {limit}")
-    elif steps is not None and count(interval) is not None and interval > steps:
+    elif steps is not None and interval is not None and interval > steps:
         # (one batch per step without gradient accumulation: the run would never validate)
         trainer.val_check_interval = steps
         notes.append(f"trainer.val_check_interval={interval} is beyond trainer.max_steps={steps}: "
@@ -165,6 +167,7 @@ def fit_short_run(trainer) -> list[str]:
 
 
 def machine_has_bf16_gpu() -> bool:
+    """This machine has a CUDA GPU that computes in bf16 (for the default precision)."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 

@@ -57,7 +57,7 @@ class RewardSpec:
     dtype: str = "float32"
     """``model``: its weights' dtype."""
     quantization: str = "none"
-    """``model``: loaded in 8-/4-bit (frozen, without peft's k-bit preparation)."""
+    """``model``: loaded in 8-/4-bit (frozen)."""
     batch_size: int = 16
     """Texts per scoring forward."""
     max_length: int = 1024
@@ -340,7 +340,7 @@ def _reward_memory(spec: RewardSpec, lm: ModelConfig, policy: M.ModelMemory, not
             shape = policy.shape
             notes.append(f"reward model {path!r}: no config.json readable (not trained yet? offline?): "
                          "counted as the policy's architecture")
-    # A frozen reward model loads without peft's k-bit preparation: its unquantized parts keep the dtype.
+    # Its unquantized parts keep the configured dtype, as the policy's do.
     rm = M.ModelMemory(shape, dtype, spec.quantization, task="seq_cls")
     return M.RewardMemory("model", rm, batch_size=spec.batch_size, max_length=spec.max_length,
                           label=spec.label or spec.path or "arch")

@@ -618,12 +618,11 @@ def _weight_rows(policy: ModelMemory, num: Numerics) -> tuple[list[Row], WeightB
     fmt = {"none": _dtype(policy.dtype_bytes), "8bit": "8-bit", "4bit-nf4": "NF4", "4bit-fp4": "FP4"}.get(quant, quant)
     dq = " + double-quant constants" if is_4bit(quant) and policy.double_quant else ""
     head = "score head" if policy.task == "seq_cls" else ("LM head" if shape.head_params else "LM head tied")
-    why = "peft's k-bit preparation upcasts them" if quant != "none" and num.weight == 4 else ""
     return [
         Row(f"weights: {shape.layers * len(shape.layer_linears)} linear layers ({_count(shape.linear_weights)} "
             f"params), {fmt}{dq}", w.linears, "always"),
         Row(f"weights: embeddings, {head}, norms, biases ({_count(w.other_params)} params), {_dtype(num.weight)}",
-            w.others, "always", why),
+            w.others, "always"),
     ], w
 
 
@@ -704,7 +703,7 @@ def _transients(policy: ModelMemory, num: Numerics) -> tuple[int, int]:
     """(LM head's 16-bit cast, the largest dequantized weight): what a forward makes and drops.
 
     Autocast casts a float32 weight to 16-bit at each use and keeps the cast while the backward
-    needs it; the LM head's is ``V * h * 2`` (fp32 when quantized: k-bit preparation). 8-/4-bit
+    needs it; the LM head's is ``V * h * 2`` (when the weights are float32). 8-/4-bit
     matmuls dequantize one weight at a time to 16-bit, in the forward and again in the backward.
     """
     shape = policy.shape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from lit_rlhf.models import (
@@ -13,19 +14,14 @@ from lit_rlhf.models import (
     load_model,
     save_pretrained_atomic,
 )
-
-
-def _auto_class(task: Task):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+from lit_rlhf.models.loading import auto_class
 
 
 def loads_back(task: Task):
     """A check that a written model folder loads with transformers alone (every weight file read
     and covered), run before the folder is renamed into place."""
     def check(folder: Path) -> None:
-        from_pretrained_checked(_auto_class(task), str(folder), dtype="auto")
+        from_pretrained_checked(auto_class(task), str(folder), dtype="auto")
 
     return check
 
@@ -92,10 +88,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: DType | None = N
     if not source.is_dir():
         raise FileNotFoundError(f"{run_dir}: no adapter/ or {source.name}/ to export (did the run finish?)")
     # Full fine-tuning: read the run's model (every weight file checked), in `dtype`, and write it anew.
-    import json
-
     meta_file = source / "lit_rlhf.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    model = from_pretrained_checked(_auto_class(task), str(source), dtype=getattr(torch, dtype or lm.dtype))
-    model.config.use_cache = True
-    return save_pretrained_atomic(model, out_dir, tokenizer, check=loads_back(task), **meta)
+    hf_model = from_pretrained_checked(auto_class(task), str(source), dtype=getattr(torch, dtype or lm.dtype))
+    hf_model.config.use_cache = True
+    return save_pretrained_atomic(hf_model, out_dir, tokenizer, check=loads_back(task), **meta)

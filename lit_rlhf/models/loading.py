@@ -87,7 +87,8 @@ def compute_dtype_for(precision: str | int | None, weights: torch.dtype) -> torc
     return weights
 
 
-def _auto_class(task: Task):
+def auto_class(task: Task):
+    """``AutoModelForCausalLM`` or ``AutoModelForSequenceClassification`` for ``task``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
@@ -113,7 +114,7 @@ def attention_for(cfg: ModelConfig, config, task: Task = "causal_lm") -> str:
     or a flash attention whose package or hub kernel is not installed here, is a one-line error
     here, before any weights are read.
     """
-    cls = _auto_class(task)._model_mapping.get(type(config), None)
+    cls = auto_class(task)._model_mapping.get(type(config), None)
     if cls is None:
         if cfg.trust_remote_code:  # the class comes with the checkpoint: let transformers decide
             return cfg.attn_implementation
@@ -143,8 +144,6 @@ def flash_unavailable(choice: str) -> str | None:
     which an offline cluster cannot do. A hub kernel named directly must be in the local hub
     cache. Other registered names (a user's own kernel) are taken as they are.
     """
-    import importlib.util
-
     if not is_flash_attention(choice):
         return None
     if choice in _FLASH_SOURCES:
@@ -157,7 +156,7 @@ def flash_unavailable(choice: str) -> str | None:
         source = f"the hub kernel {kernel}"
     else:
         return None
-    if importlib.util.find_spec("kernels") is None:
+    if not _importable("kernels"):
         return f"{source} needs the `kernels` package, which is not installed"
     try:
         from huggingface_hub import snapshot_download
@@ -237,7 +236,7 @@ def load_model(
             for key, value in extra.items():
                 setattr(config, key, value)
             with _seeded(cfg.seed), torch.device("cpu"):  # the same init for every device
-                model = _auto_class(task).from_config(config, **kwargs)
+                model = auto_class(task).from_config(config, **kwargs)
             if not cfg.quantized:
                 return _finish(model, cfg, task, tokenizer)
             # bitsandbytes quantizes while loading, so the random init goes through a
@@ -250,7 +249,7 @@ def load_model(
             kwargs.update(quantization_config=bnb_config(cfg.quantization, compute_dtype or cfg.torch_dtype,
                                                               cfg.double_quant),
                           device_map={"": device})
-        model = from_pretrained_checked(_auto_class(task), source, new_head=new_head or cfg.arch is not None,
+        model = from_pretrained_checked(auto_class(task), source, new_head=new_head or cfg.arch is not None,
                                         **extra, **kwargs)
         return _finish(model, cfg, task, tokenizer)
 

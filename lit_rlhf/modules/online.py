@@ -266,10 +266,11 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         # 5. KL controller (on the KL of the whole global batch, so every rank agrees), logging
         seq_kl = (kl * mask).sum(-1)
         global_kl = self._mean_ranks(seq_kl.mean() if len(seq_kl) else seq_kl.new_zeros(()))
-        self.kl_ctl.update(float(global_kl), len(sampled) * self.trainer.world_size)
+        global_batch = len(sampled) * self.trainer.world_size
+        self.kl_ctl.update(float(global_kl), global_batch)
         self.rollouts_done += 1
         step = StepRecord(sampled, rollout, keep, responses, scores, mask, non_score, seq_kl, global_kl,
-                          self.kl_ctl.value, len(sampled) * self.trainer.world_size)
+                          self.kl_ctl.value, global_batch)
         self.report(step, watch, update, self.grouped(batch["prompt"]))
 
     def kl_rewards(self, rollout: Rollout, scores: torch.Tensor, mask: torch.Tensor):

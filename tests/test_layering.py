@@ -5,7 +5,7 @@ Every ``import`` statement counts, also those inside functions (a lazy import is
 dependency). Layers, lowest first; a module may import its own layer and the ones below:
 
 0. foundation: ``objectives`` (pure tensor math);
-1. parts: ``models``, ``data``, ``optim``, ``metrics``, ``callbacks``;
+1. parts: ``models``, ``data``, ``optim``, ``metrics``, ``callbacks``, ``strategies``;
 2. services: ``rewards``, ``export``;
 3. methods: ``modules``;
 4. application: ``cli``, ``pipeline``, ``estimate``, ``python -m`` entry points, and the ``demo``,
@@ -26,7 +26,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "lit_rlhf"
 
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["lit_rlhf", "lit_rlhf.objectives"]),
-    ("parts", ["lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.optim", "lit_rlhf.metrics", "lit_rlhf.callbacks"]),
+    ("parts", ["lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.optim", "lit_rlhf.metrics", "lit_rlhf.callbacks",
+               "lit_rlhf.strategies"]),
     ("services", ["lit_rlhf.rewards", "lit_rlhf.export"]),
     ("methods", ["lit_rlhf.modules"]),
     # Entry points and plug-ins: the CLI, the pipeline, the estimator, `python -m` mains, and the

@@ -38,20 +38,40 @@ def default_precision(accelerator: Any, bf16_gpu: bool) -> str:
     return "bf16-mixed" if wants_gpu and bf16_gpu else "32-true"
 
 
-# trainer.strategy names lit_rlhf's modules cannot run under yet (matched in the lower-case name
-# or class path): their sharded parameters need the modules' own support.
-UNSUPPORTED_STRATEGIES = ("fsdp", "deepspeed")
-SUPPORTED_STRATEGIES = "auto, ddp, ddp_spawn, ddp_find_unused_parameters_true or single_device"
+# trainer.strategy names lit_rlhf's modules cannot run under (matched in the lower-case name or
+# class path): their sharded or split parameters need the modules' own support, which fsdp2 has.
+UNSUPPORTED_STRATEGIES = ("fsdp", "deepspeed", "model_parallel", "modelparallel")
+SUPPORTED_STRATEGIES = "auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, single_device or fsdp2"
 
 
-def strategy_problem(strategy: Any) -> str | None:
-    """Why ``trainer.strategy`` (a name, or a ``class_path`` mapping) cannot run lit_rlhf's
-    modules, or None."""
+def strategy_name(strategy: Any) -> str:
+    """``trainer.strategy`` (a name, or a ``class_path`` mapping) as one string."""
     name = strategy.get("class_path") if hasattr(strategy, "get") else strategy
-    name = str(name or "auto")
+    return str(name or "auto")
+
+
+def is_fsdp2(strategy: Any) -> bool:
+    """True for lit_rlhf's sharded strategy, by name (``fsdp2``) or class."""
+    name = strategy_name(strategy)
+    return name.lower() == "fsdp2" or name.rsplit(".", 1)[-1] == "FSDP2Strategy"
+
+
+def strategy_problem(strategy: Any, quantization: str | None = None, precision: Any = None) -> str | None:
+    """Why ``trainer.strategy`` cannot run lit_rlhf's modules with this base's ``quantization``
+    and the trainer's ``precision``, or None."""
+    name = strategy_name(strategy)
+    if is_fsdp2(strategy):
+        if quantization not in (None, "none"):
+            return (f"trainer.strategy={name!r}: model.init_args.lm.quantization={quantization!r} cannot be sharded "
+                    "(bitsandbytes' packed weights are not FSDP2 parameters): shard a bf16 base "
+                    "(LoRA or full fine-tuning), or train the quantized base with ddp")
+        if str(precision) in ("16-mixed", "16", "16-true"):
+            return (f"trainer.strategy={name!r} with trainer.precision={precision!r}: fp16 under sharding needs a "
+                    "gradient scaler that agrees across ranks; use bf16-mixed (or 32-true)")
+        return None
     if any(kind in name.lower() for kind in UNSUPPORTED_STRATEGIES):
-        return (f"trainer.strategy={name!r}: sharded strategies are not supported by lit_rlhf's modules yet; "
-                f"use {SUPPORTED_STRATEGIES} (or LoRA / a 4-bit base to fit one device)")
+        return (f"trainer.strategy={name!r} is not supported by lit_rlhf's modules: to shard a model, use fsdp2 "
+                f"(FSDP2, see the README); else {SUPPORTED_STRATEGIES}")
     return None
 
 

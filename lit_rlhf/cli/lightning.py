@@ -190,11 +190,14 @@ class LitRLHFCLI(LightningCLI):
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise ValueError(f"trainer.accelerator={accelerator!r}: no CUDA GPU is visible on this machine "
                              "(use trainer.accelerator=cpu or auto, or check CUDA_VISIBLE_DEVICES)")
-        if (problem := strategy_problem(config.trainer.get("strategy"))) is not None:
-            raise ValueError(problem)
         if config.trainer.get("precision") is None:
             # Decided after the accelerator: `accelerator: cpu` on a GPU machine stays 32-true.
             config.trainer.precision = default_precision(accelerator, machine_has_bf16_gpu())
+        lm = model_args.get("lm") if hasattr(model_args, "get") else None
+        quantization = lm.get("quantization") if hasattr(lm, "get") else getattr(lm, "quantization", None)
+        if (problem := strategy_problem(config.trainer.get("strategy"), quantization,
+                                        config.trainer.precision)) is not None:
+            raise ValueError(problem)
         for source, target in self.DATA_TO_MODEL.items():
             if target in model_args and source in data_args and model_args[target] is None:
                 model_args[target] = data_args[source]

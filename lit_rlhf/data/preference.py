@@ -19,7 +19,6 @@ end to end in one row (:func:`pack_pairs`); :func:`collate_pairs` gives one righ
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Literal, NamedTuple
 
@@ -249,9 +248,12 @@ class PairDataset(Dataset):
 class PairBatches(DistributedSampler):
     """Batches of pair indices with similar lengths, so little of each batch is padding.
 
-    Indices are shuffled, cut into mega-batches of ``batch_size * group`` pairs, each sorted
-    by length and cut into batches; batch order is shuffled again. Under DDP each rank takes
-    every ``world_size``-th batch and all ranks get the same number of batches.
+    Indices are shuffled, cut into mega-batches of ``batch_size * world_size * group`` pairs,
+    each sorted by length and cut into global batches of ``batch_size * world_size`` pairs;
+    their order is shuffled again, and rank r takes every ``world_size``-th pair of each global
+    batch, from the r-th on. So one seed gives the same global batches on any number of
+    processes (one process with ``batch_size * world_size`` trains on what N processes train on
+    together), every rank gets the same number of batches, and their lengths stay alike.
 
     It shards by itself, so it is a ``DistributedSampler`` to Lightning: any other sampler
     Lightning wraps in its own ``DistributedSamplerWrapper`` under DDP, which would shard the
@@ -271,30 +273,31 @@ class PairBatches(DistributedSampler):
     def _rank_world(self) -> tuple[int, int]:
         return rank_and_world()
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self, world: int) -> list[list[int]]:
+        """The global batches (``batch_size * world`` pairs each, the last one maybe fewer)."""
         order = list(range(len(self.lengths)))
         rng = random.Random(self.seed + self.epoch)
         if self.shuffle:
             rng.shuffle(order)
-        mega = self.batch_size * self.group
+        size = self.batch_size * world
+        mega = size * self.group
         batches = []
         for start in range(0, len(order), mega):
             block = sorted(order[start : start + mega], key=lambda i: self.lengths[i])
-            batches += [block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
+            batches += [block[i : i + size] for i in range(0, len(block), size)]
         if self.shuffle:
             rng.shuffle(batches)
         return batches
 
     def __iter__(self):
         rank, world = self._rank_world()
-        batches = self._batches()
-        per_rank = len(batches) // world if world > 1 else len(batches)
-        return iter(batches[rank::world][:per_rank])
+        # A last global batch with fewer pairs than ranks is left out: every rank needs one.
+        return iter(batch[rank::world] for batch in self._batches(world) if len(batch) >= world)
 
     def __len__(self) -> int:
-        n = math.ceil(len(self.lengths) / self.batch_size) if self.lengths else 0
         _, world = self._rank_world()
-        return n // world if world > 1 else n
+        full, rest = divmod(len(self.lengths), self.batch_size * world)
+        return full + (rest >= world if rest else 0)
 
 
 def _prompt_lengths(pairs) -> torch.Tensor:

@@ -569,7 +569,7 @@ def estimate_config(config: dict, source: str = "the config") -> M.Estimate:
                      f"{'CPU' if device == 'cpu' else 'a bf16-capable GPU'})")
     devices = trainer.get("devices", 1)
     devices = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
-    if (problem := strategy_problem(trainer.get("strategy"))) is not None:
+    if (problem := strategy_problem(trainer.get("strategy"), lm.quantization, precision)) is not None:
         raise ValueError(problem)  # what `fit` would say
 
     def data_arg(name: str, fallback):

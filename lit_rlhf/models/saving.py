@@ -77,16 +77,22 @@ def _rmtree(path: Path) -> None:
 
 
 def save_pretrained_atomic(model: nn.Module, target: str | Path, tokenizer=None, adapters: list[str] | None = None,
-                           check=None, **meta) -> Path:
+                           check=None, state_dict: dict | None = None, **meta) -> Path:
     """``save_pretrained`` (safetensors) into ``target`` atomically, plus the tokenizer.
 
     ``adapters``: for a peft model, the adapters to save (all by default; a policy that also
     carries a reward adapter saves only its own). ``check(folder)``, when given, runs on the
     written folder before it replaces ``target`` (e.g. loading it back). ``meta`` is written to
     ``target/lit_rlhf.json`` (e.g. reward statistics, the base the adapter was trained on).
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered).
     """
+    extra = {"selected_adapters": adapters} if adapters else {}
+    if state_dict is not None:
+        extra["state_dict"] = state_dict
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **({"selected_adapters": adapters} if adapters else {}))
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
+        if state_dict is not None:
+            _unwrapped_architectures(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if meta:
@@ -94,3 +100,17 @@ def save_pretrained_atomic(model: nn.Module, target: str | Path, tokenizer=None,
         if check is not None:
             check(tmp)
     return Path(target)
+
+
+def _unwrapped_architectures(folder: Path) -> None:
+    """``fully_shard`` gives a model the class ``FSDP<Class>``, which ``save_pretrained`` writes
+    into config.json's ``architectures``: written back as the model's own class name."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    names = config.get("architectures") or []
+    fixed = [n[len("FSDP"):] if n.startswith("FSDP") else n for n in names]
+    if fixed != names:
+        config["architectures"] = fixed
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -25,7 +25,9 @@ from lit_rlhf.models import (
     trainable_parameters,
 )
 from lit_rlhf.models.adapters import base_identity
+from lit_rlhf.models.sharding import full_state_dict, is_sharded, shard_roots
 from lit_rlhf.optim import OptimConfig, build_optimizer
+from lit_rlhf.strategies import FSDP2Strategy, sharded_checkpoint_keys
 
 
 def as_config(cls, value):
@@ -77,15 +79,25 @@ def non_finite(named_tensors) -> list[str]:
     ``step`` on the CPU beside moments on the GPU. The sums are stacked per device, never
     moved to one device first. ``meta`` tensors hold no values and are skipped.
     """
+    from torch.distributed.tensor import DTensor
+
     named_tensors = list(named_tensors)
-    by_device: dict[torch.device, list] = {}
+    groups: dict[tuple, list] = {}
     for name, t in named_tensors:
-        if torch.is_tensor(t) and t.is_floating_point() and t.device.type != "meta":
-            by_device.setdefault(t.device, []).append((name, t))
+        if not (torch.is_tensor(t) and t.is_floating_point() and t.device.type != "meta"):
+            continue
+        # A sharded tensor (FSDP2) is summed as this rank's shard, then over the ranks.
+        mesh = t.device_mesh if isinstance(t, DTensor) else None
+        local = t.to_local() if mesh is not None else t
+        groups.setdefault((local.device, mesh), []).append((name, local))
     bad = set()
-    for named in by_device.values():
-        sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for _, t in named]
-        ok = torch.isfinite(torch.stack(sums)).tolist()  # the one host sync for this device
+    for (_, mesh), named in groups.items():
+        sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                            for _, t in named])
+        if mesh is not None:  # every rank holds the same tensors in the same order
+            sums = sums.to(mesh.device_type)
+            dist.all_reduce(sums, group=mesh.get_group())
+        ok = torch.isfinite(sums).tolist()  # the one host sync for this device
         bad.update(name for (name, _), good in zip(named, ok) if not good)
     # In the order given, so the first name reported is the first bad tensor.
     return [name for name, _ in named_tensors if name in bad] if bad else []
@@ -103,12 +115,16 @@ def check_checkpoint(path: str, class_path: str, lm: dict | None) -> None:
     dict. Reads the checkpoint memory-mapped (no copy of its tensors), before any weights load.
     """
     where = f"ckpt_path {path}"
-    if not Path(path).is_file():
+    sharded = Path(path).is_dir() and (Path(path) / "meta.pt").is_file()  # fsdp2's: one file per rank
+    if not (Path(path).is_file() or sharded):
         raise FileNotFoundError(f"{where}: no such file (give the .ckpt of an earlier run, e.g. .../checkpoints/last.ckpt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(Path(path) / "meta.pt" if sharded else path, map_location="cpu", weights_only=True,
+                          mmap=True)
     except Exception as err:  # pickle, zip and safety errors all mean the same to the user
         raise ValueError(f"{where}: not a Lightning checkpoint ({str(err).splitlines()[0][:120]})") from None
+    if sharded and isinstance(ckpt, dict):
+        ckpt["state_dict"] = sharded_checkpoint_keys(Path(path))  # the weights are in the shards
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "loops" not in ckpt:
         raise ValueError(f"{where}: not a Lightning training checkpoint (no state_dict/loops: "
                          "weights alone, e.g. an export, cannot be resumed)")
@@ -164,12 +180,51 @@ class HFModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
-        self.model = load_model(self.lm_config, self.tokenizer, task=self.task, device=device,
+        self.model = load_model(self.lm_config, self.tokenizer, task=self.task, device=self.load_device,
                                 new_head=self.new_head, dropout=self.dropout, compute_dtype=self.compute_dtype)
         trainable, total = trainable_parameters(self.model)
         rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "
                        f"attention {self.model.config._attn_implementation}")
+        self.prepare_model()
+        self.shard()
+
+    def prepare_model(self) -> None:
+        """What a stage does to the loaded model before it is sharded (a reference copy)."""
+
+    # ------------------------------------------------------------------ sharding (FSDP2)
+
+    @property
+    def sharding(self) -> FSDP2Strategy | None:
+        """The ``fsdp2`` strategy when this run shards its models, else None."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        return strategy if isinstance(strategy, FSDP2Strategy) else None
+
+    @property
+    def load_device(self) -> torch.device | None:
+        """Where weights load: each rank's device; the CPU when they are sharded next (a model
+        is never whole on an accelerator; ``fully_shard`` moves each rank's shard there)."""
+        if self._trainer is None:
+            return None
+        return torch.device("cpu") if self.sharding is not None else self.trainer.strategy.root_device
+
+    def fsdp_roots(self) -> list[nn.Module | None]:
+        """The modules whose forward this stage calls: under ``fsdp2`` each is sharded as a root
+        (see :func:`~lit_rlhf.models.sharding.shard_roots`); None entries are skipped."""
+        return [self.model]
+
+    def float32_heads(self) -> list[nn.Module]:
+        """Modules kept float32 whatever the precision (a value head)."""
+        return []
+
+    def shard(self) -> None:
+        """Shard the loaded models over the ``fsdp2`` mesh; a no-op under any other strategy.
+        Under ``bf16-mixed`` the gathered parameters are bf16 and gradients reduce in float32."""
+        if (strategy := self.sharding) is None:
+            return
+        bf16 = str(self.trainer.precision) == "bf16-mixed"
+        shard_roots([r for r in self.fsdp_roots() if r is not None], strategy.mesh,
+                    param_dtype=torch.bfloat16 if bf16 else None, float32_heads=self.float32_heads(),
+                    cpu_offload=strategy.cpu_offload)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -257,15 +312,19 @@ class HFModule(L.LightningModule):
             return {name for name, p in self.named_parameters() if p.requires_grad}
         return set(self.state_dict())
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Non-strict loading (adapters) would silently skip weights that do not fit: check.
-        got, expected = set(checkpoint.get("state_dict", {})), self.checkpoint_keys()
+    def check_checkpoint_keys(self, got: set[str]) -> None:
+        """Refuse weights that do not fit: non-strict loading (adapters) would skip them silently."""
+        expected = self.checkpoint_keys()
         if expected and got != expected:
             missing, unexpected = sorted(expected - got), sorted(got - expected)
             detail = "; ".join(f"{label} {len(keys)} (e.g. {keys[0]})" for label, keys in
                                (("missing", missing), ("unexpected", unexpected)) if keys)
             raise ValueError(f"checkpoint does not fit this model: {detail} (resume with the "
                              "configuration it was saved from)")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" in checkpoint:  # a sharded checkpoint's keys are checked by the strategy, before it loads
+            self.check_checkpoint_keys(set(checkpoint["state_dict"]))
         states = checkpoint.get("rng_states") if self._trainer is not None else None
         if states and len(states) == self.trainer.world_size:
             self._resume_rng = states[self.global_rank]
@@ -306,12 +365,18 @@ class HFModule(L.LightningModule):
         trained on (checked when the adapter is used on another model, e.g. AdapterReward)."""
         return {"base": base_identity(self.lm_config)} if self.lm_config.lora is not None else {}
 
+    def export_state_dict(self, model: nn.Module) -> dict | None:
+        """``model``'s whole state dict for ``save_pretrained`` when its weights are sharded
+        (rank 0; a collective: every rank must call it), else None (it saves its own)."""
+        return full_state_dict(model) if is_sharded(model) else None
+
     def on_train_end(self) -> None:
         path = self.export_dir  # trainer.log_dir is a collective under DDP: every rank asks
+        state = self.export_state_dict(self.hf_model)
         if self.trainer.is_global_zero:
             # peft writes the adapter in its standard format (PeftModel.from_pretrained loads it);
             # only the model's own ("default"), not a reward adapter loaded beside it.
             save_pretrained_atomic(self.hf_model, path, self.tokenizer,
                                    adapters=["default"] if self.lm_config.lora is not None else None,
-                                   **self.export_meta())
+                                   state_dict=state, **self.export_meta())
             rank_zero_info(f"saved {path}")

@@ -97,14 +97,14 @@ class DPOModule(HFModule):
         self.strict_loading = False
         self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in _METRICS})
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        super().configure_model()
+    def prepare_model(self) -> None:
         # Plain SDPA on every call, except packed batches: one attention per sequence.
         use_segment_attention(unwrap_peft(self.model))
         if self.lm_config.lora is None and self.hparams.reference == "model":
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def fsdp_roots(self) -> list[nn.Module | None]:
+        return [self.model, self.ref_model]
 
     def checkpoint_keys(self) -> set[str]:
         # Never the frozen reference copy: it is the starting model, rebuilt at load.

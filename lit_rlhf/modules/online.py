@@ -43,9 +43,11 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.callbacks import NonFiniteLossError
 from lit_rlhf.models import ModelConfig, PolicyWithValueHead, load_model, trainable_parameters
+from lit_rlhf.models.sharding import gathered, root_gathered
 from lit_rlhf.modules.base import HFModule, as_config, gather_ranks
 from lit_rlhf.modules.rollout import (
     Rollout,
+    Rows,
     decode_responses,
     evaluate_actions,
     generate,
@@ -191,7 +193,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self.load_device
         # The ratio and the KL compare forward passes: every dropout must be off, also the
         # config floats that models read directly (OPT's F.dropout(p=config.dropout)).
         lm = load_model(self.lm_config, self.tokenizer, task="causal_lm", device=device, dropout=False,
@@ -205,10 +207,18 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
                 module.p = 0.0
         for _, fn in self.scorers():  # e.g. a reward model served from the policy's base (AdapterReward)
             fn.attach(self.policy.lm, self.tokenizer)
-        self.generator = torch.Generator(device=device).manual_seed(self.seed + self.global_rank)
+        # The same seed on every rank: draws are made for the global batch (see sample()).
+        self.generator = torch.Generator(device=device).manual_seed(self.seed)
         trainable, total = trainable_parameters(self.policy)
         rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "
                        f"attention {lm.config._attn_implementation}")
+        self.shard()
+
+    def fsdp_roots(self) -> list[nn.Module]:
+        return [self.policy, self.ref_policy]
+
+    def float32_heads(self) -> list[nn.Module]:
+        return [self.policy.value_head] if self.policy.value_head is not None else []
 
     @property
     def hf_model(self) -> nn.Module:
@@ -384,17 +394,40 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         s = self.sampling
         g = self.num_generations if num_generations is None else num_generations
         self.policy.eval()  # as at inference; dropout is off either way
+        rows = self.global_rows(batch["input_ids"].size(0)).scaled(g)
         try:
-            lengths = sample_lengths(batch["input_ids"].size(0) * g, s.min_new_tokens, s.max_new_tokens, generator)
+            lengths = sample_lengths(batch["input_ids"].size(0) * g, s.min_new_tokens, s.max_new_tokens, generator,
+                                     rows)
             start = time.perf_counter()
-            rollout = generate(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
-                               eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
-                               pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature,
-                               top_k=s.top_k, top_p=s.top_p, generator=generator, num_generations=g)
+            with gathered([self.policy], enabled=self.gather_for_sampling):
+                rollout = generate(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
+                                   eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
+                                   pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature,
+                                   top_k=s.top_k, top_p=s.top_p, generator=generator, num_generations=g,
+                                   rows=rows, all_done=self._all_ranks_done)
             self.last_sample_s = time.perf_counter() - start
         finally:
             self.policy.train()
         return rollout
+
+    def global_rows(self, batch: int) -> Rows:
+        """Where this rank's ``batch`` prompts sit in the global batch: the prompt stream gives
+        rank r the r-th block of equal size (see :class:`~lit_rlhf.data.prompts.PromptStream`)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return Rows() if world == 1 else Rows(self.global_rank * batch, world * batch)
+
+    def _all_ranks_done(self, done: torch.Tensor) -> bool:
+        """Every row of every rank done (one all-reduce under several processes): ranks decode
+        the same number of steps, so their generators stay in lockstep and a sharded policy's
+        gathers match."""
+        left = (~done).sum()
+        return not bool(self._sum_ranks(left) if self._trainer is not None else left)
+
+    @property
+    def gather_for_sampling(self) -> bool:
+        """Gather a sharded policy once per rollout (the strategy's ``gather_for_sampling``)."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        return bool(getattr(strategy, "gather_for_sampling", False))
 
     @torch.no_grad()
     def scoring_passes(self, rollout: Rollout, old_logprobs: bool | None = None) -> None:
@@ -430,12 +463,18 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
             return batch["messages"]
         return batch["prompt"]
 
+    def call_scorer(self, fn: RewardFunction, prompts: list, responses: list[str], fields: dict):
+        """``fn(prompts, responses, **fields)``. A scorer may run the policy's trunk outside the
+        policy's forward (AdapterReward): a sharded policy's root weights are gathered for it."""
+        with root_gathered(self.policy):
+            return fn(prompts, responses, **fields)
+
     def score(self, prompts: list, responses: list[str], rollout: Rollout, fields: dict | None = None) -> torch.Tensor:
         """(B,) shaped scores: reward function, baseline, clip, missing-EOS penalty.
 
         ``fields``: the data-row fields the reward function asks for, one value per response.
         """
-        raw = self.reward_fn(prompts, responses, **(fields or {}))
+        raw = self.call_scorer(self.reward_fn, prompts, responses, fields or {})
         raw = torch.as_tensor(raw, dtype=torch.float32)
         self.last_raw_score = raw.mean() if raw.numel() else torch.zeros(())  # logged as rewards/<name>
         if raw.shape != (len(prompts),):
@@ -478,7 +517,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
 
     def on_validation_epoch_start(self) -> None:
         # A fixed stream per validation run, so scores are comparable across the run.
-        self._val_generator = torch.Generator(device=self.device).manual_seed(10_000 + self.seed + self.global_rank)
+        self._val_generator = torch.Generator(device=self.device).manual_seed(10_000 + self.seed)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # One response per prompt, with the old log-probs: the KL to the reference is reported.
@@ -487,7 +526,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         mask = rollout.response_mask.float()
         n = len(responses)
         fields = self.row_fields(self.reward_fn, batch, num_generations=1)
-        scores = self.reward_fn(self.prompts_for(self.reward_fn, batch), responses, **fields)
+        scores = self.call_scorer(self.reward_fn, self.prompts_for(self.reward_fn, batch), responses, fields)
         # On the metrics' device: a reward function's CPU scores with a NaN among them would meet
         # the GPU-side weight in torchmetrics' NaN filter (a device mismatch).
         self.val_score.update(self._as_metric_value(scores).mean(), n)
@@ -496,8 +535,8 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         if accuracy is not None:  # an answer checker's fraction of correct answers
             self.val_accuracy.update(self._as_metric_value(accuracy), n)
         if self.judge is not None:
-            judged = self._as_metric_value(self.judge(self.prompts_for(self.judge, batch), responses,
-                                                      **self.row_fields(self.judge, batch, num_generations=1)))
+            judged = self._as_metric_value(self.call_scorer(self.judge, self.prompts_for(self.judge, batch), responses,
+                                                            self.row_fields(self.judge, batch, num_generations=1)))
             self.val_judge.update(judged.mean(), n)
         if rollout.ref_logprobs is not None:
             self.val_kl.update(((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1).mean(), n)
@@ -527,7 +566,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["rl_state"] = {
             "kl_ctl": self.kl_ctl.state_dict(),
-            # Each rank samples with its own generator: all of them, in rank order.
+            # Every rank's generator, in rank order (they are in lockstep: see sample()).
             "generators": gather_ranks(self.generator.get_state()),
             "rollouts_done": self.rollouts_done,
         }
@@ -548,6 +587,8 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         generators = state["generators"]
         if len(generators) == self.trainer.world_size:
             self.generator.set_state(generators[self.global_rank])
+        elif all(torch.equal(g, generators[0]) for g in generators):  # lockstep: any device count
+            self.generator.set_state(generators[0])
         else:
             rank_zero_warn(f"the checkpoint was written by {len(generators)} process(es), this run has "
                            f"{self.trainer.world_size}: sampling restarts from the seed, so the resumed run "

@@ -151,6 +151,6 @@ class PPOModule(OnlineRLModule):
     def on_train_end(self) -> None:
         path = self.export_dir  # a collective under DDP: every rank asks
         super().on_train_end()  # adapter (LoRA) or full policy, with the tokenizer
+        head = self.export_state_dict(self.policy.value_head) or self.policy.value_head.state_dict()
         if self.trainer.is_global_zero:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                      str(path / "value_head.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(path / "value_head.safetensors"))

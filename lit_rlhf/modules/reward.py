@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from lit_rlhf.export import merge_adapter
@@ -66,10 +67,15 @@ class RewardModule(HFModule):
         self.val_metrics = PairMetrics()
         self.last_val: dict[str, float] = {}
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def prepare_model(self) -> None:
         # Plain SDPA on every call, except packed batches: one attention per sequence.
         use_segment_attention(self._transformers_model)
+
+    def fsdp_roots(self) -> list[nn.Module | None]:
+        # The packed pass calls the trunk and the score head itself (forward_packed): each is a root.
+        model = self._transformers_model
+        head = getattr(model, "score", None)
+        return [model.base_model, head] if head is not None else [self.model]
 
     @property
     def _transformers_model(self):
@@ -169,11 +175,12 @@ class RewardModule(HFModule):
             # and the merge below reads it.
             super().on_train_end()
         adapter_dir, merged_dir = self.export_dir, self.merged_dir  # collectives: on every rank
+        state = self.export_state_dict(self.model) if self.lm_config.lora is None else None
         if not self.trainer.is_global_zero:
             return
         meta = {k: v for k, v in self.export_meta().items() if k != "base"}  # a merged model has no base
         if self.lm_config.lora is None:
-            path = save_pretrained_atomic(self.model, merged_dir, self.tokenizer, **meta)
+            path = save_pretrained_atomic(self.model, merged_dir, self.tokenizer, state_dict=state, **meta)
         else:
             path = merge_adapter(self.lm_config, adapter_dir, merged_dir, tokenizer=self.tokenizer,
                                  task=self.task, dtype=self.lm_config.dtype, **meta)

@@ -12,6 +12,8 @@ Tensor layout of a rollout of B prompts:
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -55,14 +57,38 @@ class Rollout:
         return input_ids, mask, positions
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Where a rank's B rows sit in the global batch of all ranks: rows ``offset .. offset + B
+    - 1`` of ``total``. Every random draw is made for the whole global batch, with a generator
+    seeded alike on every rank, and each rank keeps its own rows: the same seed samples the same
+    responses on one device or on eight (and the ranks' generators stay in lockstep)."""
+
+    offset: int = 0
+    total: int | None = None  # None: this rank's rows are the whole batch
+
+    def draw(self, n: int, make) -> torch.Tensor:
+        """This rank's ``n`` rows of ``make(total)``, a draw of one value per global row."""
+        if self.total is None:
+            return make(n)
+        if self.offset + n > self.total:
+            raise ValueError(f"rows {self.offset}..{self.offset + n - 1} outside a global batch of {self.total}")
+        return make(self.total)[self.offset : self.offset + n]
+
+    def scaled(self, factor: int) -> Rows:
+        """The same place with every row repeated ``factor`` times (a group of responses)."""
+        return Rows(self.offset * factor, None if self.total is None else self.total * factor)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    rows: Rows = Rows(),
 ) -> torch.Tensor:
-    """(B, V) logits -> (B,) sampled token ids.
+    """(B, V) logits -> (B,) sampled token ids; ``rows``: where they sit in the global batch.
 
     ``top_k=0`` and ``top_p=1`` sample from the full distribution, which PPO's KL estimate
     needs: any truncation makes the sampled tokens unrepresentative of the policy whose
@@ -82,10 +108,11 @@ def sample_tokens(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
-    return sample_categorical(probs, generator)
+    return sample_categorical(probs, generator, rows)
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
+                       rows: Rows = Rows()) -> torch.Tensor:
     """(B, V) probabilities -> (B,) indices, one exact draw per row by inverse transform.
 
     One uniform number per row against the cumulative distribution. On CPU this measured
@@ -95,7 +122,8 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     picked.
     """
     cdf = probs.cumsum(-1, dtype=torch.float64)  # no float64 copy of the probabilities first
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=torch.float64)
+    u = rows.draw(probs.size(0), lambda n: torch.rand(n, 1, generator=generator, device=probs.device,
+                                                      dtype=torch.float64))
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 
 
@@ -113,6 +141,8 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     num_generations: int = 1,
+    rows: Rows = Rows(),
+    all_done: Callable[[torch.Tensor], bool] | None = None,
 ) -> Rollout:
     """Sample a response for every (left-padded) prompt, reusing the KV cache.
 
@@ -125,29 +155,29 @@ def generate(
             Nothing forces a minimum length.
         num_generations: G independent responses per prompt (a group), rows ``b * G .. b * G
             + G - 1`` for prompt b. Each prompt is prefilled once and its KV cache repeated.
+        rows: where this rank's B * G rows sit in the global batch (see :class:`Rows`).
+        all_done: ``(B * G,) done -> bool``: every row of every rank done (ranks stop at the
+            same step); default: this rank's rows.
 
     Returns:
         A :class:`Rollout` of B * G episodes (log-probs and values not yet filled).
     """
-    device = query_ids.device
-    max_new_tokens = max_new_tokens.to(device)
+    device, max_new_tokens = query_ids.device, max_new_tokens.to(query_ids.device)
     next_logits, cache, query_ids, query_mask, positions = _prefill(policy, query_ids, query_mask, num_generations)
     batch = query_ids.size(0)
     if max_new_tokens.shape != (batch,):
         raise ValueError(f"max_new_tokens {tuple(max_new_tokens.shape)}: expected ({batch},)")
-    mask = query_mask
-    last_pos = positions[:, -1]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    mask, last_pos, done = query_mask, positions[:, -1], torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, alive = [], []
-    for step in range(int(max_new_tokens.max())):
-        token = sample_tokens(next_logits, temperature, top_k, top_p, generator)
-        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+    all_done = all_done or (lambda d: bool(d.all()))
+    for step in itertools.count():  # every row is done after its max_new_tokens
+        token = sample_tokens(next_logits, temperature, top_k, top_p, generator, rows).masked_fill(done, pad_token_id)
         tokens.append(token)
         alive.append(~done)
         done = done | (step + 1 >= max_new_tokens)
         if eos_token_id is not None:
             done = done | (token == eos_token_id)
-        if bool(done.all()):
+        if all_done(done):
             break
         # The token just fed is visible exactly where the final forward's response_mask
         # will be 1, so cached and fresh log-probs agree.
@@ -276,8 +306,11 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
 
 
 def sample_lengths(
-    batch: int, min_new_tokens: int, max_new_tokens: int, generator: torch.Generator | None = None
+    batch: int, min_new_tokens: int, max_new_tokens: int, generator: torch.Generator | None = None,
+    rows: Rows = Rows(),
 ) -> torch.Tensor:
-    """(B,) response length limits, uniform on [min_new_tokens, max_new_tokens]."""
+    """(B,) response length limits, uniform on [min_new_tokens, max_new_tokens]; ``rows``: where
+    the B rows sit in the global batch."""
     device = generator.device if generator is not None else None
-    return torch.randint(min_new_tokens, max_new_tokens + 1, (batch,), generator=generator, device=device)
+    return rows.draw(batch, lambda n: torch.randint(min_new_tokens, max_new_tokens + 1, (n,), generator=generator,
+                                                    device=device))

@@ -61,7 +61,20 @@ class SFTModule(HFModule):
         stats = causal_lm_loss(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
         self.check_finite("train/loss", stats.loss)
         self.log("train/loss", stats.loss, prog_bar=True)
-        return stats.loss
+        return self._global_token_mean(stats.loss, stats.n_tokens)
+
+    def _global_token_mean(self, loss: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's token-mean ``loss``, reweighted so that the gradient the ranks average
+        (DDP, FSDP2) is that of the token mean over the whole global batch, as on one device.
+
+        Ranks count different numbers of trained tokens (prompt tokens and a document's first
+        token in a chunk are not trained): a plain mean of per-rank means would weight a
+        rank's tokens more where it has fewer. One all-reduce of a scalar per step.
+        """
+        if self.trainer.world_size == 1:
+            return loss
+        mean_tokens = self.trainer.strategy.reduce(n_tokens.float(), reduce_op="mean")
+        return loss * n_tokens / mean_tokens.clamp(min=1)
 
     def on_train_epoch_start(self) -> None:
         # Iterable datasets get no sampler.set_epoch from Lightning: reshuffle here.

@@ -70,8 +70,9 @@ class MinibatchUpdates:
         sums: dict[str, torch.Tensor] = {}
         counts = {"n": 0, "skipped": 0, "epochs": 0}
         ratio_max = torch.zeros((), device=self.device)
+        shuffle = self._shuffle_generator()
         for _ in range(cfg.epochs):
-            order = torch.randperm(len(rollout), generator=self.generator, device=self.generator.device)
+            order = torch.randperm(len(rollout), generator=shuffle, device=shuffle.device)
             epoch_kl = []
             for minibatch in order.split(cfg.mini_batch_size):
                 ratio_max = self._minibatch_step(rollout, advantages, returns, minibatch, sums, counts,
@@ -84,6 +85,12 @@ class MinibatchUpdates:
         out["skipped_minibatches"] = torch.tensor(float(counts["skipped"]))
         out["epochs"] = torch.tensor(float(counts["epochs"]))
         return {f"{self.stats_prefix}/{k}": v for k, v in out.items()}
+
+    def _shuffle_generator(self) -> torch.Generator:
+        """This rank's minibatch shuffles, seeded by one draw of the sampling generator: the
+        ranks' sampling generators stay in lockstep however many episodes each rank updates on."""
+        seed = int(torch.randint(2**62, (1,), generator=self.generator, device=self.generator.device))
+        return torch.Generator(device=self.generator.device).manual_seed(seed + self.global_rank)
 
     def _minibatch_step(self, rollout, advantages, returns, minibatch, sums, counts, epoch_kl, ratio_max):
         """One optimizer step over ``minibatch`` (episode indices), or a skip; statistics are

@@ -95,6 +95,26 @@ def test_length_grouped_batches_cover_everything_and_waste_little_padding():
     assert padded / sum(lengths) < 1.1 < padded_random / sum(lengths)
 
 
+@pytest.mark.parametrize("n", [403, 400, 401])
+def test_ranks_together_train_on_the_global_batches_of_one_process(monkeypatch, n):
+    # One process with batch 16 and two with batch 8 each: the same pairs at every step, and
+    # the ranks in lockstep (the same number of batches, never an empty one).
+    lengths = torch.randint(8, 512, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    single = PairBatches(lengths, batch_size=16, shuffle=True, seed=3)
+    monkeypatch.setattr(PairBatches, "_rank_world", lambda self: (0, 1))
+    one = list(single)
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setattr(PairBatches, "_rank_world", lambda self, r=rank: (r, 2))
+        sampler = PairBatches(lengths, batch_size=8, shuffle=True, seed=3)
+        ranks.append((list(sampler), len(sampler)))
+    (b0, n0), (b1, n1) = ranks
+    assert len(b0) == len(b1) == n0 == n1 == (n // 16 + (n % 16 >= 2))
+    assert all(b0[k] and b1[k] for k in range(n0))
+    # (a last global batch of one pair cannot feed two ranks: they leave it out)
+    assert [sorted(a + b) for a, b in zip(b0, b1)] == [sorted(b) for b in one if len(b) >= 2]
+
+
 def test_collate_puts_chosen_first_and_right_pads():
     batch = collate_pairs([([1, 2, 3], [4], 0.5), ([5], [6, 7], 0.0)], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 0, 0], [4, 0, 0], [6, 7, 0]]

@@ -55,10 +55,25 @@ def fit(cli, config: Path, *args: str, expect_kill: bool = False) -> None:
     assert out.code == (-signal.SIGKILL if expect_kill else 0), out.stderr[-3000:]
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as one dict: a file, or an fsdp2 checkpoint folder (one shard file per rank,
+    gathered here into whole tensors, with the optimizer states under ``optimizer_states``)."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    whole = path.parent / f"{path.name}.whole.pt"
+    dcp_to_torch_save(path, whole)
+    state = torch.load(whole, map_location="cpu", weights_only=True)
+    meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    optimizers = [state.pop(k) for k in sorted(k for k in state if k.startswith("optimizer_"))]
+    return {**meta, **state, "optimizer_states": optimizers}
+
+
 def max_difference(a: Path, b: Path) -> float:
     """Largest absolute difference between two checkpoints' trainable weights and optimizer
     moments; also asserts that they hold the same tensors."""
-    ca, cb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    ca, cb = (load_checkpoint(p) for p in (a, b))
     assert ca["global_step"] == cb["global_step"]
     pairs = [(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"]]
     assert ca["state_dict"].keys() == cb["state_dict"].keys()
@@ -76,7 +91,8 @@ def kill_and_resume(cli, tmp: Path, recipe: str, *, steps: int = 6, kill_at: int
     fit(cli, overlay(tmp, "whole", recipe, steps, kill_at, None, dict(extra or {})), *args)
     fit(cli, overlay(tmp, "killed", recipe, steps, kill_at, kill_at, dict(extra or {})), *args, expect_kill=True)
     last = tmp / "killed" / "ckpt" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == kill_at
+    meta = last / "meta.pt" if last.is_dir() else last  # an fsdp2 checkpoint is a folder
+    assert torch.load(meta, map_location="cpu", weights_only=True)["global_step"] == kill_at
     resumed = overlay(tmp, "killed", recipe, steps, kill_at, None, dict(extra or {}))
     fit(cli, resumed, *args, f"--ckpt_path={last}")
     name = f"epoch=0-step={steps}.ckpt"

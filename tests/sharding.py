@@ -22,7 +22,7 @@ TINY = ("--model.init_args.lm.name_or_path=null", "--model.init_args.lm.arch=dem
 # are then the global batch's token mean (see the README: token means are per rank).
 ONLINE = (*TINY, "--model.init_args.reward=lit_rlhf.demo.JudgeReward", "--model.init_args.judge=null",
           "--model.init_args.sampling.min_new_tokens=6", "--model.init_args.sampling.max_new_tokens=6",
-          "--model.init_args.sampling.stop_at_eos=false", "--trainer.limit_train_batches=2")
+          "--model.init_args.sampling.stop_at_eos=false")
 LORA = '--model.init_args.lm.lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}'
 NO_LORA = "--model.init_args.lm.lora=null"
 
@@ -34,9 +34,10 @@ STAGES: dict[str, tuple[str, tuple[str, ...], object]] = {
            lambda b: (f"--data.init_args.batch_size={b}",)),
     "dpo": ("configs/dpo/demo.yaml", (*TINY, "--trainer.max_steps=3", "--data.init_args.max_train_pairs=64"),
             lambda b: (f"--data.init_args.batch_size={b}",)),
-    "ppo": ("configs/ppo/demo.yaml", (*ONLINE, "--model.init_args.ppo.ppo_epochs=2"),
+    "ppo": ("configs/ppo/demo.yaml", (*ONLINE, "--trainer.limit_train_batches=2", "--model.init_args.ppo.ppo_epochs=2"),
             lambda b: (f"--data.init_args.batch_size={b}", f"--model.init_args.ppo.mini_batch_size={b}")),
-    "grpo": ("configs/grpo/demo.yaml", (*ONLINE, "--model.init_args.grpo.num_generations=2"),
+    "grpo": ("configs/grpo/demo.yaml", (*ONLINE, "--trainer.limit_train_batches=2",
+                                        "--model.init_args.grpo.num_generations=2"),
              lambda b: (f"--data.init_args.batch_size={b}", f"--model.init_args.grpo.mini_batch_size={2 * b}")),
 }
 GLOBAL_BATCH = 8
@@ -69,7 +70,113 @@ def max_difference(a: Path, b: Path) -> float:
     return max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
 
 
-if __name__ == "__main__":
+# ------------------------------------------------------------------ checks in one process group
+# Each check trains through the Trainer under fsdp2 on two processes and returns what the test
+# asserts on (tensors, floats): ``CHECKS="invariants offload" OUT=dir python -m tests.sharding``
+# writes every rank's results to ``OUT/rank<r>.pt``.
+
+
+def _trainer(out: Path, **kwargs):
+    import lightning as L
+
+    from lit_rlhf.strategies import FSDP2Strategy
+
+    strategy = FSDP2Strategy(**kwargs.pop("strategy", {}))
+    kwargs.setdefault("max_steps", -1)
+    return L.Trainer(accelerator="cpu", devices=2, strategy=strategy, default_root_dir=out, max_epochs=1,
+                     log_every_n_steps=1, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+                     enable_checkpointing=False, logger=False, enable_model_summary=False, **kwargs)
+
+
+def _recording(module) -> dict:
+    """Records the first update micro-batch's statistics, the first rollout's logged statistics
+    and its sampled tokens."""
+    seen, loss, log_step, sample = {}, module.loss, module._log_step, module.sample
+
+    def recording_loss(sub, *args):
+        value, stats = loss(sub, *args)
+        seen.setdefault("update", {k: float(v) for k, v in stats.items()})
+        return value, stats
+
+    def recording_log(stats):
+        seen.setdefault("logged", {k: float(v) for k, v in stats.items()})
+        log_step(stats)
+
+    def recording_sample(*args, **kwargs):
+        rollout = sample(*args, **kwargs)
+        seen.setdefault("tokens", rollout.response_ids.cpu())
+        return rollout
+
+    module.loss, module._log_step, module.sample = recording_loss, recording_log, recording_sample
+    return seen
+
+
+def check_invariants(out: Path) -> dict:
+    """bf16-mixed under fsdp2: a LoRA reward model, then PPO scored by it as an AdapterReward
+    (sampling gathered once per rollout, and not), then GRPO with a frozen sharded reference:
+    ratio exactly 1 and KL exactly 0 at step 0; the value head float32."""
+    from lit_rlhf.data import PreferenceDataModule, PromptDataModule
+    from lit_rlhf.models import LoraSettings, ModelConfig
+    from lit_rlhf.modules import GRPOModule, PPOModule, RewardModule
+    from lit_rlhf.modules.grpo import GRPOConfig
+    from lit_rlhf.modules.ppo import PPOConfig, SamplingConfig
+    from lit_rlhf.optim import OptimConfig
+    from lit_rlhf.rewards import AdapterReward
+    from tests.conftest import TINY_LLAMA
+    from tests.modules.ppo_helpers import LetterReward
+
+    lora = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules="all-linear")
+    lm = ModelConfig(arch=TINY_LLAMA, tokenizer="demo", lora=lora)
+    results = {}
+    rm = RewardModule(lm, OptimConfig(lr=1e-3))
+    _trainer(out / "rm", max_steps=2, precision="bf16-mixed").fit(
+        rm, PreferenceDataModule("demo", batch_size=4, max_length=64, tokenizer=rm.tokenizer, max_train_pairs=16,
+                                 val_size=8))
+    for gather in (True, False):
+        ppo = PPOModule(lm, AdapterReward(str(rm.export_dir), normalize=False, batch_size=4),
+                        ppo=PPOConfig(mini_batch_size=4, ppo_epochs=2),
+                        sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), rollout_batch_size=4)
+        seen = _recording(ppo)
+        _trainer(out / f"ppo-{gather}", limit_train_batches=2, precision="bf16-mixed",
+                 strategy={"gather_for_sampling": gather}).fit(
+            ppo, PromptDataModule("demo", batch_size=4, val_size=8, tokenizer=ppo.tokenizer))
+        results[f"ppo-gather-{gather}"] = {**seen, "value_head": str(ppo.policy.value_head.weight.dtype)}
+    full = ModelConfig(arch=TINY_LLAMA, tokenizer="demo")
+    grpo = GRPOModule(full, LetterReward(), optim=OptimConfig(lr=1e-3),
+                      grpo=GRPOConfig(num_generations=2, mini_batch_size=8, kl_loss_coef=0.04),
+                      sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), rollout_batch_size=4)
+    seen = _recording(grpo)
+    _trainer(out / "grpo", limit_train_batches=2, precision="bf16-mixed").fit(
+        grpo, PromptDataModule("demo", batch_size=4, val_size=8, tokenizer=grpo.tokenizer))
+    results["grpo"] = seen
+    return results
+
+
+def check_offload(out: Path) -> dict:
+    """cpu_offload: parameters, gradients and optimizer states stay in CPU memory; SFT trains."""
+    from lit_rlhf.data import SFTDataModule
+    from lit_rlhf.models import ModelConfig
+    from lit_rlhf.modules import SFTModule
+    from lit_rlhf.optim import OptimConfig
+    from tests.conftest import TINY_LLAMA
+
+    module = SFTModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo"), OptimConfig(lr=1e-3), seq_length=64)
+    trainer = _trainer(out / "offload", max_steps=2, strategy={"cpu_offload": True}, gradient_clip_val=1.0)
+    trainer.fit(module, SFTDataModule(path="demo", seq_length=64, batch_size=2, tokenizer=module.tokenizer,
+                                      val_size=8))
+    return {"steps": trainer.global_step,
+            "finite": all(bool(p.isfinite().all()) for p in module.parameters()),
+            "offloaded": sorted({type(u._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
+                                 for u in __import__("lit_rlhf.models.sharding", fromlist=["x"]).fsdp_modules(module)})}
+
+
+if __name__ == "__main__" and os.environ.get("CHECKS"):
+    import torch.distributed as dist
+
+    out = Path(os.environ["OUT"])
+    results = {name: globals()[f"check_{name}"](out) for name in os.environ["CHECKS"].split()}
+    torch.save(results, out / f"rank{dist.get_rank()}.pt")
+elif __name__ == "__main__":
     from lit_rlhf.cli import main
 
     # From the environment: LightningCLI reads the command line unless it is empty (each run's

@@ -195,18 +195,19 @@ def test_precision_default_follows_the_accelerator(monkeypatch, tmp_path):
     assert cli.trainer.precision == "32-true"
 
 
-# ------------------------------------------------------------------ 8. sharded strategies refused
+# ------------------------------------------------------------------ 8. other sharded strategies refused
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_3", "lightning.pytorch.strategies.FSDPStrategy"])
-def test_sharded_strategies_are_refused_in_one_line_before_weights_load(cli, strategy):
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_3", "lightning.pytorch.strategies.FSDPStrategy",
+                                      "lightning.pytorch.strategies.ModelParallelStrategy"])
+def test_other_sharded_strategies_are_refused_in_one_line_before_weights_load(cli, strategy):
     arg = (f"--trainer.strategy={strategy}" if "." not in strategy
            else f"--trainer.strategy={{'class_path': '{strategy}'}}")
     out = cli.run(["fit", "-c", "configs/sft/demo.yaml", arg, "--trainer.max_steps=1"])
     assert out.code == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: trainer.strategy='{strategy}': sharded strategies are not supported")
-    assert "ddp" in last
+    assert last.startswith(f"error: trainer.strategy='{strategy}' is not supported by lit_rlhf's modules: "
+                           "to shard a model, use fsdp2")
 
 
 # ------------------------------------------------------------------ 9. validation metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -45,11 +46,13 @@ class PromptStream(IterableDataset):
     Every ``batch_size * world_size`` consecutive prompts of a seeded permutation (a new one
     per pass over the data) form global batch k; rank r takes its own ``batch_size`` slice,
     so ranks sample different prompts. Starting at ``start`` resumes exactly where a run
-    stopped: the position is the number of rollouts already done.
+    stopped: the position is the number of rollouts already done. ``start`` may be a function,
+    read when iteration begins: under fsdp2 the Trainer builds the dataloader before it restores
+    the checkpoint that holds the count.
     """
 
     def __init__(self, prompts: list[tuple[str, list[int]]], batch_size: int, pad_id: int, seed: int = 0,
-                 start: int = 0) -> None:
+                 start: int | Callable[[], int] = 0) -> None:
         self.prompts, self.batch_size, self.pad_id = prompts, batch_size, pad_id
         self.seed, self.start = seed, start
 
@@ -70,7 +73,7 @@ class PromptStream(IterableDataset):
         return {**collate_prompts(items, self.pad_id), "index": k}
 
     def __iter__(self):
-        k = self.start
+        k = int(self.start() if callable(self.start) else self.start)
         while True:
             yield self.batch(k)
             k += 1
@@ -242,10 +245,11 @@ class PromptDataModule(RowsDataModule):
         self.log_counts(self.stats)
 
     def train_dataloader(self) -> DataLoader:
-        # Resume: the module counts rollouts done (restored from the checkpoint first).
-        start = getattr(self.trainer.lightning_module, "rollouts_done", 0) if self.trainer else 0
+        # Resume: the module counts rollouts done (restored from the checkpoint by the time
+        # iteration begins; under fsdp2 after this loader is built).
+        module = self.trainer.lightning_module if self.trainer else None
         stream = PromptStream(self.train_prompts, self.hparams.batch_size, self.tokenizer.pad_token_id,
-                              self.hparams.seed, start=int(start))
+                              self.hparams.seed, start=lambda: getattr(module, "rollouts_done", 0))
         return DataLoader(stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

@@ -62,7 +62,8 @@ def shard_roots(
 
     options = {"mesh": mesh}
     if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory speeds up the copies to a GPU; there is none to pin for on a CPU mesh.
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     full = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     heads = {id(h) for h in float32_heads}

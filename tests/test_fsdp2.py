@@ -1,0 +1,129 @@
+"""``--trainer.strategy=fsdp2``: every stage sharded over two gloo processes trains as one process
+on the same global batch, keeps the step-0 invariants under bf16, resumes exactly after SIGKILL
+from sharded checkpoints, and refuses what it cannot shard in one line.
+
+The two-process runs share process groups (see tests/sharding.py): one for the five stages x
+(full fine-tuning, LoRA), one for the invariant checks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.resume import kill_and_resume
+from tests.sharding import LORA, ONLINE, arguments, max_difference
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = [f"{stage}-{kind}" for stage in ("sft", "rm", "dpo", "ppo", "grpo") for kind in ("full", "lora")]
+
+
+def launch(out: Path, **env) -> None:
+    """``python -m tests.sharding`` with ``env``: its runs or checks on two processes."""
+    out.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "tests.sharding"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "OUT": str(out), **env})
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_fsdp2_is_a_strategy_name_that_shards_over_every_process():
+    import lightning as L
+
+    from lit_rlhf.strategies import FSDP2Strategy
+
+    trainer = L.Trainer(strategy="fsdp2", accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy, FSDP2Strategy)
+    # Lightning's ModelParallelStrategy defaults would make tensor parallelism over the processes.
+    assert trainer.strategy._tensor_parallel_size == 1 and trainer.strategy._data_parallel_size == "auto"
+    assert trainer.strategy.gather_for_sampling and not trainer.strategy.cpu_offload
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--model.init_args.lm.quantization=4bit-nf4", "--model.init_args.lm.lora.r=8"),
+     "error: trainer.strategy='fsdp2': model.init_args.lm.quantization='4bit-nf4' cannot be sharded"),
+    (("--trainer.precision=16-mixed",), "error: trainer.strategy='fsdp2' with trainer.precision='16-mixed'"),
+])
+def test_what_cannot_be_sharded_is_refused_in_one_line_before_weights_load(cli, args, message):
+    out = cli.run(["fit", "-c", "configs/sft/demo.yaml", "--trainer.strategy=fsdp2", "--trainer.devices=2", *args])
+    assert out.code == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.error_lines[-1].startswith(message), out.error_lines
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """Every stage, full fine-tuning and LoRA, a few steps under fsdp2 on two processes."""
+    out = tmp_path_factory.mktemp("fsdp2_runs")
+    launch(out, RUNS=" ".join(RUNS))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", RUNS)
+def test_fsdp2_on_two_processes_trains_as_one_process_on_the_global_batch(cli, sharded_runs, run):
+    single = cli.run(arguments(run, sharded_runs, 1))
+    assert single.code == 0, single.stderr[-3000:]
+    # fp32, 3 AdamW steps (PPO, GRPO: 2 rollouts): only the order of the sums differs.
+    assert max_difference(sharded_runs / f"{run}-1", sharded_runs / f"{run}-2") <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_sharded_export_loads_with_auto_model(sharded_runs):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    causal = sharded_runs / "sft-full-2" / "model"
+    assert json.loads((causal / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert AutoModelForCausalLM.from_pretrained(causal).num_parameters() > 0
+    assert AutoModelForSequenceClassification.from_pretrained(sharded_runs / "rm-lora-2" / "export").num_labels == 1
+
+
+@pytest.mark.slow
+def test_bf16_under_fsdp2_keeps_ratio_one_and_kl_zero_at_step_0_and_offload_trains(tmp_path):
+    launch(tmp_path, CHECKS="invariants offload")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for results in ranks:
+        checks = results["invariants"]
+        for name in ("ppo-gather-True", "ppo-gather-False", "grpo"):
+            update, logged = checks[name]["update"], checks[name]["logged"]
+            assert update["ratio_mean"] == 1.0 and update["ratio_max"] == 1.0, (name, update)
+            kl = logged["objective/kl"] if name.startswith("ppo") else update["kl"]
+            assert kl == 0.0, (name, logged)
+        assert checks["ppo-gather-True"]["value_head"] == "torch.float32"
+        # One gather per rollout or one per block and token: the same samples.
+        assert torch.equal(checks["ppo-gather-True"]["tokens"], checks["ppo-gather-False"]["tokens"])
+        offload = results["offload"]
+        assert offload["steps"] == 2 and offload["finite"] and offload["offloaded"] == ["CPUOffloadPolicy"]
+
+
+FSDP2 = ("--trainer.strategy=fsdp2", "--trainer.devices=2")
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_exactly_from_sharded_checkpoints(cli, tmp_path):
+    from lit_rlhf.strategies import sharded_checkpoint_keys
+
+    # PPO with LoRA: the partial (trainable-only) load, the online state and the sampling generators.
+    ppo = (*ONLINE, "--model.init_args.ppo.ppo_epochs=1", "--data.init_args.batch_size=4",
+           "--model.init_args.ppo.mini_batch_size=4")
+    assert kill_and_resume(cli, tmp_path, "configs/ppo/demo.yaml", args=(*ppo, LORA, *FSDP2), steps=4,
+                           kill_at=2) == 0.0
+    last = tmp_path / "killed" / "ckpt" / "last.ckpt"
+    assert last.is_dir() and not list(last.parent.glob(".*partial"))  # sharded, nothing half-written
+    # The trainable-only rule: the adapter and the value head, never the frozen base.
+    assert all("lora_" in k or "value_head" in k for k in sharded_checkpoint_keys(last))
+    other_rank = LORA.replace('"r": 8', '"r": 4')
+    wrong = cli.run(["fit", "-c", "configs/ppo/demo.yaml", *ppo, other_rank, *FSDP2, f"--ckpt_path={last}"])
+    assert wrong.code == 2 and "lora.r=8" in wrong.error_lines[-1], wrong.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_fsdp2_sft_resumes_mid_epoch_exactly(cli, tmp_path):
+    # Full fine-tuning: every weight and moment sharded; the packed stream's position restored.
+    args = ("--data.init_args.batch_size=4", "--trainer.limit_val_batches=0", *FSDP2)
+    assert kill_and_resume(cli, tmp_path, "configs/sft/demo.yaml", args=args, steps=4, kill_at=2) == 0.0

@@ -318,6 +318,53 @@ def test_full_fine_tuning_counts_gradients_adam_and_a_reference_copy():
     assert sft.row("logits").bytes == M.lm_loss_logits_bytes(4 * 32, 1000, 2)
 
 
+def test_fsdp2_shards_weights_gradients_and_optimizer_states_and_counts_what_it_gathers():
+    lm = _lm(TINY)
+    kw = dict(batch_size=2, prompt_length=8, new_tokens=8, num_generations=4, precision="32-true",
+              accelerator="cpu", devices=4)
+    ddp = estimate_stage(lm, "grpo", **kw)
+    sharded = estimate_stage(lm, "grpo", fsdp2=4, **kw)
+    shape = M.llama_shape(64, 2, 4, 4, 128, vocab=1000)
+    for name in ("weights: 14", "weights: embeddings", "gradients", "optimizer states", "reference: a frozen copy"):
+        assert sharded.row(name).bytes == -(-ddp.row(name).bytes // 4), name
+    assert not any(r.component.startswith("DDP") for r in sharded.rows)
+    block = shape.linear_weights // shape.layers * 4
+    root = ddp.row("weights: embeddings").bytes
+    assert sharded.row("fsdp2: root unit + 2 blocks").bytes == root + 2 * block
+    assert sharded.row("fsdp2: the whole policy gathered").bytes == shape.linear_weights * 4 + root
+    ungathered = estimate_stage(lm, "grpo", fsdp2=4, gather_for_sampling=False, **kw)
+    assert not any(r.component.startswith("fsdp2: the whole policy") for r in ungathered.rows)
+    offload = estimate_stage(lm, "grpo", fsdp2=4, cpu_offload=True, **kw)
+    assert offload.row("optimizer states").bytes == 0 and "CPU memory" in offload.row("optimizer states").note
+
+
+# The README's "Larger than one GPU" table: Llama-2 shapes, full fine-tuning, fp32 master weights.
+LLAMA2 = {"7B": (4096, 11008, 32, 32, 32), "13B": (5120, 13824, 40, 40, 40), "70B": (8192, 28672, 80, 64, 8)}
+
+
+def test_the_readme_fsdp2_table_is_the_estimators():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Larger than one GPU"):readme.index("### Memory guide")]
+    for name, (hidden, intermediate, layers, heads, kv) in LLAMA2.items():
+        arch = dict(model_type="llama", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv, vocab_size=32000, max_position_embeddings=4096)
+        lm = ModelConfig(arch=arch, tokenizer="demo", dtype="float32", gradient_checkpointing=True)
+        shape = arch_shape(lm.architecture(None))
+        common = dict(precision="bf16-mixed", devices=8, shape=shape)
+        sft = dict(batch_size=1, seq_length=2048, **common)
+        ppo = dict(batch_size=8, prompt_length=256, new_tokens=256, mini_batch_size=8, gradient_accumulation_steps=8,
+                   **common)
+        figures = [estimate_stage(lm, "sft", **sft), estimate_stage(lm, "sft", fsdp2=8, **sft),
+                   estimate_stage(lm, "sft", fsdp2=8, cpu_offload=True, **sft),
+                   estimate_stage(lm, "ppo", **ppo), estimate_stage(lm, "ppo", fsdp2=8, **ppo),
+                   estimate_stage(lm, "ppo", fsdp2=8, gather_for_sampling=False, **ppo),
+                   estimate_stage(lm, "ppo", fsdp2=8, gather_for_sampling=False, cpu_offload=True, **ppo)]
+        row = next(line for line in section.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip().replace("*", "").split(" ")[0].replace(",", "") for c in row.split("|")[2:-1]]
+        for cell, est in zip(cells, figures, strict=True):
+            assert abs(float(cell) - est.total / M.GIB) < 0.051 + (0.5 if est.total > 1000 * M.GIB else 0), (name, row)
+
+
 def test_parse_memory_units():
     assert parse_memory("24GB") == 24 * 10**9
     assert parse_memory("24GiB") == parse_memory("24G") == 24 * 2**30

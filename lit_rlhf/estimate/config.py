@@ -20,6 +20,7 @@ from lit_rlhf.cli.config_files import (
     default_precision,
     find_config,
     merge_configs,
+    is_fsdp2,
     nested,
     strategy_problem,
 )
@@ -352,6 +353,7 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
                    num_generations: int = 1, reward: RewardSpec | list[RewardSpec] | None = None,
                    reference: Literal["model", "none"] = "model", precompute_reference: bool = False,
                    precision: str = "bf16-mixed", accelerator: str = "cuda", devices: int = 1,
+                   fsdp2: int = 0, cpu_offload: bool = False, gather_for_sampling: bool = True,
                    optimizer: str = "adamw", shape: M.ArchShape | None = None,
                    notes: list[str] | None = None) -> M.Estimate:
     """The predicted peak memory per device of one step of ``stage`` for the model ``lm``.
@@ -369,7 +371,9 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
         reference: DPO's ``model`` or ``none``; ``precompute_reference`` frees a full copy early.
         precision: the trainer's precision (``bf16-mixed``, ``32-true``, ...).
         accelerator: ``cuda`` (counts the CUDA context) or ``cpu``.
-        devices: devices per node; > 1 adds DDP's gradient buckets.
+        devices: devices per node; > 1 adds DDP's gradient buckets (unless sharded).
+        fsdp2: ranks to shard over (``trainer.strategy=fsdp2``: devices x nodes); 0: not sharded.
+            ``cpu_offload`` and ``gather_for_sampling``: the strategy's options.
         shape: the architecture, when already known (skips building it on the meta device).
 
     Returns:
@@ -410,6 +414,13 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
     training = M.Training(lora.r if lora else None, targets, dropout, modules_to_save, optimizer,
                           lm.gradient_checkpointing, "eager" if attention == "eager" else "sdpa")
 
+    sharding = dict(ddp=devices > 1 and not fsdp2, fsdp2=fsdp2, cpu_offload=cpu_offload,
+                    gather_for_sampling=gather_for_sampling)
+    if fsdp2:
+        notes.append(f"fsdp2 over {fsdp2} ranks: weights, gradients and optimizer states 1/{fsdp2} per rank"
+                     + (" in CPU memory (cpu_offload)" if cpu_offload else "")
+                     + ("; the whole policy gathered for sampling" if gather_for_sampling and stage in ("ppo", "grpo")
+                        else ""))
     if stage in ("ppo", "grpo"):
         if prompt_length is None or new_tokens is None:
             raise ValueError(f"{stage}: prompt_length and new_tokens are needed")
@@ -418,7 +429,7 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
         micro = max(1, mini // max(1, gradient_accumulation_steps))
         work = M.Workload(stage, micro, prompt_length + new_tokens, new_tokens, prompts, rollout_rows, prompt_length,
                           new_tokens, value_head=stage == "ppo", reference="adapters" if lora else "copy",
-                          ddp=devices > 1)
+                          **sharding)
         notes.append(f"update micro-batch = {stage}.mini_batch_size / gradient_accumulation_steps = {mini} / "
                      f"{gradient_accumulation_steps} = {micro} sequence(s) of {prompt_length} prompt + {new_tokens} "
                      "new tokens (the longest: every response at max_new_tokens)")
@@ -430,7 +441,7 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
         ref = "none"
         if stage == "dpo" and reference != "none":
             ref = "adapters" if lora else ("precomputed" if precompute_reference else "copy")
-        work = M.Workload(stage, sequences, seq_length, scored, reference=ref, ddp=devices > 1)
+        work = M.Workload(stage, sequences, seq_length, scored, reference=ref, **sharding)
         if stage in ("rm", "dpo"):
             notes.append(f"{sequences} sequences per step = 2 x {batch_size} pairs (chosen + rejected), each padded to "
                          f"{seq_length} tokens (an upper bound: most pairs are shorter)")
@@ -571,6 +582,11 @@ def estimate_config(config: dict, source: str = "the config") -> M.Estimate:
     devices = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
     if (problem := strategy_problem(trainer.get("strategy"), lm.quantization, precision)) is not None:
         raise ValueError(problem)  # what `fit` would say
+    strategy = trainer.get("strategy")
+    options = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
+    nodes = trainer.get("num_nodes", 1) if isinstance(trainer.get("num_nodes", 1), int) else 1
+    sharding = dict(fsdp2=devices * nodes, cpu_offload=bool(options.get("cpu_offload", False)),
+                    gather_for_sampling=bool(options.get("gather_for_sampling", True))) if is_fsdp2(strategy) else {}
 
     def data_arg(name: str, fallback):
         value = data_init.get(name)
@@ -581,7 +597,7 @@ def estimate_config(config: dict, source: str = "the config") -> M.Estimate:
 
     batch = data_arg("batch_size", 8)
     kwargs: dict = dict(precision=str(precision), accelerator=device, devices=devices,
-                        optimizer=_get(init, "optim.optimizer", "adamw"))
+                        optimizer=_get(init, "optim.optimizer", "adamw"), **sharding)
     if stage == "sft":
         seq = init.get("seq_length") or data_arg("seq_length", 512)
         notes.append(f"batch per device = data.init_args.batch_size = {batch} chunks of {seq} tokens")

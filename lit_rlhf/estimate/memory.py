@@ -494,6 +494,12 @@ class Workload:
     ``precomputed`` (DPO): a copy that lives only while the reference log-probs are computed."""
     ddp: bool = False
     """Several devices with DDP: gradient buckets as large as the trainable gradients."""
+    fsdp2: int = 0
+    """The number of ranks fsdp2 shards weights, gradients and optimizer states over; 0: not sharded."""
+    gather_for_sampling: bool = True
+    """fsdp2: the whole policy is gathered for sampling (the strategy's option)."""
+    cpu_offload: bool = False
+    """fsdp2: the shards live in CPU memory (the strategy's option)."""
 
 
 @dataclass(frozen=True)
@@ -520,6 +526,8 @@ class Row:
     """``always``: held through the whole step; other phases follow one another, and the peak
     is ``always`` + the largest phase."""
     note: str = ""
+    sharded: bool = False
+    """Split over the ranks under fsdp2 (weights, trainable parameters, gradients, optimizer states)."""
 
 
 @dataclass(frozen=True)
@@ -607,6 +615,8 @@ def estimate_memory(policy: ModelMemory, training: Training, work: Workload, rew
     # 2. the update of one micro-batch; 3. PPO/GRPO's rollout, DPO's reference pass
     rows += _update_rows(policy, training, work, num, trainable, grad_bytes)
     rows += _rollout_rows(policy, work, num)
+    if work.fsdp2:
+        rows = _fsdp2_rows(rows, policy, work, num, weights)
     note = ("activation and KV-cache dtypes follow lit_rlhf's load path (measured on CPU; bitsandbytes' "
             "CUDA kernels are assumed to return the same dtypes)")
     return Estimate(tuple(rows), (note,))
@@ -620,9 +630,9 @@ def _weight_rows(policy: ModelMemory, num: Numerics) -> tuple[list[Row], WeightB
     head = "score head" if policy.task == "seq_cls" else ("LM head" if shape.head_params else "LM head tied")
     return [
         Row(f"weights: {shape.layers * len(shape.layer_linears)} linear layers ({_count(shape.linear_weights)} "
-            f"params), {fmt}{dq}", w.linears, "always"),
+            f"params), {fmt}{dq}", w.linears, "always", sharded=True),
         Row(f"weights: embeddings, {head}, norms, biases ({_count(w.other_params)} params), {_dtype(num.weight)}",
-            w.others, "always"),
+            w.others, "always", sharded=True),
     ], w
 
 
@@ -632,7 +642,8 @@ def _trainable_rows(policy: ModelMemory, training: Training, work: Workload,
     shape = policy.shape
     value_head = shape.hidden + 1 if work.value_head else 0
     score_head = shape.hidden if policy.task == "seq_cls" else 0
-    rows = [Row(f"value head ({value_head:,} params, fp32)", value_head * num.adapter, "always")] if value_head else []
+    rows = ([Row(f"value head ({value_head:,} params, fp32)", value_head * num.adapter, "always", sharded=True)]
+            if value_head else [])
     if training.full:
         trainable = shape.params if policy.task == "causal_lm" else shape.params - shape.head_params + score_head
         grad_bytes = trainable * policy.dtype_bytes + value_head * num.adapter
@@ -648,16 +659,16 @@ def _trainable_rows(policy: ModelMemory, training: Training, work: Workload,
         targets = (f"all {len(names)} linears" if len(training.lora_targets) == len(shape.layer_linears) > 3
                    else ", ".join(names))
         rows.insert(0, Row(f"LoRA adapters: r={training.lora_r} on {targets} ({_count(adapters)} params, "
-                           f"{_dtype(num.adapter)})", adapters * num.adapter, "always"))
+                           f"{_dtype(num.adapter)})", adapters * num.adapter, "always", sharded=True))
         if saved:
             rows.append(Row(f"modules_to_save: trained copies ({_count(saved)} params, {_dtype(num.weight)})",
-                            saved * num.weight, "always"))
+                            saved * num.weight, "always", sharded=True))
         grad_bytes = (adapters + value_head) * num.adapter + saved * num.weight
         state = (optimizer_state_bytes(adapters + value_head, num.adapter, training.optimizer)
                  + optimizer_state_bytes(saved, num.weight, training.optimizer))
         label = f"LoRA: {_count(trainable)} trainable params"
     moments = "8-bit AdamW" if training.optimizer == "adamw8bit" else "AdamW: 2 moments in the params' dtype"
-    rows.append(Row(f"optimizer states ({moments})", state, "always", label))
+    rows.append(Row(f"optimizer states ({moments})", state, "always", label, sharded=True))
     return rows, trainable, grad_bytes
 
 
@@ -665,10 +676,10 @@ def _reference_rows(work: Workload, copy_bytes: int) -> list[Row]:
     if work.reference == "adapters":
         return [Row("reference: the same base with adapters disabled", 0, "always")]
     if work.reference == "copy":
-        return [Row("reference: a frozen copy of the model (full fine-tuning)", copy_bytes, "always")]
+        return [Row("reference: a frozen copy of the model (full fine-tuning)", copy_bytes, "always", sharded=True)]
     if work.reference == "precomputed":
         return [Row("reference: a frozen copy of the model (full fine-tuning)", copy_bytes, "reference",
-                    "freed after the reference log-probs are precomputed")]
+                    "freed after the reference log-probs are precomputed", sharded=True)]
     return []
 
 
@@ -722,7 +733,7 @@ def _update_rows(policy: ModelMemory, training: Training, work: Workload, num: N
               lora_dropout=training.lora_dropout, attention=training.attention, seq_length=work.seq_length)
     ckpt = "on" if training.gradient_checkpointing else "off"
     rows = [
-        Row(f"gradients ({_count(trainable)} params)", grad_bytes, "update"),
+        Row(f"gradients ({_count(trainable)} params)", grad_bytes, "update", sharded=True),
         Row(f"activations: {work.micro_batch} x {work.seq_length} tokens, checkpointing {ckpt}",
             activation_bytes(shape, num, tokens, checkpointing=training.gradient_checkpointing, **kw), "update",
             f"{gib(layer_activation_bytes(shape, num, **kw))} per token per layer"),
@@ -742,7 +753,7 @@ def _update_rows(policy: ModelMemory, training: Training, work: Workload, num: N
     fp32_base = num.autocast and policy.quantization == "none" and policy.dtype_bytes == 4
     layers = (1 if training.gradient_checkpointing else shape.layers) if fp32_base else 0
     copies = head_copy + adapters + layers * 2 * sum(lin.weights for lin in shape.layer_linears)
-    if copies:
+    if copies and not (work.fsdp2 and num.autocast):  # fsdp2 gathers the weights in 16-bit already
         rows.append(Row("autocast 16-bit copies of fp32 weights kept for the backward", copies, "update"))
     if dequant:
         rows.append(Row("dequantized weight of the largest linear (transient)", dequant, "update"))
@@ -776,6 +787,38 @@ def _rollout_rows(policy: ModelMemory, work: Workload, num: Numerics) -> list[Ro
         Row(f"scoring passes ({passes}): {rows} x {length} tokens (no grad)",
             inference_layer_bytes(shape, num, rows * length) + logits + head_copy + dequant, "score"),
     ]
+
+
+def _fsdp2_rows(rows: list[Row], policy: ModelMemory, work: Workload, num: Numerics,
+                weights: WeightBytes) -> list[Row]:
+    """Under fsdp2 over N ranks: the sharded rows at 1/N per rank (or in CPU memory), plus what
+    is gathered whole for a while: the root unit (embeddings, head, norms) and two transformer
+    blocks (the one computing and the one prefetched) in every pass, one block's unsharded
+    gradients before their reduce-scatter, and the whole policy for sampling when
+    ``gather_for_sampling``. Gathered weights are 16-bit under bf16-mixed (FSDP2's mixed precision)."""
+    n, shape = work.fsdp2, policy.shape
+    out = []
+    for row in rows:
+        if not row.sharded:
+            out.append(row)
+        elif work.cpu_offload:
+            out.append(replace(row, bytes=0, note=f"in CPU memory (cpu_offload): {gib(-(-row.bytes // n))} per rank"))
+        else:
+            out.append(replace(row, bytes=-(-row.bytes // n), note="; ".join(x for x in (row.note, f"1/{n} per rank")
+                                                                              if x)))
+    gathered = num.compute if num.autocast else policy.dtype_bytes
+    block = shape.linear_weights // max(shape.layers, 1) * gathered
+    root = weights.other_params * gathered
+    units = Row("fsdp2: root unit + 2 blocks gathered (one computing, one prefetched)", root + 2 * block, "update")
+    phases = dict.fromkeys(row.phase for row in rows if row.phase not in ("always", "generate"))
+    out += [replace(units, phase=phase) for phase in phases]
+    out.append(Row("fsdp2: one block's unsharded gradients before the reduce-scatter (fp32)",
+                   shape.linear_weights // max(shape.layers, 1) * 4, "update"))
+    if work.stage in ("ppo", "grpo"):
+        whole = (shape.linear_weights + weights.other_params) * gathered
+        out.append(Row("fsdp2: the whole policy gathered for sampling (gather_for_sampling)", whole, "generate")
+                   if work.gather_for_sampling else replace(units, phase="generate"))
+    return out
 
 
 def with_assumptions(estimate: Estimate, *lines: str, title: str | None = None,

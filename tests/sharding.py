@@ -152,6 +152,25 @@ def check_invariants(out: Path) -> dict:
     return results
 
 
+def check_dpo_precompute(out: Path) -> dict:
+    """DPO with full fine-tuning and the reference log-probs precomputed by a sharded frozen copy,
+    over a number of batches that the two ranks cannot split evenly (every rank must run as many
+    forwards as the other)."""
+    from lit_rlhf.data import PreferenceDataModule
+    from lit_rlhf.models import ModelConfig
+    from lit_rlhf.modules import DPOModule
+    from lit_rlhf.optim import OptimConfig
+    from tests.conftest import TINY_LLAMA
+
+    module = DPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo"), OptimConfig(lr=1e-3), precompute_reference=True)
+    data = PreferenceDataModule("demo", batch_size=4, max_length=64, tokenizer=module.tokenizer, max_train_pairs=20,
+                                val_size=8)
+    trainer = _trainer(out / "dpo", max_steps=2)
+    trainer.fit(module, data)
+    refs = [p.reference for p in data.train_set.pairs]
+    return {"steps": trainer.global_step, "pairs": len(refs), "references": torch.tensor(refs, dtype=torch.float64)}
+
+
 def check_offload(out: Path) -> dict:
     """cpu_offload: parameters, gradients and optimizer states stay in CPU memory; SFT trains."""
     from lit_rlhf.data import SFTDataModule

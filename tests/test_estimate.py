@@ -338,6 +338,15 @@ def test_fsdp2_shards_weights_gradients_and_optimizer_states_and_counts_what_it_
     assert offload.row("optimizer states").bytes == 0 and "CPU memory" in offload.row("optimizer states").note
 
 
+def test_cli_estimates_per_rank_under_fsdp2_and_refuses_a_quantized_base(capsys, no_weights):
+    code, out, _ = _run(capsys, "-c", str(ROOT / "configs/sft/demo.yaml"), "--trainer.strategy=fsdp2",
+                        "--trainer.devices=4", "--trainer.num_nodes=2")
+    assert code == 0 and "fsdp2 over 8 ranks" in out and "1/8 per rank" in out, out
+    code, _, err = _run(capsys, "-c", str(ROOT / "configs/sft/demo.yaml"), "--trainer.strategy=fsdp2",
+                        "--model.init_args.lm.quantization=4bit-nf4", "--model.init_args.lm.lora.r=8")
+    assert code == 2 and "cannot be sharded" in err, err
+
+
 # The README's "Larger than one GPU" table: Llama-2 shapes, full fine-tuning, fp32 master weights.
 LLAMA2 = {"7B": (4096, 11008, 32, 32, 32), "13B": (5120, 13824, 40, 40, 40), "70B": (8192, 28672, 80, 64, 8)}
 

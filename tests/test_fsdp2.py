@@ -84,8 +84,8 @@ def test_a_sharded_export_loads_with_auto_model(sharded_runs):
 
 
 @pytest.mark.slow
-def test_bf16_under_fsdp2_keeps_ratio_one_and_kl_zero_at_step_0_and_offload_trains(tmp_path):
-    launch(tmp_path, CHECKS="invariants offload")
+def test_bf16_under_fsdp2_keeps_ratio_one_and_kl_zero_at_step_0_offload_and_precomputed_dpo_train(tmp_path):
+    launch(tmp_path, CHECKS="invariants offload dpo_precompute")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for results in ranks:
         checks = results["invariants"]
@@ -99,6 +99,10 @@ def test_bf16_under_fsdp2_keeps_ratio_one_and_kl_zero_at_step_0_and_offload_trai
         assert torch.equal(checks["ppo-gather-True"]["tokens"], checks["ppo-gather-False"]["tokens"])
         offload = results["offload"]
         assert offload["steps"] == 2 and offload["finite"] and offload["offloaded"] == ["CPUOffloadPolicy"]
+        # 20 pairs in 5 batches of 4 over two ranks: every pair's reference, on both ranks.
+        dpo = results["dpo_precompute"]
+        assert dpo["steps"] == 2 and dpo["pairs"] == 20 and torch.isfinite(dpo["references"]).all()
+    assert torch.equal(ranks[0]["dpo_precompute"]["references"], ranks[1]["dpo_precompute"]["references"])
 
 
 FSDP2 = ("--trainer.strategy=fsdp2", "--trainer.devices=2")

@@ -171,13 +171,19 @@ class DPOModule(HFModule):
             # Similar lengths together, as in training; rank r takes batches r, r + world, ...
             lengths = dataset.lengths()
             order = sorted(range(len(dataset)), key=lengths.__getitem__)
-            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][rank::world]
+            every = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+            batches = every[rank::world]
+            # Every rank runs as many passes (a sharded reference gathers its weights in each):
+            # a rank with one batch fewer repeats its last one and drops the result.
+            passes = -(-len(every) // world)
             mine = []
-            for indices in batches:
+            for k in range(passes):
+                indices = batches[min(k, len(batches) - 1)] if batches else every[0]
                 batch = self.transfer_batch_to_device(pack_pairs(dataset[indices], 0), self.device, 0)
                 with self.trainer.precision_plugin.forward_context():
                     logps = self._reference_pass(batch).float().cpu()
-                mine += [(i, c, r) for i, (c, r) in zip(indices, logps.view(2, -1).t().tolist())]
+                if k < len(batches):
+                    mine += [(i, c, r) for i, (c, r) in zip(indices, logps.view(2, -1).t().tolist())]
             gathered = [item for part in gather_ranks(mine) for item in part]
             logps = torch.zeros(len(dataset), 2, dtype=torch.float64)
             logps[[i for i, _, _ in gathered]] = torch.tensor([[c, r] for _, c, r in gathered], dtype=torch.float64)

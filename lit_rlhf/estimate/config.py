@@ -19,8 +19,8 @@ from lit_rlhf.cli.config_files import (
     config_chain,
     default_precision,
     find_config,
-    merge_configs,
     is_fsdp2,
+    merge_configs,
     nested,
     strategy_problem,
 )

@@ -54,6 +54,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.world_size
 
+    def model_to_device(self) -> None:
+        """Lightning moves the whole module to the GPU after ``configure_model``; offloaded
+        shards must stay in CPU memory, so only what FSDP2 does not manage moves (metrics)."""
+        if not self.cpu_offload:
+            return super().model_to_device()
+        from lit_rlhf.models.sharding import is_sharded
+
+        for child in self.model.children():
+            if not is_sharded(child):
+                child.to(self.root_device)
+
     @property
     def mesh(self):
         """The 1-D data-parallel mesh that the modules shard over."""

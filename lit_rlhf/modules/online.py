@@ -425,9 +425,8 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
 
     @property
     def gather_for_sampling(self) -> bool:
-        """Gather a sharded policy once per rollout (the strategy's ``gather_for_sampling``)."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        return bool(getattr(strategy, "gather_for_sampling", False))
+        """Gather a sharded policy once per rollout (the fsdp2 strategy's ``gather_for_sampling``)."""
+        return self.sharding is not None and self.sharding.gather_for_sampling
 
     @torch.no_grad()
     def scoring_passes(self, rollout: Rollout, old_logprobs: bool | None = None) -> None:

@@ -1,5 +1,6 @@
 """Every stage on CUDA through the Trainer: bf16-mixed, validation and checkpoints on, a 4-bit base
-with LoRA (SFT, PPO, GRPO), the reward model served as an adapter, the step-0 invariants, resume.
+with LoRA (SFT, PPO, GRPO), the reward model served as an adapter, the step-0 invariants, resume,
+and fsdp2 on one GPU.
 
 Off by default; `pytest -m gpu` runs them (scripts/gpu_check.sh does, with the quick GPU
 benchmark). On a machine without CUDA, `-m gpu` fails in one line (tests/conftest.py) instead of
@@ -57,7 +58,9 @@ def _trainer(root, steps, every=1, val_every=None, **kwargs):
 
 
 def _finite(module) -> bool:
-    return all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)
+    # A sharded (fsdp2) parameter is checked as this rank's shard.
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731
+    return all(torch.isfinite(local(p)).all() for p in module.parameters() if p.requires_grad)
 
 
 def _first_update(module) -> dict:
@@ -153,3 +156,25 @@ def test_dpo_lora_trains_and_validates(base, tmp_path):
     trainer.fit(module, data)
     assert trainer.global_step == 3 and _finite(module)
     assert "val/rewards/accuracy" in trainer.callback_metrics
+
+
+def test_fsdp2_on_the_gpu_keeps_ratio_one_and_kl_zero_and_resumes(base, tmp_path):
+    # One GPU is a mesh of one: the CUDA side of sharding (NCCL, FSDP2's bf16 policy, the sharded
+    # checkpoint and its resume); the two-process equivalence runs on CPUs in tests/test_fsdp2.py.
+    from lit_rlhf.strategies import FSDP2Strategy
+
+    def run(rollouts, ckpt=None):
+        module = GRPOModule(_lm(base), LetterReward(), optim=OptimConfig(lr=1e-3),
+                            grpo=GRPOConfig(num_generations=4, mini_batch_size=16, kl_loss_coef=0.04),
+                            sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), rollout_batch_size=4)
+        first = _first_update(module)
+        trainer = _trainer(tmp_path, rollouts, val_every=1, strategy=FSDP2Strategy())
+        trainer.fit(module, PromptDataModule("demo", batch_size=4, val_size=8, tokenizer=module.tokenizer), ckpt_path=ckpt)
+        return trainer, module, first
+
+    trainer, module, first = run(2)
+    stats = first["stats"]
+    assert stats["ratio_mean"].item() == 1.0 and stats["kl"].item() == 0.0, stats
+    assert (tmp_path / "ckpt" / "last.ckpt" / "meta.pt").is_file()  # sharded: a folder
+    trainer, module, _ = run(3, ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert module.rollouts_done == 3 and _finite(module)

@@ -20,6 +20,7 @@ exports its run; the loader never imports it.
 from __future__ import annotations
 
 import hashlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -67,28 +68,51 @@ def is_demo_model(name: str | None) -> bool:
 def ensure_demo_model(name: str) -> Path:
     """Path of the demo model ``name`` (a key of :data:`DEMO_MODELS`), training it if absent."""
     from lit_rlhf.cli.config_files import recipe_path
-    from lit_rlhf.export import export_run
 
     stage, recipe = DEMO_MODELS[name]
     target = demo_models_root() / stage
     config = recipe_path(recipe)  # shipped in the package: works from any directory
     stamp = recipe_stamp(config)
+    if _built(target, stamp):
+        return target
     if (target / "config.json").is_file():
-        built_by = (target / STAMP_FILE).read_text().strip() if (target / STAMP_FILE).is_file() else None
-        if built_by == stamp:
-            return target
         print(f"[lit_rlhf] configs/{recipe} changed since {name} was built: rebuilding it", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The ranks of a multi-process run (and concurrent runs) ask at once: one builds, the others
+    # wait for it and take what it built.
+    with open(target.parent / f".{stage}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _built(target, stamp):
+            _build(name, recipe, config, target)
+            (target / STAMP_FILE).write_text(stamp + "\n")  # absent until here: an interrupted build is redone
+    return target
+
+
+def _built(target: Path, stamp: str) -> bool:
+    """True when ``target`` holds a model built from the recipe whose stamp is ``stamp``."""
+    stamp_file = target / STAMP_FILE
+    return (target / "config.json").is_file() and stamp_file.is_file() and stamp_file.read_text().strip() == stamp
+
+
+# Set by launchers for the ranks of a distributed run: a build started from inside one (a reward
+# model resolved after the ranks start) must run as a plain single process.
+DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "GLOBAL_RANK", "WORLD_SIZE",
+                   "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _build(name: str, recipe: str, config: Path, target: Path) -> None:
+    from lit_rlhf.export import export_run
+
     cost, skip = BUILD_NOTES[name]
     print(f"[lit_rlhf] {name} is not built yet: training it once, {cost} (lit-rlhf fit -c configs/{recipe}; "
           f"cached in {target}); to skip it, give {skip}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix=f"lit_rlhf_{stage}_") as run_root:
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("SLURM_")}
+    with tempfile.TemporaryDirectory(prefix=f"lit_rlhf_{target.name}_") as run_root:
         # Its own process, in the run's folder: nothing depends on where the user stands.
         subprocess.run([sys.executable, "-m", "lit_rlhf.cli", "fit", "-c", str(config),
-                        f"--trainer.default_root_dir={run_root}"], cwd=run_root, check=True)
+                        f"--trainer.default_root_dir={run_root}"], cwd=run_root, check=True, env=env)
         run_dir = max(Path(run_root, "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
         export_run(run_dir, target)
-    (target / STAMP_FILE).write_text(stamp + "\n")  # absent until here: an interrupted build is redone
-    return target
 
 
 def unbuilt_fields(name: str) -> tuple[dict, str] | None:

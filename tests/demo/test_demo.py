@@ -377,8 +377,13 @@ def test_a_cached_demo_model_is_rebuilt_when_its_recipe_changes(tmp_path, monkey
     monkeypatch.setattr("lit_rlhf.cli.config_files.RECIPES", tmp_path / "configs")  # the shipped recipes
     monkeypatch.setenv("LIT_RLHF_CACHE", str(tmp_path / "cache"))
     builds = []
+    # Asked from inside a rank of a multi-process run (a reward model resolved after launch): the
+    # build must not believe it is that rank.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_PORT", "12910")
 
-    def fake_run(cmd, cwd, check):
+    def fake_run(cmd, cwd, check, env):
+        assert "LOCAL_RANK" not in env and "MASTER_PORT" not in env and env["LIT_RLHF_CACHE"]
         root = Path(cmd[-1].split("=", 1)[1])
         (root / "lightning_logs" / "version_0").mkdir(parents=True)
         builds.append(cmd)

@@ -42,6 +42,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                 every generated token.
             save_distributed_checkpoint: each rank writes its own shard (a checkpoint is a
                 folder); False gathers everything into one file on rank 0 (needs its memory).
+            process_group_backend: ``nccl``, ``gloo``, ...; None: the device's default.
         """
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,

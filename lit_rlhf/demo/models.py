@@ -19,8 +19,8 @@ exports its run; the loader never imports it.
 
 from __future__ import annotations
 
-import hashlib
 import fcntl
+import hashlib
 import os
 import subprocess
 import sys

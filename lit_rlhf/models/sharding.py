@@ -7,8 +7,9 @@ transformer block (the model class's ``_no_split_modules``) becomes its own unit
 block's full weights exist at a time; float32 heads (value head, reward score head) get a unit
 that keeps them float32 under a bf16 policy; the root's own unit holds the rest (embeddings,
 final norm, a tied LM head). FSDP2 requires the first forward of a tree to run through its
-root, and a root's parameters stay gathered after its forward until its backward (FSDP2's own
-rule), so a stage may call a root's submodules directly once the root has run.
+root; a stage that later calls a root's submodules directly, outside the root's forward (a
+reward adapter on the policy's trunk), gathers the root's own parameters for it
+(:func:`root_gathered`).
 
 Under sharding every rank must take part in every collective: a parameter all-gather inside
 a forward, a full state dict, a save. Code that runs on rank 0 alone must never touch the
@@ -80,6 +81,7 @@ def shard_roots(
 
 
 def fsdp_modules(module: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units in ``module`` (itself included), outermost first."""
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in module.modules() if isinstance(m, FSDPModule)]

@@ -27,7 +27,7 @@ from lit_rlhf.models import (
 from lit_rlhf.models.adapters import base_identity
 from lit_rlhf.models.sharding import full_state_dict, is_sharded, shard_roots
 from lit_rlhf.optim import OptimConfig, build_optimizer
-from lit_rlhf.strategies import FSDP2Strategy, sharded_checkpoint_keys
+from lit_rlhf.strategies import FSDP2Strategy
 
 
 def as_config(cls, value):
@@ -123,9 +123,8 @@ def check_checkpoint(path: str, class_path: str, lm: dict | None) -> None:
                           mmap=True)
     except Exception as err:  # pickle, zip and safety errors all mean the same to the user
         raise ValueError(f"{where}: not a Lightning checkpoint ({str(err).splitlines()[0][:120]})") from None
-    if sharded and isinstance(ckpt, dict):
-        ckpt["state_dict"] = sharded_checkpoint_keys(Path(path))  # the weights are in the shards
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "loops" not in ckpt:
+    # A sharded checkpoint keeps its weights in the shards, beside meta.pt.
+    if not isinstance(ckpt, dict) or ("state_dict" not in ckpt and not sharded) or "loops" not in ckpt:
         raise ValueError(f"{where}: not a Lightning training checkpoint (no state_dict/loops: "
                          "weights alone, e.g. an export, cannot be resumed)")
     hparams = ckpt.get("hyper_parameters") or {}

@@ -4,9 +4,10 @@ evaluation of all resulting policies side by side.
     python train.py pipeline --output_dir runs/demo                       (SFT -> RM -> PPO, SFT -> DPO)
     python train.py pipeline --output_dir runs/demo --methods ppo,dpo,grpo
     python train.py pipeline --output_dir runs/arith --task arithmetic    (SFT -> GRPO, exact-answer reward)
+    python train.py pipeline --output_dir runs/calc --task calculator     (SFT -> multi-turn GRPO with a tool)
 
 Each stage runs the same config file as its single-stage command (``configs/<stage>/demo.yaml``
-for the review task, ``configs/<stage>/arithmetic.yaml`` for arithmetic), in its own process,
+for the review task, ``configs/<stage>/<task>.yaml`` for arithmetic and calculator), in its own process,
 with its outputs under ``<output_dir>/<stage>/``:
 
     sft/lightning_logs/...   sft/model/      (merged, plain HF causal LM)
@@ -39,9 +40,10 @@ from pathlib import Path
 import torch
 
 # The methods each task can run after SFT, and the default choice.
-TASKS = {"reviews": (("ppo", "dpo", "grpo"), "ppo,dpo"), "arithmetic": (("grpo",), "grpo")}
+TASKS = {"reviews": (("ppo", "dpo", "grpo"), "ppo,dpo"), "arithmetic": (("grpo",), "grpo"),
+         "calculator": (("grpo",), "grpo")}
 # Which stages need the reward model.
-USES_RM = {"reviews": {"ppo", "grpo"}, "arithmetic": set()}
+USES_RM = {"reviews": {"ppo", "grpo"}, "arithmetic": set(), "calculator": set()}
 
 
 @dataclass
@@ -167,12 +169,19 @@ class EvalSet:
     prompts: list[str]
     score: Callable[[int, str, str], float]  # (index, prompt, response) -> score
     judge: str  # what judge_score means, for the summary and samples.md
-    rows: list[dict] = field(default_factory=list)  # arithmetic: the problems, for greedy accuracy
+    rows: list[dict] = field(default_factory=list)  # arithmetic, calculator: the problems, for greedy accuracy
+    task: str = "reviews"
 
 
 def eval_set(task: str, n_prompts: int, seed: int) -> EvalSet:
     """Review task: openings of held-out reviews (never in PPO's prompt set), the demo judge.
-    Arithmetic: held-out test problems, 1 for the exact answer."""
+    Arithmetic and calculator: held-out test problems, 1 for the exact answer."""
+    if task == "calculator":
+        from lit_rlhf.demo.calculator import test_rows
+
+        rows = test_rows()
+        return EvalSet([r["prompt"] for r in rows[:n_prompts]], None,
+                       "exact-answer rate (sampled episodes, the calculator tool loop)", rows, task)
     if task == "arithmetic":
         from lit_rlhf.demo.arithmetic import prepare_arithmetic
 
@@ -195,6 +204,11 @@ def evaluate(models: dict[str, Path], evals: EvalSet, max_new_tokens: int, seed:
     results = {}
     for name, model_dir in models.items():
         ref = None if name == "sft" else models["sft"]
+        if evals.task == "calculator":  # multi-turn episodes with the real tool loop
+            from lit_rlhf.demo.calculator import pipeline_results
+
+            results[name] = pipeline_results(model_dir, ref, evals.rows, len(evals.prompts), seed)
+            continue
         results[name] = sample_and_score(model_dir, evals.prompts, evals.score, max_new_tokens, seed, ref_dir=ref)
         if evals.rows:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -230,6 +244,8 @@ PANELS = [
     ("DPO reward margin", "dpo", [("train/rewards/margin", "train"), ("val/rewards/margin", "val")], "step"),
     ("GRPO score", "grpo", [("env/score", "train rollouts"), ("val/score", "val")], "rollout"),
     ("GRPO KL to SFT (nats/response)", "grpo", [("objective/kl", "train rollouts"), ("val/kl", "val")], "rollout"),
+    ("GRPO tool use (multi-turn)", "grpo", [("episode/tool_use", "episodes with a call"),
+                                            ("episode/tool_errors", "tool errors per episode")], "rollout"),
 ]
 
 
@@ -280,15 +296,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", required=True, help="everything goes under this folder")
     parser.add_argument("--task", choices=list(TASKS), default="reviews",
                         help="reviews: write positive movie reviews (judge: the demo lexicon); "
-                             "arithmetic: answer '{a}+{b}=' exactly")
+                             "arithmetic: answer '{a}+{b}=' exactly; calculator: answer '{a}*{b}=' "
+                             "with a calculator tool (multi-turn)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods after SFT; reviews: ppo,dpo,grpo (default ppo,dpo); "
-                             "arithmetic: grpo")
+                             "arithmetic, calculator: grpo")
     for stage in ("sft", "rm", "ppo", "dpo", "grpo"):
         parser.add_argument(f"--{stage}_config", default=None,
                             help=f"config of the {stage} stage (default: configs/{stage}/<task config>)")
     parser.add_argument("--eval_prompts", type=int, default=128, help="held-out prompts every policy answers")
-    parser.add_argument("--eval_max_new_tokens", type=int, default=None, help="default: 24 (reviews), 4 (arithmetic)")
+    parser.add_argument("--eval_max_new_tokens", type=int, default=None, help="default: 24 (reviews), 4 (arithmetic); calculator: 64 per turn, fixed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars from the stages")
     opts = parser.parse_args(argv)
@@ -300,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--methods {m}: not a method of --task {opts.task} (choose from {','.join(allowed)})")
     if not opts.methods:
         parser.error("--methods: name at least one method")
-    recipe = "demo.yaml" if opts.task == "reviews" else "arithmetic.yaml"
+    recipe = "demo.yaml" if opts.task == "reviews" else f"{opts.task}.yaml"
     needs_rm = bool(USES_RM[opts.task] & set(opts.methods))
     for stage in ("sft", *(["rm"] if needs_rm else []), *opts.methods):
         name = f"{stage}_config"
@@ -309,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         except FileNotFoundError:
             parser.error(f"--{name} {getattr(opts, name)}: no such file (nor a recipe shipped with lit_rlhf)")
     if opts.eval_max_new_tokens is None:
-        opts.eval_max_new_tokens = 24 if opts.task == "reviews" else 4
+        opts.eval_max_new_tokens = {"reviews": 24, "arithmetic": 4}.get(opts.task, 64)
     if opts.eval_prompts < 1:
         parser.error(f"--eval_prompts must be >= 1, got {opts.eval_prompts}")
     if Path(opts.output_dir).exists() and not Path(opts.output_dir).is_dir():
@@ -416,10 +433,11 @@ def summarize(opts, out: Path, models: dict[str, Path], results: dict[str, dict]
         if name in results:
             r = results[name]
             block.update({k: r[k] for k in ("judge_score", "kl_to_sft", "distinct_2", "mean_length")})
-            if opts.task == "arithmetic":
+            if opts.task in ("arithmetic", "calculator"):
                 block["distinct_2"] = None  # one-number answers have no word bigrams to count
-            if "greedy_accuracy" in r:
-                block["greedy_accuracy"] = r["greedy_accuracy"]
+            for key in ("greedy_accuracy", "tool_use_rate", "sampled_tool_use_rate", "greedy_trajectories"):
+                if key in r:
+                    block[key] = r[key]
         if name == "sft":
             val = _scalars(out / "sft", "val/loss")
             block["val_loss_start"] = val[0][1] if val else None
@@ -453,13 +471,15 @@ def format_summary(summary: dict, out: Path) -> str:
     if "rm" in summary:
         lines.append(f"rm held-out accuracy: {f(summary['rm']['val_accuracy'])}")
     extra = "greedy_accuracy" in s
+    tools = "tool_use_rate" in s
     head = f"{'policy':<8} {'judge score':>12} {'KL to SFT':>10} {'distinct-2':>11} {'mean length':>12}"
-    lines.append(head + (f" {'greedy acc':>11}" if extra else ""))
+    lines.append(head + (f" {'greedy acc':>11}" if extra else "") + (f" {'tool use':>9}" if tools else ""))
     for name in policies:
         b = summary[name]
         row = (f"{name:<8} {f(b['judge_score']):>12} {f(b['kl_to_sft']):>10} {f(b['distinct_2']):>11}"
                f" {b['mean_length']:>12.1f}")
-        lines.append(row + (f" {f(b['greedy_accuracy']):>11}" if extra else ""))
+        lines.append(row + (f" {f(b['greedy_accuracy']):>11}" if extra else "")
+                     + (f" {f(b['tool_use_rate']):>9}" if tools else ""))
     lines.append(f"judge: {summary['eval']['judge']}, {summary['eval']['prompts']} held-out prompts; "
                  f"KL in nats per response")
     lines.append(f"wall time {summary['wall_s']:.0f} s; {out}/summary.json, report.png, samples.md;"

@@ -6,7 +6,7 @@ dependency). Layers, lowest first; a module may import its own layer and the one
 
 0. foundation: ``objectives`` (pure tensor math);
 1. parts: ``models``, ``data``, ``optim``, ``metrics``, ``callbacks``, ``strategies``;
-2. services: ``rewards``, ``export``;
+2. services: ``rewards``, ``export``, ``envs``;
 3. methods: ``modules``;
 4. application: ``cli``, ``pipeline``, ``estimate``, ``python -m`` entry points, and the ``demo``,
    a plug-in that registers its names (models, datasets) with the layers below.
@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["lit_rlhf", "lit_rlhf.objectives"]),
     ("parts", ["lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.optim", "lit_rlhf.metrics", "lit_rlhf.callbacks",
                "lit_rlhf.strategies"]),
-    ("services", ["lit_rlhf.rewards", "lit_rlhf.export"]),
+    ("services", ["lit_rlhf.rewards", "lit_rlhf.export", "lit_rlhf.envs"]),
     ("methods", ["lit_rlhf.modules"]),
     # Entry points and plug-ins: the CLI, the pipeline, the estimator, `python -m` mains, and the
     # demo, which registers its names (models, datasets) with the layers below.

@@ -58,10 +58,12 @@ def as_messages(value, where: str) -> list[dict]:
     return check_messages(value, where)
 
 
-def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False) -> str:
-    """The conversation as text, by ``template``."""
+def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False,
+           tools: list | None = None) -> str:
+    """The conversation as text, by ``template`` (``tools``: callables or JSON schemas the
+    template lists for the model, as transformers' ``tools=``)."""
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt, tools=tools)
 
 
 def assistant_spans(tokenizer, messages: list[dict], template: str, where: str = "conversation"

@@ -4,7 +4,8 @@
   preference pairs its judge labels, for online RL the first 2-8 words of each review as a
   prompt (as in the IMDB experiment);
 * ``arithmetic``: the arithmetic task's ``{prompt, completion}`` SFT rows and its
-  ``{prompt, answer}`` problems.
+  ``{prompt, answer}`` problems;
+* ``calculator``: the calculator task's demonstrations and problems, the same schema.
 
 :func:`register` is the ``lit_rlhf.datasets`` entry point of this package.
 """
@@ -18,12 +19,14 @@ PROMPT_MIN_WORDS, PROMPT_MAX_WORDS = 2, 8
 
 
 def register() -> None:
-    """Register ``demo`` and ``arithmetic`` with the data modules (idempotent)."""
+    """Register ``demo``, ``arithmetic`` and ``calculator`` with the data modules (idempotent)."""
     register_dataset("demo", "sft", _reviews)
     register_dataset("demo", "preference", _pairs)
     register_dataset("demo", "prompts", _review_openings)
     register_dataset("arithmetic", "sft", _arithmetic("sft_dir"))
     register_dataset("arithmetic", "prompts", _arithmetic("prompts_dir"))
+    register_dataset("calculator", "sft", _calculator("sft_dir"))
+    register_dataset("calculator", "prompts", _calculator("prompts_dir"))
 
 
 def _reviews(**_) -> DatasetSource:
@@ -60,6 +63,16 @@ def _arithmetic(folder: str):
         from lit_rlhf.demo.arithmetic import prepare_arithmetic
 
         path = str(getattr(prepare_arithmetic(), folder))
+        return DatasetSource(path=path, val_split="validation", description=path)
+
+    return build
+
+
+def _calculator(folder: str):
+    def build(**_) -> DatasetSource:
+        from lit_rlhf.demo.calculator import prepare_calculator
+
+        path = str(getattr(prepare_calculator(), folder))
         return DatasetSource(path=path, val_split="validation", description=path)
 
     return build

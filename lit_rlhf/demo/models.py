@@ -11,7 +11,9 @@ architecture is named:
   ``configs/<stage>/demo.yaml`` files a user runs) and their results are exported to the
   cache as plain HF models;
 * ``arithmetic`` (tokenizer) and ``arithmetic-sft`` (the SFT model the arithmetic GRPO demo
-  starts from, built by ``configs/sft/arithmetic.yaml``).
+  starts from, built by ``configs/sft/arithmetic.yaml``);
+* ``calculator`` (tokenizer) and ``calculator-sft`` (built by ``configs/sft/calculator.yaml``),
+  for the multi-turn tool-use demo.
 
 This module sits above the loader and the exporter: it runs the CLI in a subprocess and
 exports its run; the loader never imports it.
@@ -29,12 +31,14 @@ from pathlib import Path
 
 # name -> (cache folder, the config that builds it)
 DEMO_MODELS = {"demo-sft": ("sft", "sft/demo.yaml"), "demo-rm": ("rm", "rm/demo.yaml"),
-               "arithmetic-sft": ("arithmetic-sft", "sft/arithmetic.yaml")}
+               "arithmetic-sft": ("arithmetic-sft", "sft/arithmetic.yaml"),
+               "calculator-sft": ("calculator-sft", "sft/calculator.yaml")}
 # name -> what building it costs (measured on 2 CPU cores, 2026-12-02) and the key that skips it
 BUILD_NOTES = {
     "demo-sft": ("about 2.5 minutes", "--model.init_args.lm.name_or_path=<your SFT model>"),
     "demo-rm": ("about 1.5 minutes", "--model.init_args.reward.init_args.path=<your RM export>"),
     "arithmetic-sft": ("about 1.5 minutes", "--model.init_args.lm.name_or_path=<your SFT model>"),
+    "calculator-sft": ("about 2 minutes", "--model.init_args.lm.name_or_path=<your SFT model>"),
 }
 
 
@@ -42,10 +46,12 @@ def register() -> None:
     """Register the demo's names with the model loader and the data modules (idempotent)."""
     from lit_rlhf.demo import TINY_LLAMA, datasets, prepare_demo
     from lit_rlhf.demo.arithmetic import ARITHMETIC, prepare_arithmetic
+    from lit_rlhf.demo.calculator import CALCULATOR, prepare_calculator
     from lit_rlhf.models.sources import register_arch, register_path
 
     register_path("demo", lambda: prepare_demo().tokenizer_dir)
     register_path(ARITHMETIC, lambda: prepare_arithmetic().tokenizer_dir)
+    register_path(CALCULATOR, lambda: prepare_calculator().tokenizer_dir)
     register_arch("demo-tiny", lambda: {"model_type": "llama", **TINY_LLAMA})
     for name in DEMO_MODELS:
         register_path(name, lambda name=name: ensure_demo_model(name), unbuilt=lambda name=name: unbuilt_fields(name))

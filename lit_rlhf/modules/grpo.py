@@ -19,8 +19,10 @@ from typing import Literal
 
 import torch
 
+from lit_rlhf.envs import Environment
 from lit_rlhf.models import ModelConfig
 from lit_rlhf.modules.base import as_config
+from lit_rlhf.modules.episodes import EpisodeConfig
 from lit_rlhf.modules.online import (  # noqa: F401  (the configs are part of GRPO's signature)
     KLConfig,
     OnlineRLModule,
@@ -128,7 +130,9 @@ class GRPOModule(OnlineRLModule):
     Logs ``grpo/{loss_policy,loss_kl,kl,loss_total,entropy,approx_kl,clipfrac,ratio_mean,
     ratio_max}``, ``rollout/{zero_std_groups,group_reward_std,truncated}``, ``env/score``,
     ``rewards/*`` (each reward function's mean and statistics, e.g. the answer accuracy) and
-    ``val/{score,accuracy,kl,response_length}``.
+    ``val/{score,accuracy,kl,response_length}``; with an ``env``, multi-turn episodes and
+    ``episode/{turns,tool_calls,tool_errors,tool_use,observation_tokens,cut,env_reward}``
+    (means per episode), ``rollout/sampler_logprob_gap``.
     """
 
     stats_prefix = "grpo"
@@ -146,6 +150,8 @@ class GRPOModule(OnlineRLModule):
         judge: RewardFn | None = None,
         rollout_batch_size: int | None = None,
         seed: int = 0,
+        env: Environment | None = None,
+        episodes: EpisodeConfig | None = None,
     ) -> None:
         """
         Args:
@@ -161,17 +167,22 @@ class GRPOModule(OnlineRLModule):
             judge: an optional second scorer reported during validation only.
             rollout_batch_size: prompts per rollout per device (the CLI links ``data.batch_size``).
             seed: seed of sampling and minibatch shuffling (offset by the rank).
+            env: multi-turn episodes: an environment (e.g. :class:`~lit_rlhf.envs.ToolEnvironment`)
+                answers each policy turn; the reward functions score the final answer (the
+                policy's last turn) and the environment's reward is added. None: one response.
+            episodes: the episodes' turn and token budget (with ``env``); each turn samples up to
+                ``sampling.max_new_tokens`` tokens.
         """
         g = as_config(GRPOConfig, grpo) or GRPOConfig()
         kl = as_config(KLConfig, kl) or KLConfig(init_coef=0.0, adaptive=False)
         super().__init__(lm, reward, g.update(rollout_batch_size), optim=optim, sampling=sampling, kl=kl,
-                         score=score, judge=judge, seed=seed)
+                         score=score, judge=judge, seed=seed, env=env, episodes=episodes)
         self.grpo = g
         self.num_generations = g.num_generations
         if g.skip_zero_std_groups and self._kl_in_reward():
             # The KL penalty in the reward makes equal scores unequal returns.
             raise ValueError("grpo.skip_zero_std_groups needs the KL in the loss (kl.init_coef: 0, adaptive: false)")
-        self.save_hyperparameters(ignore=["reward", "judge"])
+        self.save_hyperparameters(ignore=["reward", "judge", "env"])
 
     def _kl_in_reward(self) -> bool:
         return self.kl_config.adaptive or self.kl_config.init_coef > 0
@@ -225,7 +236,7 @@ class GRPOModule(OnlineRLModule):
     # 4. the minibatch loss: clipped policy loss + kl_loss_coef * k3 KL to the reference
     def loss(self, sub: Rollout, advantages: torch.Tensor, returns: None):
         g = self.grpo
-        mask = sub.response_mask.float()
+        mask = sub.action_mask.float()
         if g.mask_truncated:  # a response cut at max_new_tokens has no reward signal of its own ending
             mask = mask * sub.ended_with(self.tokenizer.eos_token_id).float()[:, None]
         logprobs, _, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, with_values=False,

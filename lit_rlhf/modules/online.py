@@ -42,13 +42,22 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_rlhf.callbacks import NonFiniteLossError
+from lit_rlhf.envs import Environment
 from lit_rlhf.models import ModelConfig, PolicyWithValueHead, load_model, trainable_parameters
 from lit_rlhf.models.sharding import gathered, root_gathered
 from lit_rlhf.modules.base import HFModule, as_config, gather_ranks
+from lit_rlhf.modules.episodes import (
+    EpisodeConfig,
+    Sampler,
+    episode_statistics,
+    run_episodes,
+    start_episodes,
+)
 from lit_rlhf.modules.rollout import (
     Rollout,
     Rows,
     decode_responses,
+    decode_trajectories,
     evaluate_actions,
     generate,
     sample_lengths,
@@ -153,6 +162,8 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         score: ScoreConfig | None = None,
         judge: RewardFn | None = None,
         seed: int = 0,
+        env: Environment | None = None,
+        episodes: EpisodeConfig | None = None,
     ) -> None:
         """See the subclass (e.g. :class:`~lit_rlhf.modules.PPOModule`) for the arguments; the
         subclass checks its own update settings against the rollout, naming its own keys."""
@@ -166,6 +177,9 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         self.kl_config = as_config(KLConfig, kl) or KLConfig()
         self.score_config = as_config(ScoreConfig, score) or ScoreConfig()
         self.seed = seed
+        self.env = env  # multi-turn episodes (lit_rlhf.modules.episodes); None: one response per prompt
+        self.episode_config = as_config(EpisodeConfig, episodes) or EpisodeConfig()
+        self.last_episode_stats: dict[str, torch.Tensor] = {}
         for role, fn in self.scorers():  # e.g. a reward adapter must fit the policy's base
             fn.check_base(self.lm_config, where=f"model.init_args.{role}")
         k = self.kl_config
@@ -261,7 +275,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
                 self.scoring_passes(rollout)
         with watch.phase("score"):
             kept_scores = scores if keep is None else scores[keep]
-            mask = rollout.response_mask.float()
+            mask = rollout.action_mask.float()  # the policy's tokens: never padding or observations
             rewards, kl, non_score = self.kl_rewards(rollout, kept_scores, mask)
         with watch.phase("learn"):
             # 3. advantages: the method's estimator
@@ -305,10 +319,16 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         reward_stats = {self.reward_fn.log_name: self.last_raw_score, **self.reward_fn.statistics()}
         stats = step_statistics(step, self.tokenizer.eos_token_id, watch, self.last_sample_s, reward_stats,
                                 self.rollout_statistics(step.sampled, step.scores), update)
+        stats.update(self.last_episode_stats)
+        if step.rollout.logprobs is not None and step.rollout.sample_logprobs is not None:
+            # Sampler vs training pass on the sampled tokens: ~1e-6 unless the passes see other tokens.
+            gap = (step.rollout.sample_logprobs - step.rollout.logprobs).abs() * step.mask
+            stats["rollout/sampler_logprob_gap"] = gap.max() if gap.numel() else torch.zeros(())
         self._log_step(stats)
         if step.kl_in_reward:
             self._watch_kl(float(step.global_kl))
-        self.last_samples = sample_rows(prompts, step)
+        trajectories = decode_trajectories(self.tokenizer, step.sampled) if self.env is not None else None
+        self.last_samples = sample_rows(prompts, step, trajectories)
 
     # ------------------------------------------------------------------------------ what a method gives
 
@@ -390,11 +410,17 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
 
     @torch.no_grad()
     def sample(self, batch: dict, generator: torch.Generator, num_generations: int | None = None) -> Rollout:
-        """``num_generations`` (default: the module's) sampled responses per prompt, KV-cached."""
+        """``num_generations`` (default: the module's) sampled responses per prompt, KV-cached;
+        with an environment, multi-turn episodes."""
         s = self.sampling
         g = self.num_generations if num_generations is None else num_generations
         self.policy.eval()  # as at inference; dropout is off either way
         rows = self.global_rows(batch["input_ids"].size(0)).scaled(g)
+        if self.env is not None:
+            try:
+                return self.sample_episodes(batch, generator, g, rows)
+            finally:
+                self.policy.train()
         try:
             lengths = sample_lengths(batch["input_ids"].size(0) * g, s.min_new_tokens, s.max_new_tokens, generator,
                                      rows)
@@ -408,6 +434,24 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
             self.last_sample_s = time.perf_counter() - start
         finally:
             self.policy.train()
+        return rollout
+
+    def sample_episodes(self, batch: dict, generator: torch.Generator, g: int, rows: Rows) -> Rollout:
+        """Multi-turn episodes with the module's environment (:mod:`lit_rlhf.modules.episodes`):
+        each policy turn samples up to ``sampling.max_new_tokens`` tokens (no length draw)."""
+        s = self.sampling
+        kwargs = dict(eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
+                      pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature, top_k=s.top_k,
+                      top_p=s.top_p, generator=generator, all_done=self._all_ranks_done)
+        several = self._trainer is not None and self.trainer.world_size > 1
+        sampler = Sampler(self.tokenizer, s.max_new_tokens, kwargs, rows, any_rank_active=(
+            lambda n: bool(self._sum_ranks(torch.tensor(n, device=self.device)))) if several else bool)
+        episodes = start_episodes(self.env, self.tokenizer, batch, g)
+        start = time.perf_counter()
+        with gathered([self.policy], enabled=self.gather_for_sampling):
+            rollout = run_episodes(self.policy, episodes, sampler, self.episode_config)
+        self.last_sample_s = time.perf_counter() - start
+        self.last_episode_stats = episode_statistics(episodes)
         return rollout
 
     def global_rows(self, batch: int) -> Rows:
@@ -485,6 +529,8 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
                 f"at rollout {self.rollouts_done}; first response: {responses[int(bad.nonzero()[0])]!r}"
             )
         c = self.score_config
+        if rollout.env_reward is not None:  # multi-turn: the environment's reward joins the reward functions'
+            raw = raw + rollout.env_reward.cpu()
         scores = raw.to(self.device) - c.baseline
         if c.clip is not None:
             scores = scores.clamp(-c.clip, c.clip)
@@ -522,10 +568,12 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         # One response per prompt, with the old log-probs: the KL to the reference is reported.
         rollout = self.rollout(batch, self._val_generator, num_generations=1, old_logprobs=True)
         responses = self.decode(rollout)
-        mask = rollout.response_mask.float()
+        mask = rollout.action_mask.float()
         n = len(responses)
         fields = self.row_fields(self.reward_fn, batch, num_generations=1)
         scores = self.call_scorer(self.reward_fn, self.prompts_for(self.reward_fn, batch), responses, fields)
+        if rollout.env_reward is not None:
+            scores = torch.as_tensor(scores, dtype=torch.float32) + rollout.env_reward.cpu()
         # On the metrics' device: a reward function's CPU scores with a NaN among them would meet
         # the GPU-side weight in torchmetrics' NaN filter (a device mismatch).
         self.val_score.update(self._as_metric_value(scores).mean(), n)

@@ -126,7 +126,7 @@ class PPOModule(OnlineRLModule):
 
     # 4. the minibatch loss: clipped policy + clipped value - entropy bonus
     def loss(self, sub: Rollout, advantages: torch.Tensor, returns: torch.Tensor):
-        mask = sub.response_mask.float()
+        mask = sub.action_mask.float()
         # The entropy is a logged statistic; it needs a graph only when it is in the loss.
         entropy_mode = "grad" if self.ppo.entropy_coef else "detached"
         logprobs, values, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, entropy=entropy_mode)

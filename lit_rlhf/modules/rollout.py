@@ -7,7 +7,11 @@ Tensor layout of a rollout of B prompts:
 * ``response_ids``, ``response_mask``: (B, Tr), **right**-padded; the mask is 1 on sampled
   tokens up to and including EOS and 0 after it;
 * ``logprobs``, ``ref_logprobs``, ``values``: (B, Tr), for response token j taken from the
-  logits/value at position Tq + j - 1 (the state before token j was emitted).
+  logits/value at position Tq + j - 1 (the state before token j was emitted);
+* ``observation_mask``: (B, Tr), only in multi-turn episodes (:mod:`lit_rlhf.modules.episodes`):
+  1 on the environment's tokens inside the response. They are context the policy attends to,
+  never actions: :attr:`Rollout.action_mask` (the response mask without them) is the mask of
+  every loss, KL, entropy and advantage.
 """
 
 from __future__ import annotations
@@ -32,6 +36,19 @@ class Rollout:
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    observation_mask: torch.Tensor | None = None
+    sample_logprobs: torch.Tensor | None = None
+    """(B, Tr): the sampler's log-probs of the tokens it drew (0 on observations and padding)."""
+    env_reward: torch.Tensor | None = None
+    """(B,): multi-turn episodes: the environment's reward, summed over the episode."""
+
+    @property
+    def action_mask(self) -> torch.Tensor:
+        """(B, Tr), the response mask's dtype: 1 on the tokens the policy sampled (EOS included),
+        0 on padding and on observation tokens."""
+        if self.observation_mask is None:
+            return self.response_mask
+        return self.response_mask * (1 - self.observation_mask.to(self.response_mask.dtype))
 
     def __len__(self) -> int:
         return self.query_ids.size(0)
@@ -43,7 +60,7 @@ class Rollout:
 
     def ended_with(self, eos_token_id: int) -> torch.Tensor:
         """(B,) bool: True where the response was closed by EOS."""
-        return ((self.response_ids == eos_token_id) & self.response_mask.bool()).any(-1)
+        return ((self.response_ids == eos_token_id) & self.action_mask.bool()).any(-1)
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query + response as (input_ids, attention_mask, position_ids), each (B, Tq + Tr).
@@ -66,14 +83,23 @@ class Rows:
 
     offset: int = 0
     total: int | None = None  # None: this rank's rows are the whole batch
+    index: torch.Tensor | None = None  # a subset of this rank's ``size`` rows (multi-turn: the active episodes)
+    size: int | None = None
 
     def draw(self, n: int, make) -> torch.Tensor:
         """This rank's ``n`` rows of ``make(total)``, a draw of one value per global row."""
+        if self.index is not None:  # the draw for all of this rank's rows, then the subset's
+            return Rows(self.offset, self.total).draw(self.size, make)[self.index.to(make(0).device)]
         if self.total is None:
             return make(n)
         if self.offset + n > self.total:
             raise ValueError(f"rows {self.offset}..{self.offset + n - 1} outside a global batch of {self.total}")
         return make(self.total)[self.offset : self.offset + n]
+
+    def subset(self, index: torch.Tensor, size: int) -> Rows:
+        """Rows ``index`` of this rank's ``size`` rows: their draws are those they would get
+        in the whole batch, so an episode's samples do not depend on which others are active."""
+        return Rows(self.offset, self.total, index, size)
 
     def scaled(self, factor: int) -> Rows:
         """The same place with every row repeated ``factor`` times (a group of responses)."""
@@ -94,6 +120,11 @@ def sample_tokens(
     needs: any truncation makes the sampled tokens unrepresentative of the policy whose
     log-probs enter the KL, and the k1 estimate can then go negative.
     """
+    return sample_categorical(sampling_probs(logits, temperature, top_k, top_p), generator, rows)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, V) logits -> (B, V) float32 probabilities of the sampler (temperature, top-k, top-p)."""
     logits = logits.float()
     if temperature != 1.0:  # dividing by 1 would change nothing but cost a pass over (B, V)
         logits = logits / temperature
@@ -107,8 +138,7 @@ def sample_tokens(
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return sample_categorical(probs, generator, rows)
+    return logits.softmax(-1)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
@@ -143,12 +173,13 @@ def generate(
     num_generations: int = 1,
     rows: Rows = Rows(),
     all_done: Callable[[torch.Tensor], bool] | None = None,
+    stop: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
 ) -> Rollout:
-    """Sample a response for every (left-padded) prompt, reusing the KV cache.
+    """Sample a response for every (left-padded) prompt, reusing the KV cache: a :class:`Rollout`
+    of B * G episodes with the sampler's log-probs (the other log-probs and values not yet filled).
 
     Args:
-        policy: a :class:`~lit_rlhf.models.heads.PolicyWithValueHead` (or anything with its call
-            signature).
+        policy: a :class:`~lit_rlhf.models.heads.PolicyWithValueHead` (or anything called alike).
         query_ids, query_mask: (B, Tq) left-padded prompts.
         max_new_tokens: (B * G,) per-row length limit (from a length sampler); a row also
             stops at its first EOS (``eos_token_id=None``: never, for fixed-length benchmarks).
@@ -158,9 +189,8 @@ def generate(
         rows: where this rank's B * G rows sit in the global batch (see :class:`Rows`).
         all_done: ``(B * G,) done -> bool``: every row of every rank done (ranks stop at the
             same step); default: this rank's rows.
-
-    Returns:
-        A :class:`Rollout` of B * G episodes (log-probs and values not yet filled).
+        stop: ``tokens so far (a list of (B * G,)) -> (B * G,) bool``: rows that stop after
+            their last token (e.g. :class:`StopStrings`, a tool call's closing tag).
     """
     device, max_new_tokens = query_ids.device, max_new_tokens.to(query_ids.device)
     next_logits, cache, query_ids, query_mask, positions = _prefill(policy, query_ids, query_mask, num_generations)
@@ -168,25 +198,63 @@ def generate(
     if max_new_tokens.shape != (batch,):
         raise ValueError(f"max_new_tokens {tuple(max_new_tokens.shape)}: expected ({batch},)")
     mask, last_pos, done = query_mask, positions[:, -1], torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, alive = [], []
+    tokens, logprobs, alive = [], [], []
     all_done = all_done or (lambda d: bool(d.all()))
     for step in itertools.count():  # every row is done after its max_new_tokens
-        token = sample_tokens(next_logits, temperature, top_k, top_p, generator, rows).masked_fill(done, pad_token_id)
+        token, logprob = _draw(next_logits, done, pad_token_id, temperature, top_k, top_p, generator, rows)
         tokens.append(token)
+        logprobs.append(logprob)
         alive.append(~done)
-        done = done | (step + 1 >= max_new_tokens)
-        if eos_token_id is not None:
-            done = done | (token == eos_token_id)
+        done = done | (step + 1 >= max_new_tokens) | (token == eos_token_id if eos_token_id is not None else False)
+        done = done | stop(tokens) if stop is not None else done
         if all_done(done):
             break
         # The token just fed is visible exactly where the final forward's response_mask
         # will be 1, so cached and fresh log-probs agree.
         mask = torch.cat([mask, alive[-1].to(mask.dtype)[:, None]], dim=1)
         last_pos = last_pos + 1
-        out = policy(token[:, None], mask, last_pos[:, None], cache=cache, use_cache=True,
-                     with_values=False)
+        out = policy(token[:, None], mask, last_pos[:, None], cache=cache, use_cache=True, with_values=False)
         next_logits, cache = out.logits[:, -1], out.cache
-    return Rollout(query_ids, query_mask, torch.stack(tokens, 1), torch.stack(alive, 1).to(query_mask.dtype))
+    return Rollout(query_ids, query_mask, torch.stack(tokens, 1), torch.stack(alive, 1).to(query_mask.dtype),
+                   sample_logprobs=torch.stack(logprobs, 1))
+
+
+class StopStrings:
+    """``stop`` for :func:`generate`: a row stops once its sampled text contains a stop string.
+
+    Token ids are never matched: a string can end inside a token or span several. Only rows
+    whose last token holds the last character of some stop string (precomputed over the
+    vocabulary) decode their last few tokens, as many as the longest stop string has characters
+    (every token decodes to at least one character).
+    """
+
+    def __init__(self, tokenizer, strings: list[str]) -> None:
+        self.tokenizer, self.strings = tokenizer, [s for s in strings if s]
+        ends = {s[-1] for s in self.strings}
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        pieces = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in vocab]
+        self.closers = torch.tensor([any(c in piece for c in ends) for piece in pieces], dtype=torch.bool)
+        self.window = max((len(s) for s in self.strings), default=0)
+
+    def __call__(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        last = tokens[-1]
+        hits = torch.zeros_like(last, dtype=torch.bool)
+        if not self.strings:
+            return hits
+        candidates = self.closers.to(last.device)[last.clamp(0, len(self.closers) - 1)].nonzero().flatten().tolist()
+        if candidates:
+            recent = torch.stack(tokens[-self.window:], 1)[candidates].tolist()
+            for row, text in zip(candidates, self.tokenizer.batch_decode(recent)):
+                hits[row] = any(s in text for s in self.strings)
+        return hits
+
+
+def _draw(logits, done, pad_token_id, temperature, top_k, top_p, generator, rows):
+    """(B,) tokens sampled from (B, V) ``logits`` (``pad_token_id`` where ``done``) and their (B,)
+    log-probs under the sampler's distribution (0 where ``done``)."""
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    token = sample_categorical(probs, generator, rows).masked_fill(done, pad_token_id)
+    return token, probs.gather(-1, token[:, None]).squeeze(-1).log().masked_fill(done, 0.0)
 
 
 def _prefill(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, num_generations: int):
@@ -295,6 +363,7 @@ def _checkpointing(policy) -> bool:
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     """The responses as text: each row's sampled tokens up to its mask, special tokens dropped.
+    In multi-turn episodes, the final answer: the policy's last turn, after the last observation.
 
     Only masked-in tokens are decoded. Zeroing the rest and decoding whole rows would decode
     token id 0 at every padded slot, which is a real token in many vocabularies (``!`` in
@@ -302,7 +371,31 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     """
     lengths = rollout.response_mask.sum(-1).tolist()
     rows = rollout.response_ids.tolist()
-    return tokenizer.batch_decode([row[: int(n)] for row, n in zip(rows, lengths)], skip_special_tokens=True)
+    starts = [0] * len(rows)
+    if rollout.observation_mask is not None:  # after each row's last observation token
+        observed = rollout.observation_mask.bool()
+        last = torch.where(observed, torch.arange(observed.size(1), device=observed.device), -1).max(-1).values
+        starts = (last + 1).tolist()
+    return tokenizer.batch_decode([row[s : int(n)] for row, s, n in zip(rows, starts, lengths)],
+                                  skip_special_tokens=True)
+
+
+def decode_trajectories(tokenizer, rollout: Rollout, mark: tuple[str, str] = ("**", "**")) -> list[str]:
+    """Whole trajectories as text (prompt excluded), each observation segment between ``mark``
+    (bold in the sample table), special tokens dropped."""
+    out = []
+    observed = rollout.observation_mask if rollout.observation_mask is not None else torch.zeros_like(rollout.response_mask)
+    for ids, n, obs in zip(rollout.response_ids.tolist(), rollout.response_mask.sum(-1).tolist(), observed.tolist()):
+        segments = [(o, [t]) for t, o in zip(ids[: int(n)], obs)]
+        merged = []
+        for o, t in segments:  # runs of the same kind
+            if merged and merged[-1][0] == o:
+                merged[-1][1].extend(t)
+            else:
+                merged.append((o, list(t)))
+        text = [tokenizer.decode(t, skip_special_tokens=True) for _, t in merged]
+        out.append("".join(f"{mark[0]}{x}{mark[1]}" if o else x for (o, _), x in zip(merged, text)))
+    return out
 
 
 def sample_lengths(

@@ -80,7 +80,7 @@ def step_statistics(step: StepRecord, eos_token_id: int, watch: Stopwatch, sampl
         # Per episode; the KL part is known for the updated episodes (all, for PPO).
         "objective/non_score_reward": (non_score * mask).sum() / max(len(step.rollout), 1),
         "objective/total_reward": scores.mean() + (non_score * mask).sum() / len(step.sampled),  # before whitening
-        "rollout/response_length": step.sampled.response_mask.float().sum(-1).mean(),
+        "rollout/response_length": step.sampled.action_mask.float().sum(-1).mean(),  # the policy's tokens
         "rollout/eos_rate": step.sampled.ended_with(eos_token_id).float().mean(),
         # Variety: a policy that hacks its reward collapses onto a few stock responses.
         "rollout/distinct_2": torch.tensor(distinct_n(step.responses, 2)),
@@ -102,11 +102,12 @@ def step_statistics(step: StepRecord, eos_token_id: int, watch: Stopwatch, sampl
     return stats
 
 
-def sample_rows(prompts: list[str], step: StepRecord) -> list[dict]:
-    """One row per sampled response: prompt, response, score and the KL to the reference
-    (known for the episodes updated on; NaN for the others)."""
+def sample_rows(prompts: list[str], step: StepRecord, texts: list[str] | None = None) -> list[dict]:
+    """One row per sampled response: prompt, response (or ``texts``: multi-turn trajectories,
+    observations marked), score and the KL to the reference (known for the episodes updated
+    on; NaN for the others)."""
     kls = [float("nan")] * len(step.sampled)
     for i, k in zip(range(len(step.sampled)) if step.keep is None else step.keep.tolist(), step.seq_kl.tolist()):
         kls[i] = k
     return [{"prompt": p, "response": r, "score": s, "kl": k}
-            for p, r, s, k in zip(prompts, step.responses, step.scores.tolist(), kls)]
+            for p, r, s, k in zip(prompts, texts or step.responses, step.scores.tolist(), kls)]

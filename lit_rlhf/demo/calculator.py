@@ -1,0 +1,233 @@
+"""The calculator demo: the policy learns to call a tool for ``"{a}*{b}="``.
+
+Products of ``a`` in 10-999 and ``b`` in 10-99 are too hard for a tiny model to compute in its
+head, and easy for a calculator. The policy calls it as ``<calc>EXPR</calc>`` (an expression of
+digits, ``+``, ``-``, ``*`` and spaces); the result comes back directly after the closing tag
+as ``<result>VALUE</result>`` (:class:`~lit_rlhf.envs.ToolEnvironment` with
+:func:`~lit_rlhf.envs.calculator`), and the final answer is the last number the policy writes
+before EOS. At most 3 calls per problem, at most 64 new tokens per turn.
+
+SFT learns the format from demonstrations of which only a minority call the tool (the rest
+answer directly, and are mostly wrong after SFT); GRPO with the exact-answer reward on the
+final answer then trains on other problems. Both are measured on held-out problems by greedy
+decoding with the real tool loop: exact-answer accuracy and the tool-use rate.
+
+:func:`prepare_calculator` writes, once, under ``$LIT_RLHF_CACHE/calculator-v1``:
+
+* ``sft/{train,validation}.jsonl``: ``{"prompt": "123*45=", "completion": "<calc>123*45</calc><result>5535</result>5535"}``
+  or ``{"prompt": "123*45=", "completion": "5535"}``;
+* ``prompts/{train,validation}.jsonl``: ``{"prompt": "123*45=", "answer": "5535"}`` (GRPO);
+* ``test.jsonl``: held-out problems;
+* ``tokenizer/``: one token per character, plus the four tags as single tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+CALCULATOR = "calculator"
+FORMAT_VERSION = 1
+TAGS = ("<calc>", "</calc>", "<result>", "</result>")
+MAX_CALLS, MAX_TURN_TOKENS = 3, 64
+TOOL_FRACTION = 0.25  # of the SFT demonstrations that call the tool
+SPLITS = dict(sft=6000, sft_val=200, prompts_val=200, test=500)  # the rest: GRPO training prompts
+
+
+@dataclass(frozen=True)
+class CalculatorPaths:
+    root: Path
+    sft_dir: Path
+    prompts_dir: Path
+    test_file: Path
+    tokenizer_dir: Path
+
+    @classmethod
+    def under(cls, root: Path) -> CalculatorPaths:
+        return cls(root, root / "sft", root / "prompts", root / "test.jsonl", root / "tokenizer")
+
+
+def problem(a: int, b: int) -> tuple[str, str]:
+    """(prompt, answer) of ``a * b``."""
+    return f"{a}*{b}=", str(a * b)
+
+
+def demonstration(a: int, b: int, tool: bool) -> str:
+    """The SFT completion: a tool call, its result and the answer; or the answer alone."""
+    answer = str(a * b)
+    return f"<calc>{a}*{b}</calc><result>{answer}</result>{answer}" if tool else answer
+
+
+def all_problems(seed: int = 0) -> list[tuple[int, int]]:
+    """Every ``(a, b)``, ``10 <= a <= 999``, ``10 <= b <= 99``, in a seeded order (89,100)."""
+    pairs = [(a, b) for a in range(10, 1000) for b in range(10, 100)]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def build_calculator_tokenizer(texts: list[str]):
+    """Byte-level, no merges (one token per character), the four tags as added tokens."""
+    from tokenizers import AddedToken
+
+    from lit_rlhf.demo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(texts, vocab_size=258)
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in TAGS])
+    return tokenizer
+
+
+def _build(target: Path, params: dict) -> None:
+    pairs = all_problems(params["seed"])
+    cuts, start = {}, 0
+    for name, n in SPLITS.items():
+        cuts[name], start = pairs[start : start + n], start + n
+    rng = random.Random(params["seed"] + 1)
+    paths = CalculatorPaths.under(target)
+    sft = lambda part: [{"prompt": problem(a, b)[0], "completion": demonstration(a, b, rng.random() < TOOL_FRACTION)}  # noqa: E731
+                        for a, b in part]
+    answers = lambda part: [dict(zip(("prompt", "answer"), problem(a, b))) for a, b in part]  # noqa: E731
+    _write(paths.sft_dir / "train.jsonl", sft(cuts["sft"]))
+    _write(paths.sft_dir / "validation.jsonl", sft(cuts["sft_val"]))
+    _write(paths.prompts_dir / "train.jsonl", answers(pairs[start:]))
+    _write(paths.prompts_dir / "validation.jsonl", answers(cuts["prompts_val"]))
+    _write(paths.test_file, answers(cuts["test"]))
+    build_calculator_tokenizer(["0123456789*=+- "]).save_pretrained(str(paths.tokenizer_dir))
+    (target / "DONE").write_text(json.dumps(params, sort_keys=True))
+
+
+def calculator_root() -> Path:
+    base = os.environ.get("LIT_RLHF_CACHE") or Path.home() / ".cache" / "lit_rlhf"
+    return Path(base).expanduser() / "calculator-v1"
+
+
+def prepare_calculator(root: str | Path | None = None, seed: int = 0) -> CalculatorPaths:
+    """Build the calculator data and tokenizer once (atomically, like :func:`~lit_rlhf.demo.prepare_demo`)."""
+    from lit_rlhf.demo import build_once
+
+    root = Path(root).expanduser().resolve() if root is not None else calculator_root()
+    build_once(root, dict(version=FORMAT_VERSION, seed=seed, splits=SPLITS, tool_fraction=TOOL_FRACTION), _build)
+    return CalculatorPaths.under(root)
+
+
+def calculator_env():
+    """The demo's environment: ``<calc>EXPR</calc>`` -> ``<result>VALUE</result>``, 3 calls at most."""
+    from lit_rlhf.envs import ToolEnvironment, calculator
+
+    return ToolEnvironment({"calc": calculator}, result_tags=("<result>", "</result>"), max_calls=MAX_CALLS)
+
+
+def play(model, tokenizer, rows: list[dict], greedy: bool = True, seed: int = 0, batch_size: int = 250):
+    """Episodes of ``model`` (a plain HF causal LM) on ``{"prompt", "answer"}`` rows with the real
+    tool loop: greedy (``top_k=1``) or sampled at temperature 1. Returns the
+    :class:`~lit_rlhf.modules.rollout.Rollout` of each batch and its episodes."""
+    import torch
+
+    from lit_rlhf.data.prompts import left_pad
+    from lit_rlhf.models.heads import PolicyWithValueHead
+    from lit_rlhf.modules.episodes import EpisodeConfig, Sampler, run_episodes, start_episodes
+
+    policy = PolicyWithValueHead(model.eval(), value_head=False)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
+                  top_k=1 if greedy else 0)
+    config = EpisodeConfig(max_turns=MAX_CALLS + 1, max_tokens=(MAX_CALLS + 1) * MAX_TURN_TOKENS)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        ids, mask = left_pad([tokenizer(r["prompt"])["input_ids"] for r in part], tokenizer.pad_token_id)
+        batch = {"input_ids": ids, "attention_mask": mask, "prompt": [r["prompt"] for r in part]}
+        episodes = start_episodes(calculator_env(), tokenizer, batch, 1)
+        rollout = run_episodes(policy, episodes, Sampler(tokenizer, MAX_TURN_TOKENS, kwargs), config)
+        out.append((rollout, episodes))
+    return out
+
+
+def evaluate_policy(model, tokenizer, rows: list[dict], greedy: bool = True, seed: int = 0) -> dict:
+    """Exact-answer accuracy (the last number of the final turn, which must end with EOS), the
+    tool-use rate (episodes with at least one call) and the trajectories."""
+    from lit_rlhf.modules.rollout import decode_responses, decode_trajectories
+    from lit_rlhf.rewards import final_answer, same_answer
+
+    correct, used, trajectories, answers = 0, 0, [], []
+    i = 0
+    for rollout, episodes in play(model, tokenizer, rows, greedy, seed):
+        ended = rollout.ended_with(tokenizer.eos_token_id).tolist()
+        for text, trajectory, episode, eos in zip(decode_responses(tokenizer, rollout),
+                                                  decode_trajectories(tokenizer, rollout, ("", "")), episodes, ended):
+            right = eos and same_answer(final_answer(text, "last_number"), rows[i]["answer"])
+            correct += right
+            used += episode.info.get("tool_calls", 0) > 0
+            trajectories.append(trajectory)
+            answers.append(bool(right))
+            i += 1
+    return {"accuracy": correct / len(rows), "tool_use_rate": used / len(rows), "trajectories": trajectories,
+            "correct": answers}
+
+
+def pipeline_results(model_dir: Path, ref_dir: Path | None, rows: list[dict], n_sampled: int, seed: int) -> dict:
+    """What ``python train.py pipeline --task calculator`` reports of one policy: sampled episodes
+    (temperature 1) on the first ``n_sampled`` problems (``judge_score``: their exact-answer rate,
+    ``kl_to_sft``: the summed log-ratio of the policy's tokens to ``ref_dir``'s, observations
+    excluded, ``mean_length``: the policy's tokens per episode), and greedy episodes on all
+    ``rows`` (``greedy_accuracy``, ``tool_use_rate``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_rlhf.models.heads import PolicyWithValueHead
+    from lit_rlhf.modules.rollout import decode_trajectories, evaluate_actions
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    greedy = evaluate_policy(model, tokenizer, rows)
+    sampled = evaluate_policy(model, tokenizer, rows[:n_sampled], greedy=False, seed=seed)
+    rollout, _ = play(model, tokenizer, rows[:n_sampled], greedy=False, seed=seed, batch_size=n_sampled)[0]
+    mask = rollout.action_mask.float()
+    kl = 0.0
+    if ref_dir is not None:
+        with torch.no_grad():
+            logp = evaluate_actions(PolicyWithValueHead(model, value_head=False), rollout, with_values=False)[0]
+            ref = PolicyWithValueHead(AutoModelForCausalLM.from_pretrained(ref_dir).eval(), value_head=False)
+            kl = float(((logp - evaluate_actions(ref, rollout, with_values=False)[0]) * mask).sum(-1).mean())
+    return {"responses": decode_trajectories(tokenizer, rollout, ("", "")), "scores": [float(c) for c in sampled["correct"]],
+            "judge_score": sampled["accuracy"], "kl_to_sft": kl, "distinct_2": None,
+            "mean_length": float(mask.sum(-1).mean()), "greedy_accuracy": greedy["accuracy"],
+            "tool_use_rate": greedy["tool_use_rate"], "sampled_tool_use_rate": sampled["tool_use_rate"],
+            "greedy_trajectories": greedy["trajectories"][:4]}
+
+
+def test_rows() -> list[dict]:
+    return [json.loads(line) for line in prepare_calculator().test_file.read_text().splitlines()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lit_rlhf.demo.calculator MODEL_DIR [MODEL_DIR ...]``: greedy exact-answer
+    accuracy and tool-use rate of exported models on the held-out problems, with the real tool loop."""
+    import argparse
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0].replace("``", ""))
+    parser.add_argument("models", nargs="+", help="exported model folders (config.json, weights, tokenizer)")
+    parser.add_argument("--show", type=int, default=2, help="trajectories to print per model")
+    opts = parser.parse_args(argv)
+    rows = test_rows()
+    for path in opts.models:
+        if not (Path(path) / "config.json").is_file():
+            parser.error(f"{path}: not an exported model folder (no config.json)")
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        result = evaluate_policy(model, tokenizer, rows)
+        print(f"{path}: greedy exact-answer accuracy {result['accuracy']:.3f}, tool use {result['tool_use_rate']:.3f} "
+              f"on {len(rows)} held-out problems")
+        for row, trajectory in list(zip(rows, result["trajectories"]))[: opts.show]:
+            print(f"  {row['prompt']}{trajectory}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Multi-turn episodes on the online core: token in, token out; observation tokens are context
+only (no loss, KL, entropy or advantage, zero gradient); the step-0 invariants; stop strings;
+draws that do not depend on which episodes are still playing."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lit_rlhf.models import ModelConfig
+from lit_rlhf.modules import GRPOModule
+from lit_rlhf.modules.episodes import EpisodeConfig
+from lit_rlhf.modules.grpo import GRPOConfig
+from lit_rlhf.modules.ppo import SamplingConfig
+from lit_rlhf.modules.rollout import (
+    Rows,
+    StopStrings,
+    decode_responses,
+    decode_trajectories,
+    shared_prompts,
+)
+from lit_rlhf.optim import OptimConfig
+from tests.conftest import TINY_LLAMA
+from tests.envs.scripted import Scripted
+from tests.modules.ppo_helpers import LORA, LetterReward, make_batch, make_data
+
+OBSERVATION = " the best film of the year"
+
+
+def _module(lora=LORA, prompts=4, **grpo):
+    grpo.setdefault("num_generations", 2)
+    return GRPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo", lora=lora), LetterReward(),
+                      optim=OptimConfig(lr=1e-3, min_lr_ratio=1.0), grpo=GRPOConfig(**grpo),
+                      sampling=SamplingConfig(min_new_tokens=6, max_new_tokens=6), rollout_batch_size=prompts,
+                      env=Scripted(OBSERVATION, turns=3), episodes=EpisodeConfig(max_turns=4, max_tokens=64))
+
+
+def _observed_runs(rollout, row: int) -> list[list[int]]:
+    """The observation segments of one episode, as token lists."""
+    ids, obs = rollout.response_ids[row].tolist(), rollout.observation_mask[row].tolist()
+    runs, current = [], []
+    for t, o, m in zip(ids, obs, rollout.response_mask[row].tolist()):
+        if o and m:
+            current.append(t)
+        elif current:
+            runs, current = runs + [current], []
+    return runs + ([current] if current else [])
+
+
+@pytest.fixture(scope="module")
+def played():
+    module = _module(lora=None)
+    module.configure_model()
+    batch = make_batch(module, 4)
+    rollout = module.rollout(batch, torch.Generator().manual_seed(0), old_logprobs=True)
+    return module, batch, rollout
+
+
+def test_the_training_pass_scores_exactly_the_sampled_and_observed_tokens(played):
+    module, _, rollout = played
+    tok = module.tokenizer
+    segment = tok(OBSERVATION, add_special_tokens=False)["input_ids"]
+    assert len(rollout) == 8 and rollout.env_reward.tolist() == [1.0] * 8
+    for row in range(len(rollout)):
+        assert _observed_runs(rollout, row) == [segment, segment]  # tokenized once, appended as is
+    # The tokenizer does not give back the sampled tokens from their text (BPE merges across the
+    # turns' boundaries): re-tokenizing decoded text would train on other tokens than were sampled.
+    real = [ids[: int(n)] for ids, n in zip(rollout.response_ids.tolist(), rollout.response_mask.sum(-1).tolist())]
+    assert any(tok(tok.decode(ids), add_special_tokens=False)["input_ids"] != ids for ids in real)
+    # One forward over prompt + whole trajectory gives the sampler's own log-probs of its tokens.
+    action = rollout.action_mask.bool()
+    assert (action & rollout.observation_mask.bool()).sum() == 0 and action.sum() == 8 * 3 * 6
+    torch.testing.assert_close(rollout.logprobs[action], rollout.sample_logprobs[action], atol=1e-5, rtol=0)
+
+
+def test_reward_functions_see_the_final_turn_and_the_table_the_whole_trajectory(played):
+    module, _, rollout = played
+    final, whole = decode_responses(module.tokenizer, rollout), decode_trajectories(module.tokenizer, rollout)
+    for f, w in zip(final, whole):
+        assert w.count(f"**{OBSERVATION}**") == 2 and w.endswith(f"**{f}")
+
+
+def test_observation_tokens_get_no_gradient_no_advantage_and_no_kl(played):
+    module, _, rollout = played
+    scores = torch.arange(len(rollout), dtype=torch.float32)
+    mask = rollout.action_mask.float()
+    rewards, _, _ = module.kl_rewards(rollout, scores, mask)
+    advantages, _ = module.advantages(rollout, scores, rewards, mask)
+    observed = rollout.observation_mask.bool()
+    assert (advantages[observed] == 0).all() and (advantages[~observed & mask.bool()] != 0).any()
+    logits = []
+
+    def keep(mod, args, out) -> None:  # returns None: the output stays as it is
+        out.retain_grad()
+        logits.append(out)
+
+    hook = module.policy.lm.get_output_embeddings().register_forward_hook(keep)
+    with torch.no_grad():  # make the policy differ from the reference, so the KL term has a gradient
+        for p in module.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    try:
+        loss, stats = module.loss(rollout, advantages, None)
+        loss.backward()
+    finally:
+        hook.remove()
+        module.policy.zero_grad()
+    assert stats["kl"] > 0
+    # Shared prompts: one pass over the prompts (the last logit scores response token 0), one over
+    # the responses (logit j scores response token j + 1).
+    prompt_logits, response_logits = logits
+    index = shared_prompts(rollout)[2]  # each episode's prompt
+    grad = torch.cat([prompt_logits.grad[index, -1:], response_logits.grad], dim=1)  # (B, Tr, V)
+    assert grad.shape[1] == rollout.response_ids.size(1)
+    assert (grad[observed] == 0).all()
+    assert (grad[~observed & mask.bool()].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("lora", [LORA, None], ids=["lora-adapters-off", "full-frozen-copy"])
+def test_first_update_on_multi_turn_episodes_has_ratio_one_and_zero_kl(tmp_path, lora):
+    module = _module(lora=lora, num_iterations=2)
+    seen, loss = [], module.loss
+
+    def recording(sub, *args):
+        value, stats = loss(sub, *args)
+        seen.append(dict(stats))  # a copy: the update loop pops ratio_max
+        return value, stats
+
+    module.loss = recording
+    L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", logger=False,
+              default_root_dir=tmp_path, enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False).fit(module, make_data(module, 4))
+    assert seen[0]["ratio_mean"].item() == 1.0 and seen[0]["ratio_max"].item() == 1.0
+    assert seen[0]["kl"].item() == 0.0
+    stats = module.last_episode_stats
+    assert stats["episode/turns"] == 3 and stats["episode/tool_calls"] == 2 and stats["episode/cut"] == 0
+    assert stats["episode/observation_tokens"] == 2 * len(module.tokenizer(OBSERVATION)["input_ids"])
+    assert "**" in module.last_samples[0]["response"]
+
+
+def test_budgets_cut_episodes_and_count_them():
+    module = _module(lora=None)
+    module.episode_config = EpisodeConfig(max_turns=2, max_tokens=64)  # the third turn never comes
+    module.configure_model()
+    rollout = module.sample(make_batch(module, 4), torch.Generator().manual_seed(0))
+    assert module.last_episode_stats["episode/cut"] == 1.0 and module.last_episode_stats["episode/turns"] == 2
+    assert (rollout.observation_mask.sum(-1) == len(module.tokenizer(OBSERVATION)["input_ids"])).all()
+    module.episode_config = EpisodeConfig(max_turns=4, max_tokens=10)  # 6 sampled + the observation: over
+    rollout = module.sample(make_batch(module, 4), torch.Generator().manual_seed(0))
+    assert module.last_episode_stats["episode/cut"] == 1.0 and rollout.observation_mask.sum() == 0
+    assert (rollout.response_mask.sum(-1) == 6).all()
+
+
+def test_stop_strings_end_a_row_at_the_token_that_completes_them(tokenizer):
+    stop = StopStrings(tokenizer, ["</calc>"])
+    ids = [i for piece in ["12*3", "</", "cal", "c", ">", "x>"] for i in tokenizer(piece)["input_ids"]]
+    assert len(ids) > 8  # the tag spans several tokens
+    other = tokenizer("a")["input_ids"][0]
+    tokens, hits = [], []
+    for t in ids:
+        tokens.append(torch.tensor([t, other]))
+        hits.append(stop(tokens).tolist())
+    first = [h[0] for h in hits].index(True)
+    assert tokenizer.decode(ids[: first + 1]) == "12*3</calc>" and not any(h[1] for h in hits)
+
+
+def test_a_subset_of_rows_draws_what_those_rows_draw_in_the_whole_batch():
+    make = lambda n: torch.rand(n, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    whole = Rows(4, 16).draw(6, make)  # this rank: rows 4..9 of 16
+    index = torch.tensor([1, 4, 5])
+    assert torch.equal(Rows(4, 16).subset(index, 6).draw(3, make), whole[index])
+    assert torch.equal(Rows().subset(index, 6).draw(3, make), make(6)[index])

@@ -434,6 +434,13 @@ def test_cli_sft_demo_fits(capsys, no_weights):
     assert out.strip().splitlines()[-1].startswith("fits in 80G = 80.00 GiB: yes, ")
 
 
+def test_cli_counts_a_multi_turn_episode_s_whole_token_budget(capsys, no_weights):
+    code, out, err = _run(capsys, "-c", "configs/grpo/calculator.yaml", "--model.init_args.episodes.max_tokens=200")
+    assert code == 0, err
+    # 64 prompts x 8 episodes of 8 prompt tokens + 200 (not sampling.max_new_tokens = 64 of one turn)
+    assert "KV cache: 512 x 208 tokens" in out and "episodes.max_tokens = 200 tokens" in out
+
+
 def test_cli_reads_a_local_model_dir_and_overrides(capsys, tmp_path, no_weights):
     from transformers import AutoConfig
 

@@ -20,7 +20,7 @@ from tests.resume import kill_and_resume
 from tests.sharding import LORA, ONLINE, arguments, max_difference
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = [f"{stage}-{kind}" for stage in ("sft", "rm", "dpo", "ppo", "grpo") for kind in ("full", "lora")]
+RUNS = [f"{stage}-{kind}" for stage in ("sft", "rm", "dpo", "ppo", "grpo") for kind in ("full", "lora")] + ["turns-lora"]
 
 
 def launch(out: Path, **env) -> None:

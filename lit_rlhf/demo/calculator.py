@@ -151,25 +151,30 @@ def play(model, tokenizer, rows: list[dict], greedy: bool = True, seed: int = 0,
 
 
 def evaluate_policy(model, tokenizer, rows: list[dict], greedy: bool = True, seed: int = 0) -> dict:
-    """Exact-answer accuracy (the last number of the final turn, which must end with EOS), the
-    tool-use rate (episodes with at least one call) and the trajectories."""
-    from lit_rlhf.modules.rollout import decode_responses, decode_trajectories
+    """Exact-answer accuracy, the tool-use rate and the trajectories of ``model`` on ``rows``
+    (see :func:`judge_episodes`)."""
+    from lit_rlhf.modules.rollout import decode_trajectories
+
+    correct, used, trajectories = [], [], []
+    for rollout, episodes in play(model, tokenizer, rows, greedy, seed):
+        right, called = judge_episodes(tokenizer, rollout, episodes, [r["answer"] for r in rows[len(correct):]])
+        correct, used = correct + right, used + called
+        trajectories += decode_trajectories(tokenizer, rollout, ("", ""))
+    return {"accuracy": sum(correct) / len(rows), "tool_use_rate": sum(used) / len(rows),
+            "trajectories": trajectories, "correct": correct}
+
+
+def judge_episodes(tokenizer, rollout, episodes, answers: list) -> tuple[list[bool], list[bool]]:
+    """Per episode: right (the last number of the policy's final turn is the answer, and the
+    turn ends with EOS) and whether it called the tool at least once."""
+    from lit_rlhf.modules.rollout import decode_responses
     from lit_rlhf.rewards import final_answer, same_answer
 
-    correct, used, trajectories, answers = 0, 0, [], []
-    i = 0
-    for rollout, episodes in play(model, tokenizer, rows, greedy, seed):
-        ended = rollout.ended_with(tokenizer.eos_token_id).tolist()
-        for text, trajectory, episode, eos in zip(decode_responses(tokenizer, rollout),
-                                                  decode_trajectories(tokenizer, rollout, ("", "")), episodes, ended):
-            right = eos and same_answer(final_answer(text, "last_number"), rows[i]["answer"])
-            correct += right
-            used += episode.info.get("tool_calls", 0) > 0
-            trajectories.append(trajectory)
-            answers.append(bool(right))
-            i += 1
-    return {"accuracy": correct / len(rows), "tool_use_rate": used / len(rows), "trajectories": trajectories,
-            "correct": answers}
+    ended = rollout.ended_with(tokenizer.eos_token_id).tolist()
+    finals = decode_responses(tokenizer, rollout)
+    right = [eos and same_answer(final_answer(text, "last_number"), answer)
+             for text, eos, answer in zip(finals, ended, answers)]
+    return [bool(r) for r in right], [e.info.get("tool_calls", 0) > 0 for e in episodes]
 
 
 def pipeline_results(model_dir: Path, ref_dir: Path | None, rows: list[dict], n_sampled: int, seed: int) -> dict:

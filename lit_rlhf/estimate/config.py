@@ -625,7 +625,14 @@ def estimate_config(config: dict, source: str = "the config") -> M.Estimate:
                      + (f" x {g} generations" if g > 1 else "")
                      + f", prompts padded to data.init_args.max_prompt_length = {prompt} tokens, "
                        f"sampling.max_new_tokens = {sampling.max_new_tokens}")
-        est = estimate_stage(lm, stage, batch_size=batch, prompt_length=prompt, new_tokens=sampling.max_new_tokens,
+        new_tokens = sampling.max_new_tokens
+        if init.get("env"):  # multi-turn: a response is the whole trajectory after the prompt
+            from lit_rlhf.modules.episodes import EpisodeConfig
+
+            new_tokens = EpisodeConfig(**(init.get("episodes") or {})).max_tokens
+            notes.append(f"multi-turn episodes (model.init_args.env): responses of up to episodes.max_tokens = "
+                         f"{new_tokens} tokens, the policy's and the observations' (counted as new tokens below)")
+        est = estimate_stage(lm, stage, batch_size=batch, prompt_length=prompt, new_tokens=new_tokens,
                              mini_batch_size=mini, gradient_accumulation_steps=accum, num_generations=g,
                              reward=rewards or None, notes=notes, **kwargs)
     name = lm.name_or_path or (lm.arch if isinstance(lm.arch, str) else "arch")

@@ -8,17 +8,21 @@ from lit_rlhf.envs import Environment, Step
 
 
 class Scripted(Environment):
-    """Answers ``observation`` to the first ``turns - 1`` policy turns, then ends with ``reward``."""
+    """Answers ``observation`` to the first ``turns - 1`` policy turns, then ends with ``reward``;
+    ``chat``: the episode is the prompt's conversation and the answer a ``tool`` message."""
 
-    def __init__(self, observation: str = " the best film of the year", turns: int = 3, reward: float = 1.0) -> None:
-        self.observation, self.turns, self.reward = observation, turns, reward
+    def __init__(self, observation: str = " the best film of the year", turns: int = 3, reward: float = 1.0,
+                 chat: bool = False) -> None:
+        self.observation, self.turns, self.reward, self.chat = observation, turns, reward, chat
         self.seen = 0
 
-    def reset(self, row: dict) -> None:
+    def reset(self, row: dict) -> list[dict] | None:
         self.seen = 0
+        return row["messages"] if self.chat else None
 
     def step(self, action: str) -> Step:
         self.seen += 1
         if self.seen >= self.turns:
             return Step(reward=self.reward, done=True)
-        return Step(observation=self.observation, info={"tool_calls": 1.0})
+        answer = [{"role": "tool", "content": self.observation}] if self.chat else self.observation
+        return Step(observation=answer, info={"tool_calls": 1.0})

@@ -4,10 +4,13 @@ draws that do not depend on which episodes are still playing."""
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
 
+from lit_rlhf.data import PromptDataModule
 from lit_rlhf.models import ModelConfig
 from lit_rlhf.modules import GRPOModule
 from lit_rlhf.modules.episodes import EpisodeConfig
@@ -74,6 +77,28 @@ def test_the_training_pass_scores_exactly_the_sampled_and_observed_tokens(played
     torch.testing.assert_close(rollout.logprobs[action], rollout.sample_logprobs[action], atol=1e-5, rtol=0)
 
 
+def test_chat_episodes_append_what_the_template_renders_after_each_turn(tmp_path):
+    module = GRPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo", chat_template="chatml"), LetterReward(),
+                        grpo=GRPOConfig(num_generations=2), sampling=SamplingConfig(min_new_tokens=6, max_new_tokens=6),
+                        rollout_batch_size=4, env=Scripted("36", turns=3, chat=True),
+                        episodes=EpisodeConfig(max_turns=4, max_tokens=200))
+    module.configure_model()
+    rows = [{"prompt": [{"role": "user", "content": f"what is {i} times 3?"}]} for i in range(12)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PromptDataModule(str(tmp_path / "chat.jsonl"), batch_size=4, val_size=4, tokenizer=module.tokenizer)
+    data.setup("fit")
+    batch = data.train_dataloader().dataset.batch(0)
+    rollout = module.rollout(batch, torch.Generator().manual_seed(0), old_logprobs=True)
+    tok = module.tokenizer
+    prompt = tok.decode(rollout.query_ids[0][rollout.query_mask[0].bool()])
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    for row in range(len(rollout)):  # the policy never sampled "<|im_end|>": the template's closes its turn
+        assert [tok.decode(run) for run in _observed_runs(rollout, row)] == \
+            ["<|im_end|>\n<|im_start|>tool\n36<|im_end|>\n<|im_start|>assistant\n"] * 2
+    action = rollout.action_mask.bool()
+    torch.testing.assert_close(rollout.logprobs[action], rollout.sample_logprobs[action], atol=1e-5, rtol=0)
+
+
 def test_reward_functions_see_the_final_turn_and_the_table_the_whole_trajectory(played):
     module, _, rollout = played
     final, whole = decode_responses(module.tokenizer, rollout), decode_trajectories(module.tokenizer, rollout)
@@ -116,9 +141,10 @@ def test_observation_tokens_get_no_gradient_no_advantage_and_no_kl(played):
     assert (grad[~observed & mask.bool()].abs().sum(-1) > 0).all()
 
 
-@pytest.mark.parametrize("lora", [LORA, None], ids=["lora-adapters-off", "full-frozen-copy"])
-def test_first_update_on_multi_turn_episodes_has_ratio_one_and_zero_kl(tmp_path, lora):
-    module = _module(lora=lora, num_iterations=2)
+@pytest.mark.parametrize("lora, advantage", [(LORA, "grpo"), (None, "rloo"), (LORA, "reinforce_baseline")],
+                         ids=["grpo-lora-adapters-off", "rloo-full-frozen-copy", "reinforce++-lora"])
+def test_first_update_on_multi_turn_episodes_has_ratio_one_and_zero_kl(tmp_path, lora, advantage):
+    module = _module(lora=lora, num_iterations=2, advantage=advantage)
     seen, loss = [], module.loss
 
     def recording(sub, *args):

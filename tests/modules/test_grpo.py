@@ -266,13 +266,20 @@ def test_a_reward_field_missing_from_the_data_stops_before_training(tmp_path):
     assert module.policy is None  # no weights were loaded
 
 
-def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("multi_turn", [False, True], ids=["one-turn", "multi-turn"])
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, multi_turn):
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_rlhf.modules.episodes import EpisodeConfig
+    from tests.envs.scripted import Scripted
 
     # 4 rollouts of 4 prompts x 4 generations; 2 iterations x 2 minibatches of 8 = 4 optimizer
     # steps each, so a checkpoint every 8 steps falls after rollout 2.
     def module():
-        return _module(num_iterations=2, mini_batch_size=8)
+        made = _module(num_iterations=2, mini_batch_size=8)
+        if multi_turn:  # episodes of 3 turns with 2 observations
+            made.env, made.episode_config = Scripted(turns=3), EpisodeConfig(max_turns=3, max_tokens=48)
+        return made
 
     straight = module()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
@@ -285,6 +292,7 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
               enable_model_summary=False).fit(resumed, make_data(resumed, 4),
                                               ckpt_path=tmp_path / "ckpt" / "epoch=0-step=8.ckpt")
     assert resumed.rollouts_done == straight.rollouts_done == 4
+    assert not multi_turn or resumed.last_episode_stats["episode/turns"] == 3
     want = {n: p for n, p in straight.named_parameters() if p.requires_grad}
     got = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
     assert want.keys() == got.keys() and len(want) > 0

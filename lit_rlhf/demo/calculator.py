@@ -143,9 +143,11 @@ def play(model, tokenizer, rows: list[dict], greedy: bool = True, seed: int = 0,
     for start in range(0, len(rows), batch_size):
         part = rows[start : start + batch_size]
         ids, mask = left_pad([tokenizer(r["prompt"])["input_ids"] for r in part], tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
         batch = {"input_ids": ids, "attention_mask": mask, "prompt": [r["prompt"] for r in part]}
         episodes = start_episodes(calculator_env(), tokenizer, batch, 1)
-        rollout = run_episodes(policy, episodes, Sampler(tokenizer, MAX_TURN_TOKENS, kwargs), config)
+        rollout = run_episodes(policy, episodes, Sampler(tokenizer, MAX_TURN_TOKENS, kwargs, device=model.device),
+                               config)
         out.append((rollout, episodes))
     return out
 

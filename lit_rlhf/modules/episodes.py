@@ -68,6 +68,9 @@ class Sampler:
     generate_kwargs: dict
     rows: Rows = Rows()
     any_rank_active: Callable[[int], bool] = bool
+    device: torch.device | str = "cpu"
+    stop: StopStrings | None = None
+    """The environment's stop strings (built once: it reads the whole vocabulary); None: built here."""
 
 
 def start_episodes(env: Environment, tokenizer, batch: dict, num_generations: int) -> list[Episode]:
@@ -100,8 +103,8 @@ def _prompt_tokens(batch: dict) -> list[list[int]]:
 @torch.no_grad()
 def run_episodes(policy, episodes: list[Episode], sampler: Sampler, config: EpisodeConfig) -> Rollout:
     """Play every episode to its end, a turn of all unfinished ones at a time (see the module docstring)."""
-    stop = StopStrings(sampler.tokenizer, episodes[0].env.stop_strings()) if episodes else None
-    device = next(iter(policy.parameters())).device if hasattr(policy, "parameters") else torch.device("cpu")
+    stop = sampler.stop or StopStrings(sampler.tokenizer, episodes[0].env.stop_strings())
+    device = sampler.device
     while sampler.any_rank_active(sum(not e.done for e in episodes)):
         active = [i for i, e in enumerate(episodes) if not e.done]
         # A rank whose episodes are all over still runs a (discarded) row while others play:

@@ -56,6 +56,7 @@ from lit_rlhf.modules.episodes import (
 from lit_rlhf.modules.rollout import (
     Rollout,
     Rows,
+    StopStrings,
     decode_responses,
     decode_trajectories,
     evaluate_actions,
@@ -180,6 +181,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         self.env = env  # multi-turn episodes (lit_rlhf.modules.episodes); None: one response per prompt
         self.episode_config = as_config(EpisodeConfig, episodes) or EpisodeConfig()
         self.last_episode_stats: dict[str, torch.Tensor] = {}
+        self._stop_strings: StopStrings | None = None
         for role, fn in self.scorers():  # e.g. a reward adapter must fit the policy's base
             fn.check_base(self.lm_config, where=f"model.init_args.{role}")
         k = self.kl_config
@@ -444,8 +446,11 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
                       pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature, top_k=s.top_k,
                       top_p=s.top_p, generator=generator, all_done=self._all_ranks_done)
         several = self._trainer is not None and self.trainer.world_size > 1
+        if self._stop_strings is None:  # reads the whole vocabulary: once
+            self._stop_strings = StopStrings(self.tokenizer, self.env.stop_strings())
         sampler = Sampler(self.tokenizer, s.max_new_tokens, kwargs, rows, any_rank_active=(
-            lambda n: bool(self._sum_ranks(torch.tensor(n, device=self.device)))) if several else bool)
+            lambda n: bool(self._sum_ranks(torch.tensor(n, device=self.device)))) if several else bool,
+            device=batch["input_ids"].device, stop=self._stop_strings)
         episodes = start_episodes(self.env, self.tokenizer, batch, g)
         start = time.perf_counter()
         with gathered([self.policy], enabled=self.gather_for_sampling):

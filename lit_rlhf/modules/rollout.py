@@ -89,7 +89,8 @@ class Rows:
     def draw(self, n: int, make) -> torch.Tensor:
         """This rank's ``n`` rows of ``make(total)``, a draw of one value per global row."""
         if self.index is not None:  # the draw for all of this rank's rows, then the subset's
-            return Rows(self.offset, self.total).draw(self.size, make)[self.index.to(make(0).device)]
+            full = Rows(self.offset, self.total).draw(self.size, make)
+            return full[self.index.to(full.device)]
         if self.total is None:
             return make(n)
         if self.offset + n > self.total:
@@ -241,7 +242,9 @@ class StopStrings:
         hits = torch.zeros_like(last, dtype=torch.bool)
         if not self.strings:
             return hits
-        candidates = self.closers.to(last.device)[last.clamp(0, len(self.closers) - 1)].nonzero().flatten().tolist()
+        known = last < len(self.closers)  # a model's padded vocabulary may hold ids the tokenizer lacks
+        closes = known & self.closers.to(last.device)[last.clamp(max=len(self.closers) - 1)]
+        candidates = closes.nonzero().flatten().tolist()
         if candidates:
             recent = torch.stack(tokens[-self.window:], 1)[candidates].tolist()
             for row, text in zip(candidates, self.tokenizer.batch_decode(recent)):

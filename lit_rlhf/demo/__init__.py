@@ -73,10 +73,21 @@ class DemoPaths:
                    root / "pairs_train.jsonl", root / "pairs_val.jsonl")
 
 
+def cache_root(folder: str) -> Path:
+    """``$LIT_RLHF_CACHE/<folder>``, or ``~/.cache/lit_rlhf/<folder>``: where a demo task is built."""
+    base = os.environ.get("LIT_RLHF_CACHE") or Path.home() / ".cache" / "lit_rlhf"
+    return Path(base).expanduser() / folder
+
+
 def demo_cache_root() -> Path:
     """``$LIT_RLHF_CACHE/demo-v1``, or ``~/.cache/lit_rlhf/demo-v1``."""
-    base = os.environ.get("LIT_RLHF_CACHE") or Path.home() / ".cache" / "lit_rlhf"
-    return Path(base).expanduser() / "demo-v1"
+    return cache_root("demo-v1")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """``rows`` as a jsonl file (its folder made if needed): the task builders' splits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -19,7 +19,6 @@ model loader knows ``tokenizer: arithmetic``.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +54,8 @@ def all_problems(seed: int = 0) -> list[tuple[str, str]]:
     return problems
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def _build(target: Path, params: dict) -> None:
+    from lit_rlhf.demo import write_rows
     from lit_rlhf.demo.tokenizer import build_tokenizer
 
     problems = all_problems(params["seed"])
@@ -71,19 +66,20 @@ def _build(target: Path, params: dict) -> None:
     paths = ArithmeticPaths.under(target)
     sft = lambda part: [{"prompt": p, "completion": a} for p, a in part]  # noqa: E731
     answers = lambda part: [{"prompt": p, "answer": a} for p, a in part]  # noqa: E731
-    _write(paths.sft_dir / "train.jsonl", sft(cuts["sft"]))
-    _write(paths.sft_dir / "validation.jsonl", sft(cuts["sft_val"]))
-    _write(paths.prompts_dir / "train.jsonl", answers(rest))
-    _write(paths.prompts_dir / "validation.jsonl", answers(cuts["prompts_val"]))
-    _write(paths.test_file, answers(cuts["test"]))
+    write_rows(paths.sft_dir / "train.jsonl", sft(cuts["sft"]))
+    write_rows(paths.sft_dir / "validation.jsonl", sft(cuts["sft_val"]))
+    write_rows(paths.prompts_dir / "train.jsonl", answers(rest))
+    write_rows(paths.prompts_dir / "validation.jsonl", answers(cuts["prompts_val"]))
+    write_rows(paths.test_file, answers(cuts["test"]))
     # 256 byte symbols + 2 specials and no merges: one token per character.
     build_tokenizer([p + a for p, a in problems], vocab_size=258).save_pretrained(str(paths.tokenizer_dir))
     (target / "DONE").write_text(json.dumps(params, sort_keys=True))
 
 
 def arithmetic_root() -> Path:
-    base = os.environ.get("LIT_RLHF_CACHE") or Path.home() / ".cache" / "lit_rlhf"
-    return Path(base).expanduser() / "arithmetic-v1"
+    from lit_rlhf.demo import cache_root
+
+    return cache_root("arithmetic-v1")
 
 
 def prepare_arithmetic(root: str | Path | None = None, seed: int = 0) -> ArithmeticPaths:

@@ -24,7 +24,6 @@ decoding with the real tool loop: exact-answer accuracy and the tool-use rate.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +67,6 @@ def all_problems(seed: int = 0) -> list[tuple[int, int]]:
     return pairs
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def build_calculator_tokenizer(texts: list[str]):
     """Byte-level, no merges (one token per character), the four tags as added tokens."""
     from tokenizers import AddedToken
@@ -85,6 +79,7 @@ def build_calculator_tokenizer(texts: list[str]):
 
 
 def _build(target: Path, params: dict) -> None:
+    from lit_rlhf.demo import write_rows
     pairs = all_problems(params["seed"])
     cuts, start = {}, 0
     for name, n in SPLITS.items():
@@ -94,18 +89,19 @@ def _build(target: Path, params: dict) -> None:
     sft = lambda part: [{"prompt": problem(a, b)[0], "completion": demonstration(a, b, rng.random() < TOOL_FRACTION)}  # noqa: E731
                         for a, b in part]
     answers = lambda part: [dict(zip(("prompt", "answer"), problem(a, b))) for a, b in part]  # noqa: E731
-    _write(paths.sft_dir / "train.jsonl", sft(cuts["sft"]))
-    _write(paths.sft_dir / "validation.jsonl", sft(cuts["sft_val"]))
-    _write(paths.prompts_dir / "train.jsonl", answers(pairs[start:]))
-    _write(paths.prompts_dir / "validation.jsonl", answers(cuts["prompts_val"]))
-    _write(paths.test_file, answers(cuts["test"]))
+    write_rows(paths.sft_dir / "train.jsonl", sft(cuts["sft"]))
+    write_rows(paths.sft_dir / "validation.jsonl", sft(cuts["sft_val"]))
+    write_rows(paths.prompts_dir / "train.jsonl", answers(pairs[start:]))
+    write_rows(paths.prompts_dir / "validation.jsonl", answers(cuts["prompts_val"]))
+    write_rows(paths.test_file, answers(cuts["test"]))
     build_calculator_tokenizer(["0123456789*=+- "]).save_pretrained(str(paths.tokenizer_dir))
     (target / "DONE").write_text(json.dumps(params, sort_keys=True))
 
 
 def calculator_root() -> Path:
-    base = os.environ.get("LIT_RLHF_CACHE") or Path.home() / ".cache" / "lit_rlhf"
-    return Path(base).expanduser() / "calculator-v1"
+    from lit_rlhf.demo import cache_root
+
+    return cache_root("calculator-v1")
 
 
 def prepare_calculator(root: str | Path | None = None, seed: int = 0) -> CalculatorPaths:

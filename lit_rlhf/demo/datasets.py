@@ -23,10 +23,9 @@ def register() -> None:
     register_dataset("demo", "sft", _reviews)
     register_dataset("demo", "preference", _pairs)
     register_dataset("demo", "prompts", _review_openings)
-    register_dataset("arithmetic", "sft", _arithmetic("sft_dir"))
-    register_dataset("arithmetic", "prompts", _arithmetic("prompts_dir"))
-    register_dataset("calculator", "sft", _calculator("sft_dir"))
-    register_dataset("calculator", "prompts", _calculator("prompts_dir"))
+    for task in ("arithmetic", "calculator"):
+        register_dataset(task, "sft", _task(task, "sft_dir"))
+        register_dataset(task, "prompts", _task(task, "prompts_dir"))
 
 
 def _reviews(**_) -> DatasetSource:
@@ -58,21 +57,14 @@ def _review_openings(seed: int = 0, val_size: int = 64, **_) -> DatasetSource:
                          description="demo prompts")
 
 
-def _arithmetic(folder: str):
+def _task(module: str, folder: str):
+    """A built task's split folder (``sft_dir`` or ``prompts_dir``), its ``prepare_*`` run first."""
+
     def build(**_) -> DatasetSource:
-        from lit_rlhf.demo.arithmetic import prepare_arithmetic
+        import importlib
 
-        path = str(getattr(prepare_arithmetic(), folder))
-        return DatasetSource(path=path, val_split="validation", description=path)
-
-    return build
-
-
-def _calculator(folder: str):
-    def build(**_) -> DatasetSource:
-        from lit_rlhf.demo.calculator import prepare_calculator
-
-        path = str(getattr(prepare_calculator(), folder))
+        task = importlib.import_module(f"lit_rlhf.demo.{module}")
+        path = str(getattr(getattr(task, f"prepare_{module}")(), folder))
         return DatasetSource(path=path, val_split="validation", description=path)
 
     return build

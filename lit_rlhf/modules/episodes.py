@@ -107,13 +107,13 @@ def run_episodes(policy, episodes: list[Episode], sampler: Sampler, config: Epis
     device = sampler.device
     while sampler.any_rank_active(sum(not e.done for e in episodes)):
         active = [i for i, e in enumerate(episodes) if not e.done]
-        # A rank whose episodes are all over still runs a (discarded) row while others play:
-        # sharded forwards and the stop decision are collectives every rank takes part in.
+        # A rank whose episodes are all over still runs a (discarded) row of one token while others
+        # play: sharded forwards and the stop decision are collectives every rank takes part in.
         rows = active or [0]
         contexts = [episodes[i].prompt + episodes[i].tokens for i in rows]
         ids, mask = left_pad(contexts, sampler.tokenizer.pad_token_id)
-        limits = torch.tensor([max(1, min(sampler.max_new_tokens, config.max_tokens - len(episodes[i].tokens)))
-                               for i in rows])
+        limits = torch.tensor([min(sampler.max_new_tokens, config.max_tokens - len(episodes[i].tokens)) if active
+                               else 1 for i in rows])
         turn = generate(policy, ids.to(device), mask.to(device), limits, stop=stop,
                         rows=sampler.rows.subset(torch.tensor(rows), len(episodes)), **sampler.generate_kwargs)
         for j, i in enumerate(active):

@@ -177,6 +177,32 @@ def test_budgets_cut_episodes_and_count_them():
     assert (rollout.response_mask.sum(-1) == 6).all()
 
 
+def test_a_rank_whose_episodes_are_over_plays_along_while_other_ranks_play(played):
+    from lit_rlhf.modules.episodes import Sampler, run_episodes, start_episodes
+
+    module, batch, _ = played
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return module.policy(*args, **kwargs)
+
+    def play(any_rank_active):
+        episodes = start_episodes(Scripted(turns=1), module.tokenizer, batch, 1)  # one turn each
+        kwargs = dict(eos_token_id=module.tokenizer.eos_token_id, pad_token_id=module.tokenizer.pad_token_id,
+                      generator=torch.Generator().manual_seed(0))
+        return run_episodes(counting, episodes, Sampler(module.tokenizer, 6, kwargs, any_rank_active=any_rank_active),
+                            EpisodeConfig())
+
+    alone = play(bool)
+    solo_calls, calls[:] = len(calls), []
+    others = iter([True, True, False])  # another rank still plays two more turns
+    along = play(lambda n: bool(n) or next(others))
+    assert torch.equal(along.response_ids, alone.response_ids)  # its own episodes are untouched
+    # Two more turns of one discarded row, one token each: a prefill and no decode step.
+    assert len(calls) == solo_calls + 2 and calls[-2:] == [(1, calls[-1][1])] * 2
+
+
 def test_stop_strings_end_a_row_at_the_token_that_completes_them(tokenizer):
     stop = StopStrings(tokenizer, ["</calc>"])
     ids = [i for piece in ["12*3", "</", "cal", "c", ">", "x>"] for i in tokenizer(piece)["input_ids"]]

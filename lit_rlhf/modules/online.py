@@ -178,6 +178,9 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         self.kl_config = as_config(KLConfig, kl) or KLConfig()
         self.score_config = as_config(ScoreConfig, score) or ScoreConfig()
         self.seed = seed
+        if episodes is not None and env is None:
+            raise ValueError("model.init_args.episodes sets multi-turn episodes, which need an environment: "
+                             "set model.init_args.env (e.g. class_path: lit_rlhf.envs.ToolEnvironment)")
         self.env = env  # multi-turn episodes (lit_rlhf.modules.episodes); None: one response per prompt
         self.episode_config = as_config(EpisodeConfig, episodes) or EpisodeConfig()
         self.last_episode_stats: dict[str, torch.Tensor] = {}
@@ -535,7 +538,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
             )
         c = self.score_config
         if rollout.env_reward is not None:  # multi-turn: the environment's reward joins the reward functions'
-            raw = raw + rollout.env_reward.cpu()
+            raw = raw + rollout.env_reward.to(raw.device)
         scores = raw.to(self.device) - c.baseline
         if c.clip is not None:
             scores = scores.clamp(-c.clip, c.clip)
@@ -578,7 +581,8 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         fields = self.row_fields(self.reward_fn, batch, num_generations=1)
         scores = self.call_scorer(self.reward_fn, self.prompts_for(self.reward_fn, batch), responses, fields)
         if rollout.env_reward is not None:
-            scores = torch.as_tensor(scores, dtype=torch.float32) + rollout.env_reward.cpu()
+            scores = torch.as_tensor(scores, dtype=torch.float32)
+            scores = scores + rollout.env_reward.to(scores.device)
         # On the metrics' device: a reward function's CPU scores with a NaN among them would meet
         # the GPU-side weight in torchmetrics' NaN filter (a device mismatch).
         self.val_score.update(self._as_metric_value(scores).mean(), n)

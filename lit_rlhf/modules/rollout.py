@@ -389,15 +389,11 @@ def decode_trajectories(tokenizer, rollout: Rollout, mark: tuple[str, str] = ("*
     out = []
     observed = rollout.observation_mask if rollout.observation_mask is not None else torch.zeros_like(rollout.response_mask)
     for ids, n, obs in zip(rollout.response_ids.tolist(), rollout.response_mask.sum(-1).tolist(), observed.tolist()):
-        segments = [(o, [t]) for t, o in zip(ids[: int(n)], obs)]
-        merged = []
-        for o, t in segments:  # runs of the same kind
-            if merged and merged[-1][0] == o:
-                merged[-1][1].extend(t)
-            else:
-                merged.append((o, list(t)))
-        text = [tokenizer.decode(t, skip_special_tokens=True) for _, t in merged]
-        out.append("".join(f"{mark[0]}{x}{mark[1]}" if o else x for (o, _), x in zip(merged, text)))
+        parts = []
+        for is_observation, run in itertools.groupby(zip(ids[: int(n)], obs), key=lambda pair: pair[1]):
+            text = tokenizer.decode([t for t, _ in run], skip_special_tokens=True)
+            parts.append(f"{mark[0]}{text}{mark[1]}" if is_observation else text)
+        out.append("".join(parts))
     return out
 
 

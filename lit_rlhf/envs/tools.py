@@ -72,7 +72,7 @@ class ToolEnvironment(Environment):
         named = tools.items() if isinstance(tools, dict) else ((None, t) for t in tools)
         self.tools: dict[str, Callable] = {}
         for name, tool in named:
-            fn = resolve_tool(tool, "env tools")
+            fn = resolve_tool(tool, "ToolEnvironment tools")
             self.tools[name or fn.__name__] = fn
         if not self.tools:
             raise ValueError("ToolEnvironment needs at least one tool")

@@ -73,9 +73,12 @@ class PolicyWithValueHead(nn.Module):
         cache=None,
         use_cache: bool = False,
         with_values: bool = True,
-        logits_slice: slice = slice(None),
+        logits_slice: slice | torch.Tensor = slice(None),
+        **attention_kwargs,
     ) -> PolicyOutput:
-        """(B, T) ids -> logits (B, T', V) for the positions in ``logits_slice``, values (B, T).
+        """(B, T) ids -> logits (B, T', V) for the positions in ``logits_slice`` (a slice, or an
+        index tensor of positions), values (B, T). ``attention_kwargs`` go to every attention
+        layer (e.g. ``segment_lengths`` for :mod:`~lit_rlhf.models.attention`'s segment attention).
 
         The LM head is a (hidden x vocab) matmul per position, a large share of a small
         model's compute: callers ask only for the positions they read (the last one while
@@ -90,6 +93,7 @@ class PolicyWithValueHead(nn.Module):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            **attention_kwargs,
         )
         hidden = out.last_hidden_state
         # Contiguous: on a strided slice, torch's matmul picks its kernel by whether the weights

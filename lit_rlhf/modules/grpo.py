@@ -78,6 +78,9 @@ class GRPOConfig:
     """Gradient norm clip; None: off."""
     ratio_threshold: float | None = 10.0
     """Skip (and count) a minibatch whose mean ratio exceeds this; None: off."""
+    packed: bool = True
+    """Padding-free scoring and update passes when they run fewer tokens than padded rows with
+    each group's prompt run once (see ``evaluate_actions``)."""
     skip_zero_std_groups: bool = False
     """Leave groups whose rewards are all equal out of the update (DAPO's dynamic sampling,
     without re-sampling): their advantages are exactly 0, so their policy gradient is too, and
@@ -119,7 +122,8 @@ class GRPOConfig:
                              f"the minibatch of {mini} completions")
         return UpdateConfig(epochs=self.num_iterations, mini_batch_size=mini,
                             gradient_accumulation_steps=self.gradient_accumulation_steps, clip_range=self.clip_range,
-                            max_grad_norm=self.max_grad_norm, ratio_threshold=self.ratio_threshold)
+                            max_grad_norm=self.max_grad_norm, ratio_threshold=self.ratio_threshold,
+                            packed=self.packed)
 
 
 class GRPOModule(OnlineRLModule):
@@ -240,7 +244,8 @@ class GRPOModule(OnlineRLModule):
         if g.mask_truncated:  # a response cut at max_new_tokens has no reward signal of its own ending
             mask = mask * sub.ended_with(self.tokenizer.eos_token_id).float()[:, None]
         logprobs, _, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, with_values=False,
-                                                entropy="detached", share_prompts=self.share_prompts)
+                                                entropy="detached", share_prompts=self.share_prompts,
+                                                packed=self.update_config.packed)
         old = sub.logprobs if sub.logprobs is not None else logprobs.detach()
         pg_loss, pstats = policy_loss(logprobs, old, advantages, mask, g.clip_range, g.clip_range_high,
                                       g.loss_aggregation)

@@ -44,6 +44,8 @@ from torchmetrics import MeanMetric
 from lit_rlhf.callbacks import NonFiniteLossError
 from lit_rlhf.envs import Environment
 from lit_rlhf.models import ModelConfig, PolicyWithValueHead, load_model, trainable_parameters
+from lit_rlhf.models.attention import use_segment_attention
+from lit_rlhf.models.heads import unwrap_peft
 from lit_rlhf.models.sharding import gathered, root_gathered
 from lit_rlhf.modules.base import HFModule, as_config, gather_ranks
 from lit_rlhf.modules.episodes import (
@@ -217,6 +219,8 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         # config floats that models read directly (OPT's F.dropout(p=config.dropout)).
         lm = load_model(self.lm_config, self.tokenizer, task="causal_lm", device=device, dropout=False,
                         compute_dtype=self.compute_dtype)
+        if self.update_config.packed:  # one causal SDPA per episode in packed passes; plain sdpa otherwise
+            use_segment_attention(unwrap_peft(lm))
         self.policy = PolicyWithValueHead(lm, value_head=self.uses_value_head)
         if self.lm_config.lora is None:
             # Full fine-tuning has no adapters to switch off: keep a frozen copy.
@@ -491,7 +495,8 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
                 # Same weights, masks and positions as every later update forward: ratio 1 at start.
                 rollout.logprobs, rollout.values, _ = evaluate_actions(self.policy, rollout, s.temperature,
                                                                        with_values=self.uses_value_head,
-                                                                       share_prompts=self.share_prompts)
+                                                                       share_prompts=self.share_prompts,
+                                                                       packed=self.update_config.packed)
             if self.needs_reference():
                 rollout.ref_logprobs = self.reference_logprobs(rollout)
         finally:
@@ -501,11 +506,11 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         """Log-probs of the response tokens under the reference model."""
         if self.ref_policy is not None:
             return evaluate_actions(self.ref_policy, rollout, self.sampling.temperature, with_values=False,
-                                    share_prompts=self.share_prompts)[0]
+                                    share_prompts=self.share_prompts, packed=self.update_config.packed)[0]
         # The reference is the base itself: switch the adapters off, no second copy in memory.
         with self.policy.lm.disable_adapter():
             return evaluate_actions(self.policy, rollout, self.sampling.temperature, with_values=False,
-                                    share_prompts=self.share_prompts)[0]
+                                    share_prompts=self.share_prompts, packed=self.update_config.packed)[0]
 
     @staticmethod
     def prompts_for(reward_fn, batch: dict) -> list:

@@ -129,7 +129,8 @@ class PPOModule(OnlineRLModule):
         mask = sub.action_mask.float()
         # The entropy is a logged statistic; it needs a graph only when it is in the loss.
         entropy_mode = "grad" if self.ppo.entropy_coef else "detached"
-        logprobs, values, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, entropy=entropy_mode)
+        logprobs, values, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, entropy=entropy_mode,
+                                                     packed=self.update_config.packed)
         pg_loss, pstats = policy_loss(logprobs, sub.logprobs, advantages, mask, self.ppo.clip_range)
         vf_loss, vstats = value_loss(values, sub.values, returns, mask, self.ppo.clip_range_value)
         mean_entropy = masked_mean(entropy, mask)

@@ -294,49 +294,112 @@ def evaluate_actions(
     with_values: bool = True,
     entropy: EntropyMode = "skip",
     share_prompts: bool = False,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs, values and entropies of the rollout's response tokens under ``policy``.
 
     One forward pass over query + response. Used for the old log-probs and values right
-    after sampling, for the reference (adapters disabled), and inside every PPO minibatch,
-    always with the same masks and positions, so at step 0 the ratio is exactly 1.
+    after sampling, for the reference (adapters disabled), and inside every update minibatch,
+    always with the same masks and positions, so at step 0 the ratio is exactly 1. Three
+    layouts give the same values (tested to 1e-5 in fp32); the one that runs the fewest tokens
+    through the trunk is taken (:func:`pass_layout`):
+
+    * padded: (B, Tq + Tr) rows, prompts left- and responses right-padded;
+    * shared prompts (``share_prompts``; a GRPO group): the distinct prompts are prefilled once,
+      their KV cache indexed out to the episodes, and only the responses run on top of it
+      (gradients flow through the cache into the prompt's pass). Not under gradient
+      checkpointing, which cannot keep a cache;
+    * packed (``packed``, a policy with segment attention): every episode's real tokens laid end
+      to end in one row, one causal attention per episode, no padding at all.
 
     Args:
         entropy: ``grad``, ``detached`` or ``skip``, as in :func:`~lit_rlhf.objectives.logprobs.logprobs_and_entropy`.
-        share_prompts: episodes with the same prompt (a GRPO group) run it once: the distinct
-            prompts are prefilled, their KV cache is indexed out to the episodes, and only
-            the responses run on top of it. The same function of the weights (gradients flow
-            through the cache into the prompt's pass), with fewer tokens through the trunk.
-            Ignored under gradient checkpointing, which cannot keep a cache.
 
     Returns:
-        logprobs (B, Tr), values (B, Tr) or None, entropy (B, Tr) or None.
+        logprobs (B, Tr), values (B, Tr) or None, entropy (B, Tr) or None; 0 after each response.
     """
-    input_ids, mask, positions = rollout.sequences()
-    tq = rollout.query_ids.size(1)
-    shared = shared_prompts(rollout) if share_prompts and not _checkpointing(policy) else None
-    if shared is None:
-        # Response token j is scored by the logits (and value) at position Tq + j - 1.
-        out = policy(input_ids, mask, positions, with_values=with_values, logits_slice=slice(tq - 1, -1))
-        logits, values = out.logits, out.values[:, tq - 1:-1] if with_values else None
+    layout = pass_layout(policy, rollout, share_prompts, packed)
+    if layout == "packed":
+        logits, values = _packed_pass(policy, rollout, with_values)  # (M, V), (M,): the response tokens
+        targets = rollout.response_ids[rollout.response_mask.bool()][None]
     else:
-        query_ids, query_mask, index = shared
-        query_positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
-        prompt = policy(query_ids, query_mask, query_positions, use_cache=True, with_values=with_values,
-                        logits_slice=slice(-1, None))
-        cache = prompt.cache
-        select_cache_rows(cache, index)  # (U, ...) -> (B, ...), differentiable
-        # The responses attend to their prompt's cached keys and values, then to each other.
-        out = policy(rollout.response_ids, mask, positions[:, tq:], cache=cache, use_cache=True,
-                     with_values=with_values, logits_slice=slice(None, -1))
-        logits = torch.cat([prompt.logits.index_select(0, index), out.logits], dim=1)
-        values = (torch.cat([prompt.values.index_select(0, index)[:, -1:], out.values[:, :-1]], dim=1)
-                  if with_values else None)
+        logits, values = (_padded_pass if layout == "padded" else _shared_prompt_pass)(policy, rollout, with_values)
+        targets = rollout.response_ids
     if temperature != 1.0:
         # Scores of the distribution that was actually sampled from.
         logits = logits / temperature
-    logprobs, entropies = logprobs_and_entropy(logits, rollout.response_ids, entropy)
+    logprobs, entropies = logprobs_and_entropy(logits[None] if layout == "packed" else logits, targets, entropy)
+    if layout == "packed":  # back to (B, Tr), in the response mask's row-major order
+        resp = rollout.response_mask.bool()
+        logprobs, values, entropies = (None if t is None else t.new_zeros(resp.shape).masked_scatter(resp, t.flatten())
+                                       for t in (logprobs, values, entropies))
     return logprobs, values, entropies
+
+
+def pass_layout(policy, rollout: Rollout, share_prompts: bool, packed: bool) -> str:
+    """``padded``, ``shared`` or ``packed``: of the layouts allowed, the one that runs the fewest
+    tokens through the trunk (padded on a tie: one attention call per layer)."""
+    b, tq = rollout.query_ids.shape
+    costs = {"padded": b * (tq + rollout.response_ids.size(1))}
+    shared = shared_prompts(rollout) if share_prompts and not _checkpointing(policy) else None
+    if shared is not None:
+        costs["shared"] = shared[0].size(0) * tq + rollout.response_ids.numel()
+    if packed and _segment_attention(policy):
+        costs["packed"] = int(rollout.query_mask.sum() + rollout.response_mask.sum())
+    return min(costs, key=lambda layout: (costs[layout], layout != "padded"))
+
+
+def _padded_pass(policy, rollout: Rollout, with_values: bool):
+    """(B, Tr, V) logits and (B, Tr) values of the response tokens, from padded rows."""
+    input_ids, mask, positions = rollout.sequences()
+    tq = rollout.query_ids.size(1)
+    # Response token j is scored by the logits (and value) at position Tq + j - 1.
+    out = policy(input_ids, mask, positions, with_values=with_values, logits_slice=slice(tq - 1, -1))
+    return out.logits, out.values[:, tq - 1:-1] if with_values else None
+
+
+def _shared_prompt_pass(policy, rollout: Rollout, with_values: bool):
+    """As :func:`_padded_pass`, each distinct prompt run once (see :func:`evaluate_actions`)."""
+    _, mask, positions = rollout.sequences()
+    tq = rollout.query_ids.size(1)
+    query_ids, query_mask, index = shared_prompts(rollout)
+    query_positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
+    prompt = policy(query_ids, query_mask, query_positions, use_cache=True, with_values=with_values,
+                    logits_slice=slice(-1, None))
+    cache = prompt.cache
+    select_cache_rows(cache, index)  # (U, ...) -> (B, ...), differentiable
+    # The responses attend to their prompt's cached keys and values, then to each other.
+    out = policy(rollout.response_ids, mask, positions[:, tq:], cache=cache, use_cache=True,
+                 with_values=with_values, logits_slice=slice(None, -1))
+    logits = torch.cat([prompt.logits.index_select(0, index), out.logits], dim=1)
+    values = (torch.cat([prompt.values.index_select(0, index)[:, -1:], out.values[:, :-1]], dim=1)
+              if with_values else None)
+    return logits, values
+
+
+def _packed_pass(policy, rollout: Rollout, with_values: bool):
+    """(M, V) logits and (M,) values of the M response tokens (row-major over the response
+    mask), from one row holding every episode's prompt and response tokens and nothing else."""
+    input_ids, mask, positions = rollout.sequences()
+    real = mask.bool()
+    lengths = real.sum(-1)  # (B,) each episode's tokens
+    starts = lengths.cumsum(0) - lengths
+    response = rollout.response_mask.bool()
+    column = torch.arange(response.size(1), device=response.device).expand_as(response)
+    # Response token j of episode i sits at starts[i] + prompt length + j; the logit before it scores it.
+    index = (starts[:, None] + rollout.query_mask.sum(-1, keepdim=True) - 1 + column)[response]
+    ids = input_ids[real][None]
+    out = policy(ids, torch.ones_like(ids), positions[real][None], with_values=with_values, logits_slice=index,
+                 segment_lengths=lengths.tolist())
+    return out.logits[0], out.values[0, index] if with_values else None
+
+
+def _segment_attention(policy) -> bool:
+    """True when the policy's model runs one causal attention per segment of a packed row."""
+    from lit_rlhf.models.attention import SEGMENT_SDPA
+
+    base = getattr(policy, "base_model", None)
+    return getattr(getattr(base, "config", None), "_attn_implementation", None) == SEGMENT_SDPA
 
 
 def select_cache_rows(cache, index: torch.Tensor) -> None:

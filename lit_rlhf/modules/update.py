@@ -37,6 +37,10 @@ class MinibatchSettings:
     """Stop a rollout's epochs once approx-KL exceeds 1.5 x target_kl; None: off."""
     ratio_threshold: float | None = 10.0
     """Skip (and count) a minibatch whose mean ratio exceeds this; None: off."""
+    packed: bool = True
+    """Padding-free scoring and update passes: each pass lays its episodes end to end in one row
+    (one causal attention per episode) when that runs fewer tokens than padded rows (``sdpa``
+    models; others stay padded)."""
 
     def shared(self) -> dict:
         """These settings by name (for building an :class:`UpdateConfig`)."""

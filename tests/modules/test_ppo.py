@@ -28,7 +28,7 @@ def test_step_zero_policy_equals_reference_exactly():
     # LoRA B starts at zero: adapters on or off give bit-identical log-probs.
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
     # ... and the first PPO forward reproduces the rollout's log-probs: ratio exactly 1.
-    logprobs, values, _ = evaluate_actions(module.policy, rollout)
+    logprobs, values, _ = evaluate_actions(module.policy, rollout, packed=module.update_config.packed)
     assert torch.equal(logprobs, rollout.logprobs) and torch.equal(values, rollout.values)
     mask = rollout.response_mask.float()
     _, stats = policy_loss(logprobs, rollout.logprobs, torch.randn_like(logprobs), mask, 0.2)

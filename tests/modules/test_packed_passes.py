@@ -1,0 +1,65 @@
+"""Padding-free scoring and update passes: every episode laid end to end in one row gives the
+log-probs, values, entropies and gradients of the padded passes; the layout that runs the
+fewest tokens is taken."""
+
+from __future__ import annotations
+
+import torch
+
+from lit_rlhf.modules.rollout import Rollout, evaluate_actions, pass_layout
+from tests.modules.ppo_helpers import make_batch, make_module, ready
+
+
+def _varied(module, rollout: Rollout) -> Rollout:
+    """The rollout with responses cut to lengths 1..Tr (right-padded), and a non-zero adapter."""
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name or "value_head" in name:
+                p.normal_(0, 0.05)
+    tr = rollout.response_ids.size(1)
+    keep = torch.arange(tr)[None] < torch.arange(len(rollout))[:, None] % tr + 1
+    return Rollout(rollout.query_ids, rollout.query_mask, rollout.response_ids.masked_fill(~keep, 0), keep.long())
+
+
+def test_packed_passes_equal_padded_ones_with_their_gradients():
+    module = ready(make_module())
+    rollout = _varied(module, module.rollout(make_batch(module), module.generator))
+    assert pass_layout(module.policy, rollout, False, True) == "packed"
+    results = {}
+    for packed in (False, True):
+        module.policy.zero_grad()
+        logprobs, values, entropy = evaluate_actions(module.policy, rollout, temperature=0.7, entropy="grad",
+                                                     packed=packed)
+        mask = rollout.response_mask.float()
+        ((logprobs * mask).sum() + (values * mask).sum() + (entropy * mask).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
+        results[packed] = (logprobs * mask, values * mask, entropy * mask, grads)
+    for padded, packed in zip(results[False][:3], results[True][:3]):
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    assert results[False][3].keys() == results[True][3].keys() and results[True][3]
+    for name, grad in results[False][3].items():
+        torch.testing.assert_close(results[True][3][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_layout_running_fewest_tokens_is_taken():
+    module = ready(make_module())
+    rollout = module.rollout(make_batch(module, 4), module.generator)
+    fixed = Rollout(rollout.query_ids, torch.ones_like(rollout.query_mask), rollout.response_ids,
+                    torch.ones_like(rollout.response_mask))
+    assert pass_layout(module.policy, fixed, False, True) == "padded"  # nothing to save: no padding
+    varied = _varied(module, rollout)
+    assert pass_layout(module.policy, varied, False, True) == "packed"
+    assert pass_layout(module.policy, varied, False, False) == "padded"  # packed: off
+    # A group of 4 sharing one long prompt: running it once beats repeating it, even packed.
+    long = torch.cat([rollout.query_ids[:1].repeat(1, 8)] * 4)
+    group = Rollout(long, torch.ones_like(long), varied.response_ids, varied.response_mask)
+    assert pass_layout(module.policy, group, True, True) == "shared"
+
+
+def test_models_without_segment_attention_stay_padded():
+    module = make_module()
+    module.lm_config.attn_implementation = "eager"
+    module = ready(module)
+    assert module.policy.base_model.config._attn_implementation == "eager"
+    rollout = _varied(module, module.rollout(make_batch(module, 4), module.generator))
+    assert pass_layout(module.policy, rollout, False, True) == "padded"

@@ -65,10 +65,15 @@ WORKLOADS = {
         grpo=dict(prompts=4, prompt_len=12, generations=8, new_tokens=32, kl_loss_coef=0.04),
         # The same with 128-token prompts (fp32 only): what running a group's prompt once saves.
         grpo_long=dict(prompt_len=128),
+        # Responses that end at EOS, as real ones do: the model's EOS logit raised by eos_bias, so
+        # lengths spread from 1 to the 64-token cap (mean about 30); the passes carry padding
+        # unless packed. grpo_varlen_padded: the same with the padding-free passes off.
+        grpo_varlen=dict(new_tokens=64, eos_bias=5.0),
         warmup=3,
         timed=10,
         jobs=[(stage, precision) for precision in ("32-true", "bf16-mixed")
-              for stage in ("sft", "rm", "ppo", "dpo", "grpo")] + [("grpo_long", "32-true")],
+              for stage in ("sft", "rm", "ppo", "dpo", "grpo", "grpo_varlen")]
+             + [("grpo_long", "32-true"), ("grpo_varlen_padded", "32-true")],
     ),
 }
 
@@ -112,6 +117,7 @@ WORKLOADS["tiny-cpu-smoke"] = dict(
     ppo=dict(batch_size=4, prompt_len=8, new_tokens=8, ppo_epochs=1),
     dpo=dict(batch_size=2, prompt_min=4, prompt_max=8, response_min=4, response_max=16, beta=0.1),
     grpo=dict(prompts=2, prompt_len=6, generations=4, new_tokens=8, kl_loss_coef=0.04), grpo_long=dict(prompt_len=24),
+    grpo_varlen=dict(new_tokens=16, eos_bias=5.0),
 )
 WORKLOADS["gpu"] = _gpu_workload(GPU_ARCHS, GPU_ARCHS["1b"], seq_length=2048, new_tokens=128)
 WORKLOADS["gpu-tiny"] = _gpu_workload(TINY_ARCHS, TINY_ARCHS["tiny"], seq_length=64, new_tokens=8)
@@ -346,10 +352,12 @@ def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
 
 
 
-def bench_grpo(w: dict, precision: str, tmp: Path) -> dict:
+def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed: bool = True) -> dict:
     """GRPO full fine-tuning: prompts x generations completions of exactly ``new_tokens`` tokens,
     group-normalised advantages, token-mean loss, the k3 KL as a loss term (so the reference
-    pass runs), one update per batch, gradients clipped at 1.0."""
+    pass runs), one update per batch, gradients clipped at 1.0. ``varlen``: responses end at EOS
+    (the model's EOS logit raised by ``grpo_varlen.eos_bias``), up to ``grpo_varlen.new_tokens``;
+    ``packed``: the padding-free passes (``grpo.packed``)."""
     from pairs import low_id_fraction, random_prompts
 
     from lit_rlhf.models import ModelConfig, load_tokenizer
@@ -358,7 +366,7 @@ def bench_grpo(w: dict, precision: str, tmp: Path) -> dict:
     from lit_rlhf.modules.online import SamplingConfig
     from lit_rlhf.rewards import RewardFunction
 
-    cfg = w["grpo"]
+    cfg = dict(w["grpo"], **({"new_tokens": w["grpo_varlen"]["new_tokens"]} if varlen else {}))
 
     class LowIds(GRPOModule):
         """The reward needs token ids, not text: score the rollout's ids (nothing else changes)."""
@@ -370,15 +378,29 @@ def bench_grpo(w: dict, precision: str, tmp: Path) -> dict:
     tokenizer = load_tokenizer("demo")
     module = LowIds(
         ModelConfig(arch=w["arch"], tokenizer="demo"), RewardFunction(),
-        sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"], stop_at_eos=False,
+        sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"], stop_at_eos=varlen,
                                 temperature=1.0, top_k=0, top_p=1.0),
         grpo=GRPOConfig(num_generations=cfg["generations"], kl_loss_coef=cfg["kl_loss_coef"], scale="group",
-                        loss_aggregation="token_mean", num_iterations=1, max_grad_norm=1.0),
+                        loss_aggregation="token_mean", num_iterations=1, max_grad_norm=1.0, packed=packed),
         rollout_batch_size=cfg["prompts"],
     )
+    if varlen:  # every forward of the policy and its reference: the same biased model
+        original = module.configure_model
+
+        def configure_model():
+            original()
+            for policy in (module.policy, module.ref_policy):
+                policy.base_model.get_output_embeddings().register_forward_hook(
+                    lambda mod, args, out: out.index_add(-1, torch.tensor([tokenizer.eos_token_id]),
+                                                         torch.full((*out.shape[:-1], 1), w["grpo_varlen"]["eos_bias"],
+                                                                    dtype=out.dtype)))
+
+        module.configure_model = configure_model
     sample_s: list[float] = []
+    lengths: list[float] = []
     log_step = module._log_step
-    module._log_step = lambda stats: (sample_s.append(float(stats["time/sample_s"])), log_step(stats))
+    module._log_step = lambda stats: (sample_s.append(float(stats["time/sample_s"])),
+                                      lengths.append(float(stats["rollout/response_length"])), log_step(stats))
     steps = w["warmup"] + w["timed"]
     ids = torch.tensor(random_prompts(w)).view(steps, cfg["prompts"], cfg["prompt_len"])
     batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "prompt": tokenizer.batch_decode(x)} for x in ids]
@@ -386,6 +408,9 @@ def bench_grpo(w: dict, precision: str, tmp: Path) -> dict:
     _trainer(precision, [timer], tmp, limit_train_batches=steps).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     completions = cfg["prompts"] * cfg["generations"]
     step = statistics.median(timer.times[w["warmup"]:])
+    if varlen:
+        return {"grpo_varlen_completions_per_s": completions / step,
+                "grpo_varlen_mean_response_length": statistics.mean(lengths[w["warmup"]:])}
     return {"grpo_completions_per_s": completions / step,
             "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / statistics.median(sample_s[w["warmup"]:])}
 
@@ -395,6 +420,17 @@ def bench_grpo_long(w: dict, precision: str, tmp: Path) -> dict:
     from pairs import with_long_prompts
 
     return with_long_prompts(bench_grpo, w, precision, tmp)
+
+
+def bench_grpo_varlen(w: dict, precision: str, tmp: Path) -> dict:
+    """GRPO on responses that end at EOS (keys ``grpo_varlen_*``): see ``grpo_varlen`` in WORKLOADS."""
+    return bench_grpo(w, precision, tmp, varlen=True)
+
+
+def bench_grpo_varlen_padded(w: dict, precision: str, tmp: Path) -> dict:
+    """``grpo_varlen`` with the padding-free passes off (keys ``grpo_varlen_padded_*``): what packing saves."""
+    figures = bench_grpo(w, precision, tmp, varlen=True, packed=False)
+    return {key.replace("grpo_varlen_", "grpo_varlen_padded_", 1): v for key, v in figures.items()}
 
 
 def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
@@ -580,7 +616,8 @@ def run_one(workload: str, stage: str, precision: str, steps_override: str | Non
             out = bench_sft_mfu(w, precision, Path(tmp), peak_tflops)
         else:
             out = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo,
-                   "grpo": bench_grpo, "grpo_long": bench_grpo_long}[kind](w, precision, Path(tmp))
+                   "grpo": bench_grpo, "grpo_long": bench_grpo_long, "grpo_varlen": bench_grpo_varlen,
+                   "grpo_varlen_padded": bench_grpo_varlen_padded}[kind](w, precision, Path(tmp))
     prefix = {"ppo_memory": "ppo", "sft_mfu": "sft"}.get(kind, kind)  # the stage the variant measures
     out[f"{prefix}_peak_memory_mb"] = _peak_memory_mb()
     return out

@@ -27,13 +27,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# (figure, target ratio in fp32, target in bf16); higher is better for all of them.
+# (figure, target ratio in fp32, target in bf16); higher is better for all of them but the mean
+# response length (a check that both sample alike).
 TARGETS = [("sft_tokens_per_s", 1.0, 1.2), ("rm_pairs_per_s", 1.5, 1.5), ("ppo_episodes_per_s", 2.0, 2.0),
            ("ppo_generate_tokens_per_s", None, None), ("dpo_pairs_per_s", 1.5, 1.5),
-           ("grpo_completions_per_s", 1.5, 1.5), ("grpo_generate_tokens_per_s", None, None),
-           ("grpo_long_completions_per_s", None, None)]
+           ("grpo_completions_per_s", 1.5, 1.0), ("grpo_generate_tokens_per_s", None, None),
+           ("grpo_long_completions_per_s", None, None), ("grpo_varlen_completions_per_s", 2.0, None),
+           ("grpo_varlen_mean_response_length", None, None)]
 MEMORY = ["sft_peak_memory_mb", "rm_peak_memory_mb", "ppo_peak_memory_mb", "dpo_peak_memory_mb", "grpo_peak_memory_mb",
-          "grpo_long_peak_memory_mb"]
+          "grpo_long_peak_memory_mb", "grpo_varlen_peak_memory_mb"]
 
 
 def _run(script: str, workload: str, stage: str, extra: list[str]) -> dict:
@@ -77,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="tiny-cpu")
     parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--stages", default="sft,rm,ppo")
+    parser.add_argument("--stages", default="sft,rm,ppo,dpo,grpo,grpo_varlen")
     parser.add_argument("--steps-override", metavar="[WARMUP,]TIMED", help="for smoke tests")
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each stage per implementation")
     parser.add_argument("--precisions", default="32-true,bf16-mixed", help="comma-separated precisions to run")

@@ -398,9 +398,16 @@ def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed:
         module.configure_model = configure_model
     sample_s: list[float] = []
     lengths: list[float] = []
-    log_step = module._log_step
-    module._log_step = lambda stats: (sample_s.append(float(stats["time/sample_s"])),
-                                      lengths.append(float(stats["rollout/response_length"])), log_step(stats))
+    phases: dict[str, list[float]] = {"generate": [], "score": [], "learn": []}
+
+    def record(stats):
+        sample_s.append(float(stats["time/sample_s"]))
+        lengths.append(float(stats["rollout/response_length"]))
+        for phase, times in phases.items():
+            times.append(float(stats[f"time/{phase}_s"]))
+        log_step(stats)
+
+    log_step, module._log_step = module._log_step, record
     steps = w["warmup"] + w["timed"]
     ids = torch.tensor(random_prompts(w)).view(steps, cfg["prompts"], cfg["prompt_len"])
     batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "prompt": tokenizer.batch_decode(x)} for x in ids]
@@ -408,9 +415,15 @@ def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed:
     _trainer(precision, [timer], tmp, limit_train_batches=steps).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     completions = cfg["prompts"] * cfg["generations"]
     step = statistics.median(timer.times[w["warmup"]:])
-    if varlen:
+    if varlen:  # and the step's breakdown (medians, s): sampling, the no-grad passes, scoring, update
+        timed = slice(w["warmup"], None)
+        sample = statistics.median(sample_s[timed])
         return {"grpo_varlen_completions_per_s": completions / step,
-                "grpo_varlen_mean_response_length": statistics.mean(lengths[w["warmup"]:])}
+                "grpo_varlen_mean_response_length": statistics.mean(lengths[timed]),
+                "grpo_varlen_step_s": step, "grpo_varlen_sample_s": sample,
+                "grpo_varlen_scoring_passes_s": statistics.median(phases["generate"][timed]) - sample,
+                "grpo_varlen_reward_s": statistics.median(phases["score"][timed]),
+                "grpo_varlen_update_s": statistics.median(phases["learn"][timed])}
     return {"grpo_completions_per_s": completions / step,
             "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / statistics.median(sample_s[w["warmup"]:])}
 

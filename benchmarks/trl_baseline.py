@@ -10,7 +10,9 @@ uses the same names (``sft_tokens_per_s``, ``rm_pairs_per_s``, ``ppo_episodes_pe
 ``grpo_generate_tokens_per_s``, ``*_peak_memory_mb``; ``_bf16`` appended for bf16 mixed
 precision), so the two JSON files compare key by key.
 
-Trainers (TRL 1.12.0; this is the last release that still has PPO, under ``trl.experimental.ppo``):
+Trainers (TRL 1.16.0, the ``bench`` extra; the PPO stages run on TRL 1.12.0, the last release
+with PPO (``trl.experimental.ppo``), which the parent installs aside on first use, see
+:func:`trl_for`):
 
 * SFT: ``SFTTrainer`` on pre-tokenized random ``input_ids`` (no tokenization), ``packing=True``
   with ``packing_strategy="wrapped"`` (plain concatenate-and-chunk; rows are already
@@ -571,7 +573,10 @@ def bench_dpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
     return {"dpo_pairs_per_s": cfg["batch_size"] / step, "dpo_padding_fraction": 1 - sum(real) / sum(padded)}
 
 
-def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
+def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str, varlen: bool = False) -> dict:
+    """``varlen``: completions end at EOS (the model's EOS logit raised by ``grpo_varlen.eos_bias``,
+    as in run.py), up to ``grpo_varlen.new_tokens``; keys ``grpo_varlen_*``."""
+    import torch
     from datasets import Dataset
     from pairs import low_id_fraction, random_prompts
     from trl import GRPOConfig, GRPOTrainer
@@ -586,7 +591,7 @@ def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
     def low_id_reward(completions, completion_ids, **kwargs):
         return [low_id_fraction(ids) for ids in completion_ids]
 
-    cfg = w["grpo"]
+    cfg = dict(w["grpo"], **({"new_tokens": w["grpo_varlen"]["new_tokens"]} if varlen else {}))
     steps = w["warmup"] + w["timed"]
     completions = cfg["prompts"] * cfg["generations"]
     dataset = Dataset.from_dict({"prompt": [" ".join(map(str, p)) for p in random_prompts(w)]})
@@ -597,7 +602,8 @@ def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
         steps_per_generation=1,  # generate every step, one optimizer step per generation batch
         num_iterations=1,
         max_completion_length=cfg["new_tokens"],
-        generation_kwargs={"min_new_tokens": cfg["new_tokens"]},  # EOS never ends a completion
+        # Fixed length: EOS never ends a completion; varlen: it does.
+        generation_kwargs={} if varlen else {"min_new_tokens": cfg["new_tokens"]},
         temperature=1.0, top_p=1.0, top_k=0,  # top_k=0: transformers adds no top-k warper
         beta=cfg["kl_loss_coef"],  # k3 KL term: the reference pass runs
         loss_type="dapo",  # token mean over the generation batch
@@ -610,6 +616,13 @@ def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
                                       callbacks=[timer])
     if trainer.ref_model is None:
         raise RuntimeError("GRPOTrainer built no reference model")
+    if varlen:  # the same biased model as run.py's, in every forward of the policy and the reference
+        for model in (trainer.model, trainer.ref_model):
+            model.get_output_embeddings().register_forward_hook(
+                lambda mod, args, out: out.index_add(-1, torch.tensor([tokenizer.eos_token_id], device=out.device),
+                                                     torch.full((*out.shape[:-1], 1), w["grpo_varlen"]["eos_bias"],
+                                                                dtype=out.dtype, device=out.device)))
+    lengths: list[float] = []
 
     # Time the sampling alone (HF generate, KV cache) and check the prompt and completion lengths.
     generate_s: list[float] = []
@@ -619,9 +632,12 @@ def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
         start = time.perf_counter()
         completion_ids, logprobs = generate_single_turn(prompt_ids, *rest, **kwargs)
         generate_s.append(time.perf_counter() - start)
-        lengths = {len(ids) for ids in prompt_ids}, {len(ids) for ids in completion_ids}
-        if len(completion_ids) != completions or lengths != ({cfg["prompt_len"]}, {cfg["new_tokens"]}):
-            raise RuntimeError(f"generated {len(completion_ids)} completions, prompt/completion lengths {lengths}")
+        sizes = {len(ids) for ids in prompt_ids}, {len(ids) for ids in completion_ids}
+        ok = sizes[0] == {cfg["prompt_len"]} and (max(sizes[1]) <= cfg["new_tokens"] if varlen
+                                                  else sizes[1] == {cfg["new_tokens"]})
+        if len(completion_ids) != completions or not ok:
+            raise RuntimeError(f"generated {len(completion_ids)} completions, prompt/completion lengths {sizes}")
+        lengths.append(sum(len(ids) for ids in completion_ids) / len(completion_ids))
         return completion_ids, logprobs
 
     trainer._generate_single_turn = timed_generate
@@ -630,8 +646,16 @@ def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
     _check_precision(trainer, precision)
     step = _median_after_warmup(timer.times, w, "grpo")
     sample = _median_after_warmup(generate_s, w, "grpo generation")
+    if varlen:
+        return {"grpo_varlen_completions_per_s": completions / step,
+                "grpo_varlen_mean_response_length": statistics.mean(lengths[w["warmup"]:])}
     return {"grpo_completions_per_s": completions / step,
             "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / sample}
+
+
+def bench_grpo_varlen(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
+    """GRPO on completions that end at EOS (keys ``grpo_varlen_*``), as run.py's stage."""
+    return bench_grpo(w, precision, tokenizer, out_dir, varlen=True)
 
 
 def bench_grpo_long(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
@@ -652,15 +676,20 @@ def _peak_memory_mb() -> float:
 def run_one(w: dict, stage: str, precision: str) -> dict:
     """One stage in this process; returns its figures (names without the precision suffix)."""
     import torch
+    import trl
 
     sys.path.insert(0, str(REPO))
     from lit_rlhf.models import load_tokenizer
+
+    if stage in PPO_STAGES and trl.__version__ != PPO_TRL:
+        raise RuntimeError(f"the PPO stages run on trl {PPO_TRL} (see trl_for), this process has {trl.__version__}")
 
     torch.set_num_threads(w["threads"])
     torch.manual_seed(0)
     tokenizer = load_tokenizer("demo")
     bench = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo,
-             "grpo": bench_grpo, "grpo_long": bench_grpo_long, **MEMORY_BENCHES}[stage]
+             "grpo": bench_grpo, "grpo_long": bench_grpo_long, "grpo_varlen": bench_grpo_varlen,
+             **MEMORY_BENCHES}[stage]
     with tempfile.TemporaryDirectory() as tmp:
         out = bench(w, precision, tokenizer, tmp)
     if torch.get_num_threads() != w["threads"]:
@@ -674,6 +703,24 @@ def run_one(w: dict, stage: str, precision: str) -> dict:
 # lit_rlhf's variant with the reward model as a model of its own, and TRL's reward model is
 # always one (so `ppo_pss` is TRL's only memory job).
 MEMORY_BENCHES = {"ppo_pss": bench_ppo_pss}
+
+# PPO left TRL after 1.12.0: its stages run on that release, installed aside (no dependencies:
+# the rest of the environment is the bench extra's) and put first on the child's path.
+PPO_TRL = "1.12.0"
+PPO_STAGES = {"ppo", "ppo_pss"}
+
+
+def trl_for(stage: str) -> dict[str, str]:
+    """Environment variables for a stage's child process: TRL 1.12.0 first on the path for PPO."""
+    if stage not in PPO_STAGES:
+        return {}
+    base = os.environ.get("LIT_RLHF_BENCH_CACHE") or Path.home() / ".cache" / "lit_rlhf" / "bench"
+    target = Path(base) / f"trl-{PPO_TRL}"
+    if not (target / "trl").is_dir():
+        print(f"[trl-bench] installing trl=={PPO_TRL} (PPO) into {target}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                        f"trl=={PPO_TRL}"], check=True)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
 
 
 def _workload(name: str, steps_override: str | None) -> dict:
@@ -722,7 +769,7 @@ def main() -> None:
     for stage, precision in jobs:
         print(f"[trl-bench] {stage} {precision}", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--out", "-", "--one", json.dumps(w), stage, precision],
-                              capture_output=True, text=True, env=env)
+                              capture_output=True, text=True, env={**env, **trl_for(stage)})
         if proc.returncode != 0:
             sys.exit(f"{stage} {precision} failed:\n{proc.stderr[-3000:]}")
         # The job's own notes (e.g. ppo_pss's peak per phase).
@@ -732,6 +779,8 @@ def main() -> None:
         # Memory workloads are bf16 only and name their keys without the precision suffix.
         suffix = "_bf16" if precision == "bf16-mixed" and "memory" not in w else ""
         results.update({k + suffix: round(v, 4 if "fraction" in k else 2) for k, v in figures.items()})
+    if any(stage in PPO_STAGES for stage, _ in jobs):
+        results["ppo_implementation"] = f"trl {PPO_TRL}"
     results["wall_s"] = round(time.perf_counter() - start, 1)
     Path(opts.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -39,10 +39,13 @@ STAGES: dict[str, tuple[str, tuple[str, ...], object]] = {
     "grpo": ("configs/grpo/demo.yaml", (*ONLINE, "--trainer.limit_train_batches=2",
                                         "--model.init_args.grpo.num_generations=2"),
              lambda b: (f"--data.init_args.batch_size={b}", f"--model.init_args.grpo.mini_batch_size={2 * b}")),
-    # Multi-turn GRPO: episodes of 3 turns with 2 observations (tests/envs/scripted.py).
+    # Multi-turn GRPO: episodes of 2 or 3 turns (tests/envs/scripted.py), so their lengths differ:
+    # the passes are packed, and a rank may finish its episodes before the other. The loss is a
+    # mean over sequences (GRPO's default), so the ranks' means average to the global batch's.
     "turns": ("configs/grpo/demo.yaml", (*ONLINE, "--trainer.limit_train_batches=2",
                                          "--model.init_args.grpo.num_generations=2",
                                          "--model.init_args.env.class_path=tests.envs.scripted.Scripted",
+                                         "--model.init_args.env.init_args.vary=true",
                                          "--model.init_args.episodes.max_turns=3"),
               lambda b: (f"--data.init_args.batch_size={b}", f"--model.init_args.grpo.mini_batch_size={2 * b}")),
 }

@@ -103,7 +103,8 @@ def test_ppo_rollouts_left_pad_and_start_on_policy(setup, tokenizer_dirs):
         assert (batch["input_ids"][torch.arange(4), first] == tok.bos_token_id).all()
     rollout = module.rollout(batch, module.generator)
     module.policy.train()
-    assert torch.equal(evaluate_actions(module.policy, rollout)[0], rollout.logprobs)
+    # The module's own layout (packed on ragged responses), as in its update: exactly on policy.
+    assert torch.equal(evaluate_actions(module.policy, rollout, packed=module.update_config.packed)[0], rollout.logprobs)
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
     responses = decode_responses(tok, rollout)
     assert all(tok.eos_token not in r and tok.pad_token not in r for r in responses)

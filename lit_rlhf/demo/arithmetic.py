@@ -30,7 +30,9 @@ SPLITS = dict(sft=2000, sft_val=200, prompts_val=200, test=500)  # the rest: GRP
 
 
 @dataclass(frozen=True)
-class ArithmeticPaths:
+class TaskPaths:
+    """The files of a problem task (this one, and the calculator's)."""
+
     root: Path
     sft_dir: Path  # train.jsonl, validation.jsonl: {"prompt", "completion"}
     prompts_dir: Path  # train.jsonl, validation.jsonl: {"prompt", "answer"}
@@ -38,8 +40,27 @@ class ArithmeticPaths:
     tokenizer_dir: Path
 
     @classmethod
-    def under(cls, root: Path) -> ArithmeticPaths:
+    def under(cls, root: Path) -> TaskPaths:
         return cls(root, root / "sft", root / "prompts", root / "test.jsonl", root / "tokenizer")
+
+
+ArithmeticPaths = TaskPaths
+
+
+def write_splits(paths: TaskPaths, problems: list, splits: dict[str, int], sft, answers) -> None:
+    """Cut ``problems`` into ``splits`` (``sft``, ``sft_val``, ``prompts_val``, ``test``: sizes, in
+    order; the rest are GRPO's training prompts) and write them; ``sft(part)`` and
+    ``answers(part)`` make the SFT rows and the ``{prompt, answer}`` rows of a part."""
+    from lit_rlhf.demo import write_rows
+
+    cuts, start = {}, 0
+    for name, n in splits.items():
+        cuts[name], start = problems[start : start + n], start + n
+    write_rows(paths.sft_dir / "train.jsonl", sft(cuts["sft"]))
+    write_rows(paths.sft_dir / "validation.jsonl", sft(cuts["sft_val"]))
+    write_rows(paths.prompts_dir / "train.jsonl", answers(problems[start:]))
+    write_rows(paths.prompts_dir / "validation.jsonl", answers(cuts["prompts_val"]))
+    write_rows(paths.test_file, answers(cuts["test"]))
 
 
 def problem(a: int, b: int) -> tuple[str, str]:
@@ -55,22 +76,12 @@ def all_problems(seed: int = 0) -> list[tuple[str, str]]:
 
 
 def _build(target: Path, params: dict) -> None:
-    from lit_rlhf.demo import write_rows
     from lit_rlhf.demo.tokenizer import build_tokenizer
 
     problems = all_problems(params["seed"])
-    cuts, start = {}, 0
-    for name, n in SPLITS.items():
-        cuts[name], start = problems[start : start + n], start + n
-    rest = problems[start:]
     paths = ArithmeticPaths.under(target)
-    sft = lambda part: [{"prompt": p, "completion": a} for p, a in part]  # noqa: E731
-    answers = lambda part: [{"prompt": p, "answer": a} for p, a in part]  # noqa: E731
-    write_rows(paths.sft_dir / "train.jsonl", sft(cuts["sft"]))
-    write_rows(paths.sft_dir / "validation.jsonl", sft(cuts["sft_val"]))
-    write_rows(paths.prompts_dir / "train.jsonl", answers(rest))
-    write_rows(paths.prompts_dir / "validation.jsonl", answers(cuts["prompts_val"]))
-    write_rows(paths.test_file, answers(cuts["test"]))
+    write_splits(paths, problems, SPLITS, lambda part: [{"prompt": p, "completion": a} for p, a in part],
+                 lambda part: [{"prompt": p, "answer": a} for p, a in part])
     # 256 byte symbols + 2 specials and no merges: one token per character.
     build_tokenizer([p + a for p, a in problems], vocab_size=258).save_pretrained(str(paths.tokenizer_dir))
     (target / "DONE").write_text(json.dumps(params, sort_keys=True))

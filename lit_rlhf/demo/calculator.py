@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
+
+from lit_rlhf.demo.arithmetic import TaskPaths, write_splits
 
 CALCULATOR = "calculator"
 FORMAT_VERSION = 1
@@ -36,17 +37,7 @@ TOOL_FRACTION = 0.25  # of the SFT demonstrations that call the tool
 SPLITS = dict(sft=6000, sft_val=200, prompts_val=200, test=500)  # the rest: GRPO training prompts
 
 
-@dataclass(frozen=True)
-class CalculatorPaths:
-    root: Path
-    sft_dir: Path
-    prompts_dir: Path
-    test_file: Path
-    tokenizer_dir: Path
-
-    @classmethod
-    def under(cls, root: Path) -> CalculatorPaths:
-        return cls(root, root / "sft", root / "prompts", root / "test.jsonl", root / "tokenizer")
+CalculatorPaths = TaskPaths
 
 
 def problem(a: int, b: int) -> tuple[str, str]:
@@ -79,21 +70,12 @@ def build_calculator_tokenizer(texts: list[str]):
 
 
 def _build(target: Path, params: dict) -> None:
-    from lit_rlhf.demo import write_rows
-    pairs = all_problems(params["seed"])
-    cuts, start = {}, 0
-    for name, n in SPLITS.items():
-        cuts[name], start = pairs[start : start + n], start + n
-    rng = random.Random(params["seed"] + 1)
+    rng = random.Random(params["seed"] + 1)  # which demonstrations call the tool
     paths = CalculatorPaths.under(target)
-    sft = lambda part: [{"prompt": problem(a, b)[0], "completion": demonstration(a, b, rng.random() < TOOL_FRACTION)}  # noqa: E731
-                        for a, b in part]
-    answers = lambda part: [dict(zip(("prompt", "answer"), problem(a, b))) for a, b in part]  # noqa: E731
-    write_rows(paths.sft_dir / "train.jsonl", sft(cuts["sft"]))
-    write_rows(paths.sft_dir / "validation.jsonl", sft(cuts["sft_val"]))
-    write_rows(paths.prompts_dir / "train.jsonl", answers(pairs[start:]))
-    write_rows(paths.prompts_dir / "validation.jsonl", answers(cuts["prompts_val"]))
-    write_rows(paths.test_file, answers(cuts["test"]))
+    write_splits(paths, all_problems(params["seed"]), SPLITS,
+                 lambda part: [{"prompt": problem(a, b)[0],
+                                "completion": demonstration(a, b, rng.random() < TOOL_FRACTION)} for a, b in part],
+                 lambda part: [dict(zip(("prompt", "answer"), problem(a, b))) for a, b in part])
     build_calculator_tokenizer(["0123456789*=+- "]).save_pretrained(str(paths.tokenizer_dir))
     (target / "DONE").write_text(json.dumps(params, sort_keys=True))
 

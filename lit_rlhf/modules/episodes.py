@@ -64,11 +64,17 @@ class Sampler:
     per-turn token limit, and the collectives a multi-process run needs."""
 
     tokenizer: object
+    """The policy's tokenizer (decodes turns, tokenizes observations)."""
     max_new_tokens: int
+    """Tokens per policy turn, at most."""
     generate_kwargs: dict
+    """EOS, padding, temperature, top-k/p, the generator and ``all_done``, as ``generate`` takes them."""
     rows: Rows = Rows()
+    """Where this rank's episodes sit in the global batch (their random draws)."""
     any_rank_active: Callable[[int], bool] = bool
+    """``active episodes here -> any active on any rank`` (an all-reduce under several processes)."""
     device: torch.device | str = "cpu"
+    """Where the policy's inputs go."""
     stop: StopStrings | None = None
     """The environment's stop strings (built once: it reads the whole vocabulary); None: built here."""
 
@@ -116,10 +122,12 @@ def run_episodes(policy, episodes: list[Episode], sampler: Sampler, config: Epis
                                else 1 for i in rows])
         turn = generate(policy, ids.to(device), mask.to(device), limits, stop=stop,
                         rows=sampler.rows.subset(torch.tensor(rows), len(episodes)), **sampler.generate_kwargs)
+        # One copy to the host per turn, not per episode.
+        lengths, ids, logprobs = (t.tolist() for t in (turn.response_mask.sum(-1), turn.response_ids,
+                                                       turn.sample_logprobs))
         for j, i in enumerate(active):
-            n = int(turn.response_mask[j].sum())
-            _take_turn(episodes[i], turn.response_ids[j, :n].tolist(), turn.sample_logprobs[j, :n].tolist(),
-                       sampler.tokenizer, config)
+            n = lengths[j]
+            _take_turn(episodes[i], ids[j][:n], logprobs[j][:n], sampler.tokenizer, config)
     return episode_rollout(episodes, sampler.tokenizer.pad_token_id, device)
 
 
@@ -136,10 +144,11 @@ def _take_turn(episode: Episode, action: list[int], logprobs: list[float], token
     if result.done or result.observation is None:
         episode.done = True
         return
-    segment = [] if episode.turns >= config.max_turns else \
-        episode.transcript.observation_tokens(action, result.observation, episode.turns)
-    # Room for the observation and at least one more policy token, within the turn limit.
-    if episode.turns >= config.max_turns or len(episode.tokens) + len(segment) >= config.max_tokens:
+    if episode.turns >= config.max_turns:  # the environment wants more turns than the budget has
+        episode.done = episode.cut = True
+        return
+    segment = episode.transcript.observation_tokens(action, result.observation, episode.turns)
+    if len(episode.tokens) + len(segment) >= config.max_tokens:  # room for it and one more policy token
         episode.done = episode.cut = True
         return
     episode.tokens += segment

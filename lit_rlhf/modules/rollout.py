@@ -107,25 +107,13 @@ class Rows:
         return Rows(self.offset * factor, None if self.total is None else self.total * factor)
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    rows: Rows = Rows(),
-) -> torch.Tensor:
-    """(B, V) logits -> (B,) sampled token ids; ``rows``: where they sit in the global batch.
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, V) logits -> (B, V) float32 probabilities of the sampler (temperature, top-k, top-p).
 
     ``top_k=0`` and ``top_p=1`` sample from the full distribution, which PPO's KL estimate
     needs: any truncation makes the sampled tokens unrepresentative of the policy whose
     log-probs enter the KL, and the k1 estimate can then go negative.
     """
-    return sample_categorical(sampling_probs(logits, temperature, top_k, top_p), generator, rows)
-
-
-def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """(B, V) logits -> (B, V) float32 probabilities of the sampler (temperature, top-k, top-p)."""
     logits = logits.float()
     if temperature != 1.0:  # dividing by 1 would change nothing but cost a pass over (B, V)
         logits = logits / temperature
@@ -318,12 +306,15 @@ def evaluate_actions(
     Returns:
         logprobs (B, Tr), values (B, Tr) or None, entropy (B, Tr) or None; 0 after each response.
     """
-    layout = pass_layout(policy, rollout, share_prompts, packed)
+    layout, shared = _choose_layout(policy, rollout, share_prompts, packed)
     if layout == "packed":
         logits, values = _packed_pass(policy, rollout, with_values)  # (M, V), (M,): the response tokens
         targets = rollout.response_ids[rollout.response_mask.bool()][None]
+    elif layout == "shared":
+        logits, values = _shared_prompt_pass(policy, rollout, with_values, shared)
+        targets = rollout.response_ids
     else:
-        logits, values = (_padded_pass if layout == "padded" else _shared_prompt_pass)(policy, rollout, with_values)
+        logits, values = _padded_pass(policy, rollout, with_values)
         targets = rollout.response_ids
     if temperature != 1.0:
         # Scores of the distribution that was actually sampled from.
@@ -339,6 +330,11 @@ def evaluate_actions(
 def pass_layout(policy, rollout: Rollout, share_prompts: bool, packed: bool) -> str:
     """``padded``, ``shared`` or ``packed``: of the layouts allowed, the one that runs the fewest
     tokens through the trunk (padded on a tie: one attention call per layer)."""
+    return _choose_layout(policy, rollout, share_prompts, packed)[0]
+
+
+def _choose_layout(policy, rollout: Rollout, share_prompts: bool, packed: bool):
+    """(:func:`pass_layout`'s choice, the rollout's :func:`shared_prompts` when they were looked for)."""
     b, tq = rollout.query_ids.shape
     costs = {"padded": b * (tq + rollout.response_ids.size(1))}
     shared = shared_prompts(rollout) if share_prompts and not _checkpointing(policy) else None
@@ -346,7 +342,7 @@ def pass_layout(policy, rollout: Rollout, share_prompts: bool, packed: bool) -> 
         costs["shared"] = shared[0].size(0) * tq + rollout.response_ids.numel()
     if packed and _segment_attention(policy):
         costs["packed"] = int(rollout.query_mask.sum() + rollout.response_mask.sum())
-    return min(costs, key=lambda layout: (costs[layout], layout != "padded"))
+    return min(costs, key=lambda layout: (costs[layout], layout != "padded")), shared
 
 
 def _padded_pass(policy, rollout: Rollout, with_values: bool):
@@ -358,11 +354,12 @@ def _padded_pass(policy, rollout: Rollout, with_values: bool):
     return out.logits, out.values[:, tq - 1:-1] if with_values else None
 
 
-def _shared_prompt_pass(policy, rollout: Rollout, with_values: bool):
-    """As :func:`_padded_pass`, each distinct prompt run once (see :func:`evaluate_actions`)."""
+def _shared_prompt_pass(policy, rollout: Rollout, with_values: bool, shared):
+    """As :func:`_padded_pass`, each distinct prompt run once (see :func:`evaluate_actions`);
+    ``shared``: the rollout's :func:`shared_prompts`."""
     _, mask, positions = rollout.sequences()
     tq = rollout.query_ids.size(1)
-    query_ids, query_mask, index = shared_prompts(rollout)
+    query_ids, query_mask, index = shared
     query_positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
     prompt = policy(query_ids, query_mask, query_positions, use_cache=True, with_values=with_values,
                     logits_slice=slice(-1, None))

@@ -425,44 +425,36 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         g = self.num_generations if num_generations is None else num_generations
         self.policy.eval()  # as at inference; dropout is off either way
         rows = self.global_rows(batch["input_ids"].size(0)).scaled(g)
-        if self.env is not None:
-            try:
-                return self.sample_episodes(batch, generator, g, rows)
-            finally:
-                self.policy.train()
+        kwargs = dict(eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
+                      pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature, top_k=s.top_k,
+                      top_p=s.top_p, generator=generator, all_done=self._all_ranks_done)
         try:
-            lengths = sample_lengths(batch["input_ids"].size(0) * g, s.min_new_tokens, s.max_new_tokens, generator,
-                                     rows)
+            if self.env is None:
+                lengths = sample_lengths(batch["input_ids"].size(0) * g, s.min_new_tokens, s.max_new_tokens,
+                                         generator, rows)
             start = time.perf_counter()
             with gathered([self.policy], enabled=self.gather_for_sampling):
-                rollout = generate(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
-                                   eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
-                                   pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature,
-                                   top_k=s.top_k, top_p=s.top_p, generator=generator, num_generations=g,
-                                   rows=rows, all_done=self._all_ranks_done)
+                if self.env is not None:
+                    rollout = self.sample_episodes(batch, g, rows, kwargs)
+                else:
+                    rollout = generate(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
+                                       num_generations=g, rows=rows, **kwargs)
             self.last_sample_s = time.perf_counter() - start
         finally:
             self.policy.train()
         return rollout
 
-    def sample_episodes(self, batch: dict, generator: torch.Generator, g: int, rows: Rows) -> Rollout:
+    def sample_episodes(self, batch: dict, g: int, rows: Rows, generate_kwargs: dict) -> Rollout:
         """Multi-turn episodes with the module's environment (:mod:`lit_rlhf.modules.episodes`):
         each policy turn samples up to ``sampling.max_new_tokens`` tokens (no length draw)."""
-        s = self.sampling
-        kwargs = dict(eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
-                      pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature, top_k=s.top_k,
-                      top_p=s.top_p, generator=generator, all_done=self._all_ranks_done)
         several = self._trainer is not None and self.trainer.world_size > 1
         if self._stop_strings is None:  # reads the whole vocabulary: once
             self._stop_strings = StopStrings(self.tokenizer, self.env.stop_strings())
-        sampler = Sampler(self.tokenizer, s.max_new_tokens, kwargs, rows, any_rank_active=(
+        sampler = Sampler(self.tokenizer, self.sampling.max_new_tokens, generate_kwargs, rows, any_rank_active=(
             lambda n: bool(self._sum_ranks(torch.tensor(n, device=self.device)))) if several else bool,
             device=batch["input_ids"].device, stop=self._stop_strings)
         episodes = start_episodes(self.env, self.tokenizer, batch, g)
-        start = time.perf_counter()
-        with gathered([self.policy], enabled=self.gather_for_sampling):
-            rollout = run_episodes(self.policy, episodes, sampler, self.episode_config)
-        self.last_sample_s = time.perf_counter() - start
+        rollout = run_episodes(self.policy, episodes, sampler, self.episode_config)
         self.last_episode_stats = episode_statistics(episodes)
         return rollout
 

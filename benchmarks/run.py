@@ -69,11 +69,15 @@ WORKLOADS = {
         # lengths spread from 1 to the 64-token cap (mean about 30); the passes carry padding
         # unless packed. grpo_varlen_padded: the same with the padding-free passes off.
         grpo_varlen=dict(new_tokens=64, eos_bias=5.0),
+        # grpo_compiled, grpo_varlen_compiled: the GRPO stages with sampling.decoder: compiled (a
+        # static KV cache, the decode step under torch.compile; the compile falls in the warm-up
+        # and is reported as *_compile_s).
         warmup=3,
         timed=10,
         jobs=[(stage, precision) for precision in ("32-true", "bf16-mixed")
               for stage in ("sft", "rm", "ppo", "dpo", "grpo", "grpo_varlen")]
-             + [("grpo_long", "32-true"), ("grpo_varlen_padded", "32-true")],
+             + [("grpo_long", "32-true"), ("grpo_varlen_padded", "32-true"), ("grpo_compiled", "32-true"),
+                ("grpo_varlen_compiled", "32-true")],
     ),
 }
 
@@ -119,6 +123,7 @@ WORKLOADS["tiny-cpu-smoke"] = dict(
     grpo=dict(prompts=2, prompt_len=6, generations=4, new_tokens=8, kl_loss_coef=0.04), grpo_long=dict(prompt_len=24),
     grpo_varlen=dict(new_tokens=16, eos_bias=5.0),
 )
+WORKLOADS["tiny-cpu-smoke"]["jobs"] = [job for job in WORKLOADS["tiny-cpu"]["jobs"] if job[0] != "grpo_compiled"]
 WORKLOADS["gpu"] = _gpu_workload(GPU_ARCHS, GPU_ARCHS["1b"], seq_length=2048, new_tokens=128)
 WORKLOADS["gpu-tiny"] = _gpu_workload(TINY_ARCHS, TINY_ARCHS["tiny"], seq_length=64, new_tokens=8)
 
@@ -352,12 +357,13 @@ def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
 
 
 
-def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed: bool = True) -> dict:
+def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed: bool = True,
+               decoder: str = "dynamic") -> dict:
     """GRPO full fine-tuning: prompts x generations completions of exactly ``new_tokens`` tokens,
     group-normalised advantages, token-mean loss, the k3 KL as a loss term (so the reference
     pass runs), one update per batch, gradients clipped at 1.0. ``varlen``: responses end at EOS
     (the model's EOS logit raised by ``grpo_varlen.eos_bias``), up to ``grpo_varlen.new_tokens``;
-    ``packed``: the padding-free passes (``grpo.packed``)."""
+    ``packed``: the padding-free passes (``grpo.packed``); ``decoder``: ``sampling.decoder``."""
     from pairs import low_id_fraction, random_prompts
 
     from lit_rlhf.models import ModelConfig, load_tokenizer
@@ -379,21 +385,22 @@ def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed:
     module = LowIds(
         ModelConfig(arch=w["arch"], tokenizer="demo"), RewardFunction(),
         sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"], stop_at_eos=varlen,
-                                temperature=1.0, top_k=0, top_p=1.0),
+                                temperature=1.0, top_k=0, top_p=1.0, decoder=decoder),
         grpo=GRPOConfig(num_generations=cfg["generations"], kl_loss_coef=cfg["kl_loss_coef"], scale="group",
                         loss_aggregation="token_mean", num_iterations=1, max_grad_norm=1.0, packed=packed),
         rollout_batch_size=cfg["prompts"],
     )
     if varlen:  # every forward of the policy and its reference: the same biased model
         original = module.configure_model
+        # Plain numbers in the hook: torch.compile traces it, and a tokenizer attribute breaks the graph.
+        eos, bias = tokenizer.eos_token_id, w["grpo_varlen"]["eos_bias"]
 
         def configure_model():
             original()
             for policy in (module.policy, module.ref_policy):
                 policy.base_model.get_output_embeddings().register_forward_hook(
-                    lambda mod, args, out: out.index_add(-1, torch.tensor([tokenizer.eos_token_id]),
-                                                         torch.full((*out.shape[:-1], 1), w["grpo_varlen"]["eos_bias"],
-                                                                    dtype=out.dtype)))
+                    lambda mod, args, out: out.index_add(-1, torch.tensor([eos]),
+                                                         torch.full((*out.shape[:-1], 1), bias, dtype=out.dtype)))
 
         module.configure_model = configure_model
     sample_s: list[float] = []
@@ -415,6 +422,8 @@ def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed:
     _trainer(precision, [timer], tmp, limit_train_batches=steps).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     completions = cfg["prompts"] * cfg["generations"]
     step = statistics.median(timer.times[w["warmup"]:])
+    # The first rollout's sampling beyond a timed one's: the compile of the decode step.
+    compile_s = {"compile_s": sample_s[0] - statistics.median(sample_s[w["warmup"]:])} if decoder == "compiled" else {}
     if varlen:  # and the step's breakdown (medians, s): sampling, the no-grad passes, scoring, update
         timed = slice(w["warmup"], None)
         sample = statistics.median(sample_s[timed])
@@ -423,9 +432,11 @@ def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed:
                 "grpo_varlen_step_s": step, "grpo_varlen_sample_s": sample,
                 "grpo_varlen_scoring_passes_s": statistics.median(phases["generate"][timed]) - sample,
                 "grpo_varlen_reward_s": statistics.median(phases["score"][timed]),
-                "grpo_varlen_update_s": statistics.median(phases["learn"][timed])}
+                "grpo_varlen_update_s": statistics.median(phases["learn"][timed]),
+                **{f"grpo_varlen_{k}": v for k, v in compile_s.items()}}
     return {"grpo_completions_per_s": completions / step,
-            "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / statistics.median(sample_s[w["warmup"]:])}
+            "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / statistics.median(sample_s[w["warmup"]:]),
+            **{f"grpo_{k}": v for k, v in compile_s.items()}}
 
 
 def bench_grpo_long(w: dict, precision: str, tmp: Path) -> dict:
@@ -444,6 +455,18 @@ def bench_grpo_varlen_padded(w: dict, precision: str, tmp: Path) -> dict:
     """``grpo_varlen`` with the padding-free passes off (keys ``grpo_varlen_padded_*``): what packing saves."""
     figures = bench_grpo(w, precision, tmp, varlen=True, packed=False)
     return {key.replace("grpo_varlen_", "grpo_varlen_padded_", 1): v for key, v in figures.items()}
+
+
+def bench_grpo_compiled(w: dict, precision: str, tmp: Path) -> dict:
+    """``grpo`` with ``sampling.decoder: compiled`` (keys ``grpo_compiled_*``, + ``grpo_compiled_compile_s``)."""
+    figures = bench_grpo(w, precision, tmp, decoder="compiled")
+    return {key.replace("grpo_", "grpo_compiled_", 1): v for key, v in figures.items()}
+
+
+def bench_grpo_varlen_compiled(w: dict, precision: str, tmp: Path) -> dict:
+    """``grpo_varlen`` with ``sampling.decoder: compiled`` (keys ``grpo_varlen_compiled_*``)."""
+    figures = bench_grpo(w, precision, tmp, varlen=True, decoder="compiled")
+    return {key.replace("grpo_varlen_", "grpo_varlen_compiled_", 1): v for key, v in figures.items()}
 
 
 def bench_ppo_memory(w: dict, precision: str, tmp: Path, name: str) -> dict:
@@ -630,7 +653,8 @@ def run_one(workload: str, stage: str, precision: str, steps_override: str | Non
         else:
             out = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo,
                    "grpo": bench_grpo, "grpo_long": bench_grpo_long, "grpo_varlen": bench_grpo_varlen,
-                   "grpo_varlen_padded": bench_grpo_varlen_padded}[kind](w, precision, Path(tmp))
+                   "grpo_varlen_padded": bench_grpo_varlen_padded, "grpo_compiled": bench_grpo_compiled,
+                   "grpo_varlen_compiled": bench_grpo_varlen_compiled}[kind](w, precision, Path(tmp))
     prefix = {"ppo_memory": "ppo", "sft_mfu": "sft"}.get(kind, kind)  # the stage the variant measures
     out[f"{prefix}_peak_memory_mb"] = _peak_memory_mb()
     return out

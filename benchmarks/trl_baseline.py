@@ -617,11 +617,12 @@ def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str, varlen: bool = 
     if trainer.ref_model is None:
         raise RuntimeError("GRPOTrainer built no reference model")
     if varlen:  # the same biased model as run.py's, in every forward of the policy and the reference
+        eos, bias = tokenizer.eos_token_id, w["grpo_varlen"]["eos_bias"]
         for model in (trainer.model, trainer.ref_model):
             model.get_output_embeddings().register_forward_hook(
-                lambda mod, args, out: out.index_add(-1, torch.tensor([tokenizer.eos_token_id], device=out.device),
-                                                     torch.full((*out.shape[:-1], 1), w["grpo_varlen"]["eos_bias"],
-                                                                dtype=out.dtype, device=out.device)))
+                lambda mod, args, out: out.index_add(-1, torch.tensor([eos], device=out.device),
+                                                     torch.full((*out.shape[:-1], 1), bias, dtype=out.dtype,
+                                                                device=out.device)))
     lengths: list[float] = []
 
     # Time the sampling alone (HF generate, KV cache) and check the prompt and completion lengths.

@@ -42,8 +42,10 @@ STAGES: dict[str, tuple[str, tuple[str, ...], object]] = {
     # Multi-turn GRPO: episodes of 2 or 3 turns (tests/envs/scripted.py), so their lengths differ:
     # the passes are packed, and a rank may finish its episodes before the other. The loss is a
     # mean over sequences (GRPO's default), so the ranks' means average to the global batch's.
+    # Micro-batches of at most 64 tokens: each rank cuts as many as the rank that needs the most.
     "turns": ("configs/grpo/demo.yaml", (*ONLINE, "--trainer.limit_train_batches=2",
                                          "--model.init_args.grpo.num_generations=2",
+                                         "--model.init_args.grpo.mini_batch_tokens=64",
                                          "--model.init_args.env.class_path=tests.envs.scripted.Scripted",
                                          "--model.init_args.env.init_args.vary=true",
                                          "--model.init_args.episodes.max_turns=3"),

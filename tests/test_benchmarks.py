@@ -32,7 +32,8 @@ def test_tiny_cpu_workload_writes_every_figure(tmp_path):
             assert results[name + suffix] > 0, name + suffix
     assert results["grpo_long_completions_per_s"] > 0 and results["grpo_long_peak_memory_mb"] > 0  # fp32 only
     for name in ("grpo_varlen_completions_per_s", "grpo_varlen_completions_per_s_bf16",
-                 "grpo_varlen_padded_completions_per_s"):
+                 "grpo_varlen_padded_completions_per_s", "grpo_varlen_compiled_completions_per_s",
+                 "grpo_varlen_compiled_compile_s"):
         assert results[name] > 0, name
     # Responses end at EOS: shorter than the cap on average (the padded passes carry padding).
     assert 1 <= results["grpo_varlen_mean_response_length"] < 16

@@ -64,6 +64,9 @@ class GRPOConfig:
     """Completions per optimizer step, per device; None: the whole rollout (one step per pass)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per minibatch."""
+    mini_batch_tokens: int | None = None
+    """Cut each minibatch into micro-batches of at most this many prompt + response tokens
+    instead (an episode longer than that alone), with ``gradient_accumulation_steps`` at 1."""
     clip_range: float = 0.2
     """Lower (and, without ``clip_range_high``, upper) ratio clip epsilon."""
     clip_range_high: float | None = None
@@ -95,6 +98,8 @@ class GRPOConfig:
             raise ValueError(f"grpo.num_iterations must be >= 1, got {self.num_iterations}")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"grpo.mini_batch_size must be >= 1, got {self.mini_batch_size}")
+        UpdateConfig(mini_batch_tokens=self.mini_batch_tokens,
+                     gradient_accumulation_steps=self.gradient_accumulation_steps).check_tokens("grpo")
         if not self.kl_loss_coef >= 0:
             raise ValueError(f"grpo.kl_loss_coef must be >= 0, got {self.kl_loss_coef}")
         for name in ("clip_range", "clip_range_high"):
@@ -121,7 +126,8 @@ class GRPOConfig:
             raise ValueError(f"grpo.gradient_accumulation_steps={self.gradient_accumulation_steps} does not divide "
                              f"the minibatch of {mini} completions")
         return UpdateConfig(epochs=self.num_iterations, mini_batch_size=mini,
-                            gradient_accumulation_steps=self.gradient_accumulation_steps, clip_range=self.clip_range,
+                            gradient_accumulation_steps=self.gradient_accumulation_steps,
+                            mini_batch_tokens=self.mini_batch_tokens, clip_range=self.clip_range,
                             max_grad_norm=self.max_grad_norm, ratio_threshold=self.ratio_threshold,
                             packed=self.packed)
 
@@ -237,12 +243,25 @@ class GRPOModule(OnlineRLModule):
             "rollout/truncated": (~rollout.ended_with(self.tokenizer.eos_token_id)).float().mean(),
         }
 
+    def loss_mask(self, sub: Rollout) -> torch.Tensor:
+        """(B, Tr) the tokens the loss averages over: the actions (of responses that ended, with
+        ``mask_truncated``: one cut at max_new_tokens has no reward signal of its own ending)."""
+        mask = sub.action_mask.float()
+        if self.grpo.mask_truncated:
+            mask = mask * sub.ended_with(self.tokenizer.eos_token_id).float()[:, None]
+        return mask
+
+    def loss_weight(self, sub: Rollout) -> torch.Tensor:
+        """What the loss of ``sub`` is a mean over (a micro-batch's share): its loss tokens for
+        ``token_mean``, its episodes for the per-sequence aggregations."""
+        if self.grpo.loss_aggregation == "token_mean":
+            return self.loss_mask(sub).sum()
+        return torch.tensor(float(len(sub)), device=sub.response_ids.device)
+
     # 4. the minibatch loss: clipped policy loss + kl_loss_coef * k3 KL to the reference
     def loss(self, sub: Rollout, advantages: torch.Tensor, returns: None):
         g = self.grpo
-        mask = sub.action_mask.float()
-        if g.mask_truncated:  # a response cut at max_new_tokens has no reward signal of its own ending
-            mask = mask * sub.ended_with(self.tokenizer.eos_token_id).float()[:, None]
+        mask = self.loss_mask(sub)
         logprobs, _, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, with_values=False,
                                                 entropy="detached", share_prompts=self.share_prompts,
                                                 packed=self.update_config.packed)

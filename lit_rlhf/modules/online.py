@@ -56,6 +56,7 @@ from lit_rlhf.modules.episodes import (
     start_episodes,
 )
 from lit_rlhf.modules.rollout import (
+    DECODERS,
     Rollout,
     Rows,
     StopStrings,
@@ -88,6 +89,11 @@ class SamplingConfig:
     """1.0 = off. Keep 1.0 for an unbiased KL estimate."""
     stop_at_eos: bool = True
     """False: always sample the drawn length (fixed-length benchmarks); EOS is then a token like any other."""
+    decoder: Literal["dynamic", "static", "compiled"] = "dynamic"
+    """The decode loop: ``dynamic`` (a growing KV cache; rows that are done leave the batch),
+    ``static`` (a preallocated cache, fixed shapes), ``compiled`` (static, the decode step under
+    ``torch.compile``; the first rollout of each batch shape compiles). Single-response
+    rollouts on one device or under ddp; multi-turn episodes and fsdp2 use ``dynamic``."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
@@ -100,6 +106,8 @@ class SamplingConfig:
             raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"sampling: top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"sampling.decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
 
 
 @dataclass
@@ -183,6 +191,9 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         if episodes is not None and env is None:
             raise ValueError("model.init_args.episodes sets multi-turn episodes, which need an environment: "
                              "set model.init_args.env (e.g. class_path: lit_rlhf.envs.ToolEnvironment)")
+        if env is not None and self.sampling.decoder != "dynamic":
+            raise ValueError(f"sampling.decoder: {self.sampling.decoder} keeps one batch shape, but multi-turn "
+                             "episodes (model.init_args.env) change it every turn: use sampling.decoder: dynamic")
         self.env = env  # multi-turn episodes (lit_rlhf.modules.episodes); None: one response per prompt
         self.episode_config = as_config(EpisodeConfig, episodes) or EpisodeConfig()
         self.last_episode_stats: dict[str, torch.Tensor] = {}
@@ -214,6 +225,9 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        if self.sharding is not None and self.sampling.decoder != "dynamic":
+            raise ValueError(f"sampling.decoder: {self.sampling.decoder} is not supported under the fsdp2 "
+                             "strategy (a sharded policy's decode step is not compiled): use sampling.decoder: dynamic")
         device = self.load_device
         # The ratio and the KL compare forward passes: every dropout must be off, also the
         # config floats that models read directly (OPT's F.dropout(p=config.dropout)).
@@ -438,7 +452,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
                     rollout = self.sample_episodes(batch, g, rows, kwargs)
                 else:
                     rollout = generate(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
-                                       num_generations=g, rows=rows, **kwargs)
+                                       num_generations=g, rows=rows, decoder=s.decoder, **kwargs)
             self.last_sample_s = time.perf_counter() - start
         finally:
             self.policy.train()

@@ -60,6 +60,7 @@ class PPOConfig(MinibatchSettings):
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ValueError(f"ppo.gradient_accumulation_steps={self.gradient_accumulation_steps} does not divide "
                              f"ppo.mini_batch_size={self.mini_batch_size}")
+        self.check_tokens("ppo")
 
     def update(self) -> UpdateConfig:
         """The shared update loop's settings."""
@@ -123,6 +124,10 @@ class PPOModule(OnlineRLModule):
         if self.ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask, group_sum=self._sum_ranks)
         return advantages, returns
+
+    def loss_weight(self, sub: Rollout) -> torch.Tensor:
+        """What the loss of ``sub`` is a mean over: its action tokens (a micro-batch's share)."""
+        return sub.action_mask.sum()
 
     # 4. the minibatch loss: clipped policy + clipped value - entropy bonus
     def loss(self, sub: Rollout, advantages: torch.Tensor, returns: torch.Tensor):

@@ -16,6 +16,7 @@ Tensor layout of a rollout of B prompts:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -102,6 +103,12 @@ class Rows:
         in the whole batch, so an episode's samples do not depend on which others are active."""
         return Rows(self.offset, self.total, index, size)
 
+    def select(self, index: torch.Tensor, n: int) -> Rows:
+        """Rows ``index`` of these ``n`` rows (of a subset, the subset's own rows)."""
+        if self.index is None:
+            return self.subset(index, n)
+        return Rows(self.offset, self.total, self.index.to(index.device)[index], self.size)
+
     def scaled(self, factor: int) -> Rows:
         """The same place with every row repeated ``factor`` times (a group of responses)."""
         return Rows(self.offset * factor, None if self.total is None else self.total * factor)
@@ -163,6 +170,7 @@ def generate(
     rows: Rows = Rows(),
     all_done: Callable[[torch.Tensor], bool] | None = None,
     stop: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+    decoder: str = "dynamic",
 ) -> Rollout:
     """Sample a response for every (left-padded) prompt, reusing the KV cache: a :class:`Rollout`
     of B * G episodes with the sampler's log-probs (the other log-probs and values not yet filled).
@@ -180,32 +188,138 @@ def generate(
             same step); default: this rank's rows.
         stop: ``tokens so far (a list of (B * G,)) -> (B * G,) bool``: rows that stop after
             their last token (e.g. :class:`StopStrings`, a tool call's closing tag).
+        decoder: ``dynamic`` (a growing cache, done rows leave the batch), ``static`` or
+            ``compiled`` (a preallocated cache; the decode step under ``torch.compile``).
     """
     device, max_new_tokens = query_ids.device, max_new_tokens.to(query_ids.device)
     next_logits, cache, query_ids, query_mask, positions = _prefill(policy, query_ids, query_mask, num_generations)
     batch = query_ids.size(0)
     if max_new_tokens.shape != (batch,):
         raise ValueError(f"max_new_tokens {tuple(max_new_tokens.shape)}: expected ({batch},)")
-    mask, last_pos, done = query_mask, positions[:, -1], torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logprobs, alive = [], [], []
-    all_done = all_done or (lambda d: bool(d.all()))
+    decoder = _decoder(decoder)(policy, cache, query_mask, positions[:, -1], int(max_new_tokens.max()))
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs, alive, all_done = [], [], [], all_done or (lambda d: bool(d.all()))
     for step in itertools.count():  # every row is done after its max_new_tokens
-        token, logprob = _draw(next_logits, done, pad_token_id, temperature, top_k, top_p, generator, rows)
-        tokens.append(token)
-        logprobs.append(logprob)
+        live = decoder.live
+        token, logprob = _draw(next_logits, done[live], pad_token_id, temperature, top_k, top_p, generator,
+                               rows.select(live, batch) if len(live) < batch else rows)
+        tokens.append(_scatter(token, live, batch, pad_token_id))
+        logprobs.append(_scatter(logprob, live, batch, 0.0))
         alive.append(~done)
-        done = done | (step + 1 >= max_new_tokens) | (token == eos_token_id if eos_token_id is not None else False)
+        done = done | (step + 1 >= max_new_tokens) | (tokens[-1] == eos_token_id if eos_token_id is not None else False)
         done = done | stop(tokens) if stop is not None else done
         if all_done(done):
             break
-        # The token just fed is visible exactly where the final forward's response_mask
-        # will be 1, so cached and fresh log-probs agree.
-        mask = torch.cat([mask, alive[-1].to(mask.dtype)[:, None]], dim=1)
-        last_pos = last_pos + 1
-        out = policy(token[:, None], mask, last_pos[:, None], cache=cache, use_cache=True, with_values=False)
-        next_logits, cache = out.logits[:, -1], out.cache
+        next_logits = decoder(token, alive[-1], done)
     return Rollout(query_ids, query_mask, torch.stack(tokens, 1), torch.stack(alive, 1).to(query_mask.dtype),
                    sample_logprobs=torch.stack(logprobs, 1))
+
+
+def _scatter(values: torch.Tensor, live: torch.Tensor, batch: int, fill) -> torch.Tensor:
+    """(batch,) ``fill`` with the (L,) ``values`` of the ``live`` rows in place."""
+    if len(live) == batch:
+        return values
+    return torch.full((batch,), fill, dtype=values.dtype, device=values.device).index_copy_(0, live, values)
+
+
+class _Decoder:
+    """The rows still being decoded: their KV cache, attention mask and last positions.
+
+    Rows that are done leave the batch (their cache rows dropped) once they are a quarter of it:
+    responses that end at EOS spread over the whole length range, and a done row would
+    otherwise keep costing a row of every matmul until the longest response ends. The drop
+    copies the cache once (as one step of a growing cache does), so it waits for several rows.
+    At least one row stays: under sharding every rank takes part in every forward.
+    """
+
+    drop_share = 0.25
+    """Drop the done rows once they are this share of the batch."""
+
+    def __init__(self, policy, cache, mask: torch.Tensor, last_pos: torch.Tensor, max_new_tokens: int) -> None:
+        self.policy, self.cache, self.mask, self.last_pos = policy, cache, mask, last_pos
+        self.live = torch.arange(mask.size(0), device=mask.device)  # (L,) rows of the whole batch
+
+    def __call__(self, token: torch.Tensor, alive: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Feed the live rows' (L,) ``token`` (visible where the (B,) ``alive`` says it was sampled);
+        ``done`` (B,) after it. Returns the next (L', V) logits of the rows then live."""
+        # The token just fed is visible exactly where the final forward's response_mask
+        # will be 1, so cached and fresh log-probs agree.
+        self.mask = torch.cat([self.mask, alive[self.live].to(self.mask.dtype)[:, None]], dim=1)
+        self.last_pos = self.last_pos + 1
+        finished = done[self.live]
+        if int(finished.sum()) >= max(1, self.drop_share * len(self.live)) and not bool(finished.all()):
+            keep = (~finished).nonzero().flatten()
+            select_cache_rows(self.cache, keep)
+            self.live, self.mask, self.last_pos, token = (t[keep] for t in (self.live, self.mask, self.last_pos, token))
+        out = self.policy(token[:, None], self.mask, self.last_pos[:, None], cache=self.cache, use_cache=True,
+                          with_values=False)
+        self.cache = out.cache
+        return out.logits[:, -1]
+
+
+class _StaticDecoder(_Decoder):
+    """Decoding into a preallocated KV cache: every step has the same shapes (all B rows, keys
+    over the whole cache length, an attention mask written in place), so its forward can be
+    compiled once per (B, cache length) and replayed; ``compiled`` compiles it.
+
+    The cache length is the prompt plus the longest response, rounded up to a multiple of 64
+    so that batches of slightly different prompt lengths share one compiled step. Keys past
+    a row's current position are masked out, so attention sees exactly what it would see
+    in a growing cache.
+    """
+
+    compiled = False
+    LENGTH_MULTIPLE = 64
+
+    def __init__(self, policy, cache, mask: torch.Tensor, last_pos: torch.Tensor, max_new_tokens: int) -> None:
+        from transformers import StaticCache
+
+        batch, prompt = mask.shape
+        length = -(-(prompt + max_new_tokens) // self.LENGTH_MULTIPLE) * self.LENGTH_MULTIPLE
+        static = StaticCache(config=policy.base_model.config, max_cache_len=length)
+        if len(static.layers) != len(cache.layers) or any(not hasattr(layer, "keys") for layer in cache.layers):
+            raise ValueError(f"sampling.decoder static/compiled needs a key-value cache in every layer; "
+                             f"{type(policy.base_model).__name__} has other layers: use sampling.decoder: dynamic")
+        for i, layer in enumerate(cache.layers):  # the prefill's keys and values, in place
+            static.update(layer.keys, layer.values, i)
+        full = torch.zeros(batch, length, dtype=mask.dtype, device=mask.device)
+        full[:, :prompt] = mask
+        super().__init__(policy, static, full, last_pos, max_new_tokens)
+        self.position = prompt  # the cache column the next token is written to
+        self.step = _compiled_decode_step() if self.compiled else _decode_step
+
+    def __call__(self, token: torch.Tensor, alive: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        self.mask[:, self.position] = alive.to(self.mask.dtype)
+        self.position += 1
+        self.last_pos = self.last_pos + 1
+        return self.step(self.policy, token[:, None], self.mask, self.last_pos[:, None], self.cache)
+
+
+class _CompiledDecoder(_StaticDecoder):
+    compiled = True
+
+
+def _decode_step(policy, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step: (B, 1) tokens -> (B, V) next-token logits, the cache updated in place."""
+    return policy(token, mask, positions, cache=cache, use_cache=True, with_values=False).logits[:, -1]
+
+
+@functools.cache
+def _compiled_decode_step():
+    """:func:`_decode_step` under ``torch.compile`` (one compiled function per process: each new
+    policy, batch size or cache length compiles a new graph the first time it is seen)."""
+    return torch.compile(_decode_step, dynamic=False)
+
+
+DECODERS = {"dynamic": _Decoder, "static": _StaticDecoder, "compiled": _CompiledDecoder}
+"""The decode loops of :func:`generate`, by the name of ``sampling.decoder``."""
+
+
+def _decoder(name: str) -> type[_Decoder]:
+    """The decode loop called ``name`` (one-line error for an unknown one)."""
+    if name not in DECODERS:
+        raise ValueError(f"decoder {name!r}: expected one of {', '.join(DECODERS)}")
+    return DECODERS[name]
 
 
 class StopStrings:

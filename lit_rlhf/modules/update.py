@@ -27,6 +27,10 @@ class MinibatchSettings:
     """Episodes per optimizer step, per device; must divide the rollout batch size."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per minibatch; must divide mini_batch_size."""
+    mini_batch_tokens: int | None = None
+    """Cut each minibatch into micro-batches by tokens instead (see :func:`token_pieces`): at
+    most this many prompt + response tokens each, an episode longer than that alone; with
+    ``gradient_accumulation_steps`` left at 1. None: equal counts of episodes."""
     clip_range: float = 0.2
     """Policy ratio clip epsilon."""
     entropy_coef: float = 0.0
@@ -41,6 +45,14 @@ class MinibatchSettings:
     """Padding-free scoring and update passes: each pass lays its episodes end to end in one row
     (one causal attention per episode) when that runs fewer tokens than padded rows (``sdpa``
     models; others stay padded)."""
+
+    def check_tokens(self, prefix: str) -> None:
+        """The micro-batch settings are one choice: a token budget or a count (errors name ``prefix``)."""
+        if self.mini_batch_tokens is not None and self.mini_batch_tokens < 1:
+            raise ValueError(f"{prefix}.mini_batch_tokens must be >= 1, got {self.mini_batch_tokens}")
+        if self.mini_batch_tokens is not None and self.gradient_accumulation_steps != 1:
+            raise ValueError(f"{prefix}.mini_batch_tokens cuts micro-batches by tokens: leave "
+                             f"{prefix}.gradient_accumulation_steps at 1, got {self.gradient_accumulation_steps}")
 
     def shared(self) -> dict:
         """These settings by name (for building an :class:`UpdateConfig`)."""
@@ -58,9 +70,10 @@ class UpdateConfig(MinibatchSettings):
 class MinibatchUpdates:
     """The update loop of an online LightningModule (manual optimization).
 
-    The module supplies ``update_config``, ``generator``, ``stats_prefix`` and ``loss(sub,
+    The module supplies ``update_config``, ``generator``, ``stats_prefix``, ``loss(sub,
     advantages, returns) -> (loss, stats)`` with ``ratio_mean``, ``ratio_max`` and
-    ``approx_kl`` among the statistics.
+    ``approx_kl`` among the statistics, and ``loss_weight(sub) -> ()`` tensor: the count the
+    loss of ``sub`` is a mean over (tokens or episodes), which weighs each micro-batch.
     """
 
     def update_policy(self, rollout, advantages: torch.Tensor, returns: torch.Tensor | None) -> dict:
@@ -101,14 +114,16 @@ class MinibatchUpdates:
         summed on the device (no host sync per micro-batch)."""
         cfg, optimizer = self.update_config, self.optimizers()
         ratios = []
-        # gradient_accumulation_steps pieces, fewer for a short last minibatch (e.g. after GRPO
-        # left groups out): each piece's loss is a mean, so divide by their count.
-        pieces = minibatch.split(cfg.mini_batch_size // cfg.gradient_accumulation_steps)
+        pieces = self._micro_batches(rollout, minibatch)
+        # Each piece's loss is a mean over its own episodes or tokens: weighted by its share of
+        # them, the pieces' gradients sum to the whole minibatch's (a short last piece included).
+        weights = torch.stack([self.loss_weight(rollout[idx]).float() for idx in pieces])
+        weights = weights / weights.sum() if bool(weights.sum() > 0) else torch.full_like(weights, 1 / len(pieces))
         for i, idx in enumerate(pieces):
             loss, stats = self.loss(rollout[idx], advantages[idx], None if returns is None else returns[idx])
             self.check_finite(f"{self.stats_prefix}/loss_total", loss)
             with self._accumulating(last=i == len(pieces) - 1):
-                self.manual_backward(loss / len(pieces))
+                self.manual_backward(loss * weights[i])
             ratios.append(stats["ratio_mean"])
             epoch_kl.append(stats["approx_kl"])
             ratio_max = torch.maximum(ratio_max, stats.pop("ratio_max").float())
@@ -126,6 +141,21 @@ class MinibatchUpdates:
         optimizer.step()
         optimizer.zero_grad()
         return ratio_max
+
+    def _micro_batches(self, rollout, minibatch: torch.Tensor) -> list[torch.Tensor]:
+        """The minibatch's episode indices cut into micro-batches: ``gradient_accumulation_steps``
+        equal counts (fewer for a short minibatch), or by ``mini_batch_tokens``. By tokens, every
+        rank cuts as many as the rank that needs the most: a sharded forward is a collective."""
+        cfg = self.update_config
+        if cfg.mini_batch_tokens is None:
+            return list(minibatch.split(cfg.mini_batch_size // cfg.gradient_accumulation_steps))
+        sub = rollout[minibatch]
+        lengths = (sub.query_mask.sum(-1) + sub.response_mask.sum(-1)).tolist()
+        count = len(token_pieces(lengths, cfg.mini_batch_tokens))
+        if self.trainer.world_size > 1:
+            count = int(self.trainer.strategy.all_gather(torch.tensor(count, device=self.device)).max())
+        return [minibatch[torch.tensor(piece, device=minibatch.device)]
+                for piece in token_pieces(lengths, cfg.mini_batch_tokens, count)]
 
     def _accumulating(self, last: bool):
         """Under DDP, a non-final micro-batch's backward only accumulates gradients: the
@@ -161,3 +191,39 @@ class MinibatchUpdates:
     def _mean_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """Mean over ranks, so decisions (early stop, skips, KL control) agree everywhere."""
         return self.trainer.strategy.reduce(t.float(), reduce_op="mean") if self.trainer.world_size > 1 else t
+
+
+def token_pieces(lengths: list[int], budget: int, count: int | None = None) -> list[list[int]]:
+    """Positions ``0 .. len(lengths) - 1`` cut, in order, into consecutive micro-batches of at most
+    ``budget`` tokens (``lengths``: each episode's tokens); an episode longer than the budget is
+    a micro-batch of its own. ``count``: then split the micro-batches with the most tokens in
+    two (by tokens) until there are ``count`` (at most one per episode).
+
+    >>> token_pieces([3, 4, 2, 6, 1], budget=7)
+    [[0, 1], [2], [3, 4]]
+    >>> token_pieces([3, 4, 2, 6, 1], budget=7, count=4)
+    [[0], [1], [2], [3, 4]]
+    """
+    pieces: list[list[int]] = []
+    used = budget  # start a new piece at the first episode
+    for i, n in enumerate(lengths):
+        if used + n > budget:
+            pieces.append([])
+            used = 0
+        pieces[-1].append(i)
+        used += n
+    if count is not None:
+        if not len(pieces) <= count <= len(lengths):
+            raise ValueError(f"cannot cut {len(lengths)} episodes into {count} micro-batches of at most {budget} "
+                             f"tokens (they need {len(pieces)})")
+        while len(pieces) < count:
+            j = max((j for j, p in enumerate(pieces) if len(p) > 1), key=lambda j: sum(lengths[i] for i in pieces[j]))
+            piece, half, acc = pieces[j], sum(lengths[i] for i in pieces[j]) / 2, 0
+            cut = 1
+            for k, i in enumerate(piece[:-1], start=1):
+                acc += lengths[i]
+                cut = k
+                if acc >= half:
+                    break
+            pieces[j:j + 1] = [piece[:cut], piece[cut:]]
+    return pieces

@@ -222,11 +222,16 @@ def test_a_subset_of_rows_draws_what_those_rows_draw_in_the_whole_batch():
     index = torch.tensor([1, 4, 5])
     assert torch.equal(Rows(4, 16).subset(index, 6).draw(3, make), whole[index])
     assert torch.equal(Rows().subset(index, 6).draw(3, make), make(6)[index])
+    # A subset of a subset (a decode loop dropping done rows from a turn's active episodes).
+    assert torch.equal(Rows(4, 16).subset(index, 6).select(torch.tensor([0, 2]), 3).draw(2, make), whole[[1, 5]])
 
 
 def test_episode_settings_without_an_environment_are_a_one_line_error():
     with pytest.raises(ValueError, match="model.init_args.episodes .* need an environment: set model.init_args.env"):
         GRPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo"), LetterReward(), episodes=EpisodeConfig(),
                    rollout_batch_size=4)
+    with pytest.raises(ValueError, match="sampling.decoder: static keeps one batch shape, but multi-turn episodes"):
+        GRPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo"), LetterReward(), env=Scripted(),
+                   sampling=SamplingConfig(decoder="static"), rollout_batch_size=4)
     with pytest.raises(ValueError, match="episodes: max_turns and max_tokens must be >= 1, got 0, 256"):
         EpisodeConfig(max_turns=0)

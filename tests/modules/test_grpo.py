@@ -13,7 +13,7 @@ from lit_rlhf.data import PromptDataModule
 from lit_rlhf.models import LoraSettings, ModelConfig
 from lit_rlhf.modules import GRPOModule
 from lit_rlhf.modules.grpo import GRPOConfig
-from lit_rlhf.modules.ppo import SamplingConfig
+from lit_rlhf.modules.ppo import PPOConfig, SamplingConfig
 from lit_rlhf.objectives import group_advantages, rloo_advantages
 from lit_rlhf.optim import OptimConfig
 from lit_rlhf.rewards import (
@@ -29,11 +29,12 @@ from tests.modules.ppo_helpers import LetterReward, make_data
 LORA = LoraSettings(r=8, alpha=16, dropout=0.1, target_modules="all-linear")
 
 
-def _module(reward=None, lora=LORA, prompts=4, lr=1e-3, **grpo):
+def _module(reward=None, lora=LORA, prompts=4, lr=1e-3, decoder="dynamic", **grpo):
     grpo.setdefault("num_generations", 4)
     return GRPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo", lora=lora), reward or LetterReward(),
                       optim=OptimConfig(lr=lr, min_lr_ratio=1.0), grpo=GRPOConfig(**grpo),
-                      sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8), rollout_batch_size=prompts)
+                      sampling=SamplingConfig(min_new_tokens=3, max_new_tokens=8, decoder=decoder),
+                      rollout_batch_size=prompts)
 
 
 def _fit(module, tmp_path, rollouts=2, prompts=4, **data):
@@ -56,10 +57,11 @@ def _recording(module):
     return seen
 
 
-@pytest.mark.parametrize("lora", [LORA, None], ids=["lora-adapters-off", "full-frozen-copy"])
-@pytest.mark.parametrize("num_iterations", [1, 2])
-def test_first_update_has_ratio_one_and_zero_kl_and_no_critic(tmp_path, lora, num_iterations):
-    module = _module(lora=lora, num_iterations=num_iterations)
+@pytest.mark.parametrize("lora,num_iterations,decoder", [
+    (LORA, 1, "dynamic"), (LORA, 2, "dynamic"), (None, 1, "dynamic"), (None, 2, "dynamic"),
+    (LORA, 2, "static"), (None, 1, "compiled")])
+def test_first_update_has_ratio_one_and_zero_kl_and_no_critic(tmp_path, lora, num_iterations, decoder):
+    module = _module(lora=lora, num_iterations=num_iterations, decoder=decoder)
     seen = _recording(module)
     _fit(module, tmp_path, rollouts=2)
     assert module.policy.value_head is None  # critic-free: no value head at all
@@ -100,6 +102,8 @@ def test_bad_settings_fail_before_any_weights_load():
         GRPOConfig(kl_loss_coef=-1)
     with pytest.raises(ValueError, match="does not divide"):
         _module(prompts=3, mini_batch_size=8)  # 12 completions in minibatches of 8
+    with pytest.raises(ValueError, match="sampling.decoder must be one of dynamic, static, compiled, got 'fast'"):
+        SamplingConfig(decoder="fast")
 
 
 def test_update_errors_name_grpos_own_keys_and_numbers():
@@ -155,6 +159,44 @@ def test_skipped_groups_carry_no_gradient_at_step_0(aggregation):
     factor = (mask.sum() / kept_mask.sum() if aggregation == "token_mean" else torch.tensor(16 / 8)).item()
     for g_full, g_skip in zip(full, skipped):
         torch.testing.assert_close(g_skip, g_full * factor, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_micro_batches_cut_by_tokens_give_the_whole_minibatchs_gradient(tmp_path, aggregation):
+    # 16 completions of different lengths in micro-batches of at most 30 tokens (several, of
+    # unequal sizes): each weighed by its share of the loss's tokens or sequences.
+    grads, pieces = {}, {}
+    for budget in (None, 30):
+        module = _module(lora=None, mini_batch_size=16, mini_batch_tokens=budget, loss_aggregation=aggregation,
+                         max_grad_norm=1e9)
+        seen, cut = [], module._micro_batches
+        module._micro_batches = lambda rollout, minibatch: pieces.setdefault(budget, cut(rollout, minibatch))
+        module._clip_gradients = lambda optimizer, norm: seen.append(
+            [p.grad.clone() for p in module.policy.parameters() if p.requires_grad])
+        _fit(module, tmp_path, rollouts=1)
+        grads[budget] = seen[0]
+    sizes = [len(p) for p in pieces[30]]
+    assert len(pieces[None]) == 1 and len(sizes) > 2 and len(set(sizes)) > 1 and sum(sizes) == 16
+    for whole, cut in zip(grads[None], grads[30]):
+        torch.testing.assert_close(cut, whole, rtol=1e-4, atol=1e-7)
+
+
+def test_token_pieces_cut_in_order_within_the_budget():
+    from lit_rlhf.modules.update import token_pieces
+
+    assert token_pieces([3, 4, 2, 6, 1], budget=7) == [[0, 1], [2], [3, 4]]
+    assert token_pieces([9, 2, 2], budget=4) == [[0], [1, 2]]  # an episode over the budget: alone
+    # As many pieces as another rank needs: the heaviest split in two, by tokens.
+    assert token_pieces([3, 4, 2, 6, 1], budget=7, count=4) == [[0], [1], [2], [3, 4]]
+    assert token_pieces([1, 1, 1, 5], budget=8, count=2) == [[0, 1, 2], [3]]
+    assert token_pieces([2, 2], budget=8, count=2) == [[0], [1]]
+    with pytest.raises(ValueError, match="cannot cut 2 episodes into 3 micro-batches"):
+        token_pieces([2, 2], budget=8, count=3)
+    with pytest.raises(ValueError, match="grpo.mini_batch_tokens cuts micro-batches by tokens: leave "
+                                         "grpo.gradient_accumulation_steps at 1, got 2"):
+        GRPOConfig(mini_batch_tokens=64, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="ppo.mini_batch_tokens must be >= 1, got 0"):
+        PPOConfig(mini_batch_tokens=0)
 
 
 def test_a_short_minibatch_averages_over_its_own_pieces(tmp_path):
@@ -300,3 +342,15 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, multi_turn)
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
     state = torch.load(tmp_path / "ckpt" / "epoch=0-step=8.ckpt", weights_only=True)["state_dict"]
     assert state and all("lora_" in k for k in state)  # the adapter only: no value head, no frozen base
+
+
+def test_a_static_decoder_under_fsdp2_is_a_one_line_error_before_weights_load():
+    from types import SimpleNamespace
+
+    from lit_rlhf.strategies import FSDP2Strategy
+
+    module = _module(decoder="compiled")
+    module._trainer = SimpleNamespace(strategy=FSDP2Strategy())
+    with pytest.raises(ValueError, match="sampling.decoder: compiled is not supported under the fsdp2 strategy"):
+        module.configure_model()
+    assert module.policy is None

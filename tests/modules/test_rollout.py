@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -10,19 +11,34 @@ from lit_rlhf.modules.rollout import evaluate_actions, generate, sample_categori
 from tests.modules.ppo_helpers import make_batch, make_module, ready
 
 
+class _RowsCache:
+    """A stand-in KV cache that only tracks which of the batch's rows it still holds."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = list(range(rows))
+        self.layers = [self]
+
+    def batch_select_indices(self, index: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in index.tolist()]
+
+
 class _ScriptedPolicy:
-    """Emits a fixed token per step and row; records what it was asked."""
+    """Emits a fixed token per step and row (rows followed through the cache as they leave the batch)."""
 
     def __init__(self, script: list[list[int]], vocab: int = 10) -> None:
-        self.script, self.vocab, self.step = script, vocab, 0
+        self.script, self.vocab, self.step, self.batch_sizes = script, vocab, 0, []
 
     def __call__(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, with_values=True,
                  logits_slice=slice(None)):
+        cache = cache or _RowsCache(input_ids.size(0))
+        assert len(cache.rows) == input_ids.size(0) == attention_mask.size(0) == position_ids.size(0)
+        self.batch_sizes.append(input_ids.size(0))
         logits = torch.full((input_ids.size(0), input_ids.size(1), self.vocab), -1e9)
-        for row, tokens in enumerate(self.script):
-            logits[row, -1, tokens[min(self.step, len(tokens) - 1)]] = 0.0
+        for i, row in enumerate(cache.rows):
+            tokens = self.script[row]
+            logits[i, -1, tokens[min(self.step, len(tokens) - 1)]] = 0.0
         self.step += 1
-        return PolicyOutput(logits, None, "cache")
+        return PolicyOutput(logits, None, cache)
 
 
 def test_generate_stops_at_eos_and_masks_what_follows():
@@ -34,6 +50,9 @@ def test_generate_stops_at_eos_and_masks_what_follows():
     assert rollout.response_ids.tolist() == [[5, 6, eos, pad], [5, 6, 7, 8], [eos, pad, pad, pad]]
     assert rollout.response_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert rollout.ended_with(eos).tolist() == [True, False, True]
+    # Rows that are done leave the batch once they are a quarter of it: row 2 after its first
+    # token, row 0 after its third; the last step feeds row 1 alone.
+    assert policy.batch_sizes == [3, 2, 2, 1]
 
 
 def test_inverse_transform_sampling_follows_the_distribution():
@@ -158,3 +177,39 @@ def test_selecting_cache_rows_backpropagates_the_same_in_every_process():
     hashes = {subprocess.run([sys.executable, "-c", _SELECT_ROWS, "ours"], capture_output=True, text=True,
                              check=True).stdout.strip() for _ in range(3)}
     assert len(hashes) == 1, hashes
+
+
+def test_static_and_compiled_decoders_sample_what_the_growing_cache_samples():
+    # Greedy: the same tokens exactly. Sampled, ending at EOS (the growing cache drops done rows,
+    # the static one keeps them): the same draws give the same tokens, log-probs to rounding.
+    module = ready(make_module())
+    batch = make_batch(module)
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    module.policy.eval()
+    ids, mask = batch["input_ids"][:4], batch["attention_mask"][:4]
+    assert (mask == 0).any()  # left-padded prompts
+    eos = module.tokenizer.eos_token_id
+    # EOS made likely, so that rows end at different steps.
+    module.policy.base_model.get_output_embeddings().register_forward_hook(
+        lambda mod, args, out: out.index_add(-1, torch.tensor([eos]), torch.full((*out.shape[:-1], 1), 4.0)))
+
+    def sample(decoder, **kwargs):
+        with torch.no_grad():
+            return generate(module.policy, ids, mask, torch.arange(8) % 4 + 9, num_generations=2,
+                            pad_token_id=module.tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0),
+                            decoder=decoder, **kwargs)
+
+    for kwargs in (dict(eos_token_id=None, top_k=1), dict(eos_token_id=eos, temperature=2.0)):
+        dynamic = sample("dynamic", **kwargs)
+        for decoder in ("static", "compiled"):
+            other = sample(decoder, **kwargs)
+            assert torch.equal(other.response_ids, dynamic.response_ids), (decoder, kwargs)
+            assert torch.equal(other.response_mask, dynamic.response_mask)
+            assert_close(other.sample_logprobs, dynamic.sample_logprobs, atol=1e-5, rtol=0)
+    ended = dynamic.response_mask.sum(1) < torch.arange(8) % 4 + 9
+    assert ended.any() and not ended.all()  # some rows ended at EOS while others went on
+    with pytest.raises(ValueError, match="decoder 'fast': expected one of dynamic, static, compiled"):
+        sample("fast", eos_token_id=None)

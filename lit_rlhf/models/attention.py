@@ -16,6 +16,7 @@ layer, and again when gradient checkpointing recomputes a layer).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,20 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 SEGMENT_SDPA = "lit_rlhf_segment_sdpa"
 
 
+@dataclass
+class SegmentPrefix:
+    """Keys and values that the segments of a packed row continue: segment i attends first to
+    the last ``lengths[i]`` positions of row ``rows[i]`` of ``cache`` (a left-padded prompt run
+    once for all the responses that share it), then causally to its own tokens."""
+
+    cache: object
+    """A transformers cache whose layers hold ``keys``/``values`` (U, H_kv, Tq, D)."""
+    rows: torch.Tensor
+    """(S,) the cache row of each segment."""
+    lengths: list[int]
+    """Each segment's prefix length (its prompt's real tokens)."""
+
+
 def segment_sdpa(
     module: nn.Module,
     query: torch.Tensor,
@@ -36,6 +51,7 @@ def segment_sdpa(
     dropout: float = 0.0,
     scaling: float | None = None,
     segment_lengths: list[int] | None = None,
+    segment_prefix: SegmentPrefix | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature; returns (B, T, H, D) and no weights.
@@ -46,6 +62,7 @@ def segment_sdpa(
             row must hold nothing but the segments, so causal attention inside each is the
             whole mask.
         segment_lengths: lengths of the sequences in the (single) row, summing to T.
+        segment_prefix: cached keys and values each segment continues (see :class:`SegmentPrefix`).
     """
     if segment_lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -68,13 +85,34 @@ def segment_sdpa(
         pieces = zip(query.split(segment_lengths, 2), key.split(segment_lengths, 2), value.split(segment_lengths, 2))
         # split's backward is one cat, where slicing would write a zero-filled full-size
         # gradient per segment.
-        out = torch.cat(
-            [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                            enable_gqa=gqa)
-             for q, k, v in pieces],
-            dim=2,
-        )
+        if segment_prefix is None:
+            out = torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                            scale=scaling, enable_gqa=gqa)
+                             for q, k, v in pieces], dim=2)
+        else:
+            out = _prefixed_segments(module, pieces, segment_prefix, dtype if upcast else None, dropout, scaling, gqa)
     return out.transpose(1, 2).to(dtype).contiguous(), None
+
+
+def _prefixed_segments(module, pieces, prefix: SegmentPrefix, upcast_from, dropout, scaling, gqa) -> torch.Tensor:
+    """(1, H, T, D): each segment's attention over its prefix's cached keys and values, then
+    causally over its own; ``pieces`` are the segments' (q, k, v)."""
+    layer = prefix.cache.layers[module.layer_idx]
+    keys, values = layer.keys, layer.values
+    if upcast_from is not None:
+        keys, values = keys.float(), values.float()
+    # One gather of the segments' prompt rows, then unbind: its backward is one stack, where
+    # indexing the cache per segment would write a zero-filled cache-size gradient each time.
+    rows_k, rows_v = keys.index_select(0, prefix.rows).unbind(0), values.index_select(0, prefix.rows).unbind(0)
+    out = []
+    for (q, k, v), pk, pv, n in zip(pieces, rows_k, rows_v, prefix.lengths):
+        length = q.size(2)
+        k, v = torch.cat([pk[None, :, pk.size(1) - n:], k], 2), torch.cat([pv[None, :, pv.size(1) - n:], v], 2)
+        # Query j sits at prefix position n + j: it sees the whole prefix and its segment up to itself.
+        allowed = torch.arange(n + length, device=q.device)[None] <= torch.arange(n, n + length, device=q.device)[:, None]
+        out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling,
+                                                  enable_gqa=gqa))
+    return torch.cat(out, dim=2)
 
 
 AttentionInterface.register(SEGMENT_SDPA, segment_sdpa)

@@ -30,7 +30,7 @@ from lit_rlhf.modules.online import (  # noqa: F401  (the configs are part of GR
     SamplingConfig,
     ScoreConfig,
 )
-from lit_rlhf.modules.rollout import Rollout, evaluate_actions
+from lit_rlhf.modules.rollout import Rollout
 from lit_rlhf.modules.update import UpdateConfig
 from lit_rlhf.objectives import (
     group_advantages,
@@ -256,15 +256,13 @@ class GRPOModule(OnlineRLModule):
         ``token_mean``, its episodes for the per-sequence aggregations."""
         if self.grpo.loss_aggregation == "token_mean":
             return self.loss_mask(sub).sum()
-        return torch.tensor(float(len(sub)), device=sub.response_ids.device)
+        return super().loss_weight(sub)
 
     # 4. the minibatch loss: clipped policy loss + kl_loss_coef * k3 KL to the reference
     def loss(self, sub: Rollout, advantages: torch.Tensor, returns: None):
         g = self.grpo
         mask = self.loss_mask(sub)
-        logprobs, _, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, with_values=False,
-                                                entropy="detached", share_prompts=self.share_prompts,
-                                                packed=self.update_config.packed)
+        logprobs, _, entropy = self.evaluate(self.policy, sub, entropy="detached")
         old = sub.logprobs if sub.logprobs is not None else logprobs.detach()
         pg_loss, pstats = policy_loss(logprobs, old, advantages, mask, g.clip_range, g.clip_range_high,
                                       g.loss_aggregation)

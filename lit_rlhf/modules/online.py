@@ -494,15 +494,12 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
     def scoring_passes(self, rollout: Rollout, old_logprobs: bool | None = None) -> None:
         """Fill in the rollout's old log-probs (and values) and reference log-probs, each
         when needed (``old_logprobs``: force the first on or off)."""
-        s = self.sampling
         self.policy.eval()
         try:
             if self.needs_old_logprobs(len(rollout)) if old_logprobs is None else old_logprobs:
                 # Same weights, masks and positions as every later update forward: ratio 1 at start.
-                rollout.logprobs, rollout.values, _ = evaluate_actions(self.policy, rollout, s.temperature,
-                                                                       with_values=self.uses_value_head,
-                                                                       share_prompts=self.share_prompts,
-                                                                       packed=self.update_config.packed)
+                rollout.logprobs, rollout.values, _ = self.evaluate(self.policy, rollout,
+                                                                    with_values=self.uses_value_head)
             if self.needs_reference():
                 rollout.ref_logprobs = self.reference_logprobs(rollout)
         finally:
@@ -511,12 +508,17 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """Log-probs of the response tokens under the reference model."""
         if self.ref_policy is not None:
-            return evaluate_actions(self.ref_policy, rollout, self.sampling.temperature, with_values=False,
-                                    share_prompts=self.share_prompts, packed=self.update_config.packed)[0]
+            return self.evaluate(self.ref_policy, rollout, with_values=False)[0]
         # The reference is the base itself: switch the adapters off, no second copy in memory.
         with self.policy.lm.disable_adapter():
-            return evaluate_actions(self.policy, rollout, self.sampling.temperature, with_values=False,
-                                    share_prompts=self.share_prompts, packed=self.update_config.packed)[0]
+            return self.evaluate(self.policy, rollout, with_values=False)[0]
+
+    def evaluate(self, policy, rollout: Rollout, with_values: bool = False, entropy: str = "skip"):
+        """:func:`~lit_rlhf.modules.rollout.evaluate_actions` with this module's settings: the
+        sampling temperature, its layouts, and under fsdp2 one layout chosen for all ranks."""
+        return evaluate_actions(policy, rollout, self.sampling.temperature, with_values=with_values, entropy=entropy,
+                                share_prompts=self.share_prompts, packed=self.update_config.packed,
+                                sum_ranks=self._sum_ranks if self.sharding is not None else None)
 
     @staticmethod
     def prompts_for(reward_fn, batch: dict) -> list:

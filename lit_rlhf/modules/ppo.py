@@ -21,7 +21,7 @@ from lit_rlhf.modules.online import (  # noqa: F401  (the configs are part of PP
     SamplingConfig,
     ScoreConfig,
 )
-from lit_rlhf.modules.rollout import Rollout, evaluate_actions
+from lit_rlhf.modules.rollout import Rollout
 from lit_rlhf.modules.update import MinibatchSettings, UpdateConfig
 from lit_rlhf.objectives import (
     explained_variance,
@@ -134,8 +134,7 @@ class PPOModule(OnlineRLModule):
         mask = sub.action_mask.float()
         # The entropy is a logged statistic; it needs a graph only when it is in the loss.
         entropy_mode = "grad" if self.ppo.entropy_coef else "detached"
-        logprobs, values, entropy = evaluate_actions(self.policy, sub, self.sampling.temperature, entropy=entropy_mode,
-                                                     packed=self.update_config.packed)
+        logprobs, values, entropy = self.evaluate(self.policy, sub, with_values=True, entropy=entropy_mode)
         pg_loss, pstats = policy_loss(logprobs, sub.logprobs, advantages, mask, self.ppo.clip_range)
         vf_loss, vstats = value_loss(values, sub.values, returns, mask, self.ppo.clip_range_value)
         mean_entropy = masked_mean(entropy, mask)

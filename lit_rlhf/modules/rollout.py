@@ -397,6 +397,7 @@ def evaluate_actions(
     entropy: EntropyMode = "skip",
     share_prompts: bool = False,
     packed: bool = False,
+    sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs, values and entropies of the rollout's response tokens under ``policy``.
 
@@ -412,17 +413,22 @@ def evaluate_actions(
       (gradients flow through the cache into the prompt's pass). Not under gradient
       checkpointing, which cannot keep a cache;
     * packed (``packed``, a policy with segment attention): every episode's real tokens laid end
-      to end in one row, one causal attention per episode, no padding at all.
+      to end in one row, one causal attention per episode, no padding at all;
+    * shared and packed (both): the distinct prompts run once, and the responses end to end in
+      one row, each attending to its prompt's cached keys and values, then causally to itself.
 
     Args:
         entropy: ``grad``, ``detached`` or ``skip``, as in :func:`~lit_rlhf.objectives.logprobs.logprobs_and_entropy`.
+        sum_ranks: under sharding, a sum over ranks: the layout is then chosen on every rank's
+            tokens together, so all ranks run the same forwards (each is a collective).
 
     Returns:
         logprobs (B, Tr), values (B, Tr) or None, entropy (B, Tr) or None; 0 after each response.
     """
-    layout, shared = _choose_layout(policy, rollout, share_prompts, packed)
-    if layout == "packed":
-        logits, values = _packed_pass(policy, rollout, with_values)  # (M, V), (M,): the response tokens
+    layout, shared = _choose_layout(policy, rollout, share_prompts, packed, sum_ranks)
+    if layout in ("packed", "shared_packed"):  # (M, V), (M,): the response tokens, row-major
+        logits, values = (_packed_pass(policy, rollout, with_values) if layout == "packed"
+                          else _shared_packed_pass(policy, rollout, with_values, shared))
         targets = rollout.response_ids[rollout.response_mask.bool()][None]
     elif layout == "shared":
         logits, values = _shared_prompt_pass(policy, rollout, with_values, shared)
@@ -433,21 +439,22 @@ def evaluate_actions(
     if temperature != 1.0:
         # Scores of the distribution that was actually sampled from.
         logits = logits / temperature
-    logprobs, entropies = logprobs_and_entropy(logits[None] if layout == "packed" else logits, targets, entropy)
-    if layout == "packed":  # back to (B, Tr), in the response mask's row-major order
+    flat = layout in ("packed", "shared_packed")
+    logprobs, entropies = logprobs_and_entropy(logits[None] if flat else logits, targets, entropy)
+    if flat:  # back to (B, Tr), in the response mask's row-major order
         resp = rollout.response_mask.bool()
         logprobs, values, entropies = (None if t is None else t.new_zeros(resp.shape).masked_scatter(resp, t.flatten())
                                        for t in (logprobs, values, entropies))
     return logprobs, values, entropies
 
 
-def pass_layout(policy, rollout: Rollout, share_prompts: bool, packed: bool) -> str:
-    """``padded``, ``shared`` or ``packed``: of the layouts allowed, the one that runs the fewest
-    tokens through the trunk (padded on a tie: one attention call per layer)."""
-    return _choose_layout(policy, rollout, share_prompts, packed)[0]
+def pass_layout(policy, rollout: Rollout, share_prompts: bool, packed: bool, sum_ranks=None) -> str:
+    """``padded``, ``shared``, ``packed`` or ``shared_packed``: of the layouts allowed, the one that
+    runs the fewest tokens through the trunk (padded on a tie: one attention call per layer)."""
+    return _choose_layout(policy, rollout, share_prompts, packed, sum_ranks)[0]
 
 
-def _choose_layout(policy, rollout: Rollout, share_prompts: bool, packed: bool):
+def _choose_layout(policy, rollout: Rollout, share_prompts: bool, packed: bool, sum_ranks=None):
     """(:func:`pass_layout`'s choice, the rollout's :func:`shared_prompts` when they were looked for)."""
     b, tq = rollout.query_ids.shape
     costs = {"padded": b * (tq + rollout.response_ids.size(1))}
@@ -456,7 +463,17 @@ def _choose_layout(policy, rollout: Rollout, share_prompts: bool, packed: bool):
         costs["shared"] = shared[0].size(0) * tq + rollout.response_ids.numel()
     if packed and _segment_attention(policy):
         costs["packed"] = int(rollout.query_mask.sum() + rollout.response_mask.sum())
+        if shared is not None and bool(rollout.response_mask[:, 0].all()):  # every response has a token
+            costs["shared_packed"] = shared[0].size(0) * tq + int(rollout.response_mask.sum())
+    if sum_ranks is not None:  # the layouts open to every rank, by their tokens on all ranks
+        absent = 2**50
+        totals = sum_ranks(torch.tensor([costs.get(name, absent) for name in LAYOUTS], device=rollout.query_ids.device))
+        costs = {name: int(total) for name, total in zip(LAYOUTS, totals.tolist()) if total < absent}
     return min(costs, key=lambda layout: (costs[layout], layout != "padded")), shared
+
+
+LAYOUTS = ("padded", "shared", "packed", "shared_packed")
+"""The layouts of a scoring or update pass (see :func:`evaluate_actions`), in tie order after padded."""
 
 
 def _padded_pass(policy, rollout: Rollout, with_values: bool):
@@ -503,6 +520,38 @@ def _packed_pass(policy, rollout: Rollout, with_values: bool):
     out = policy(ids, torch.ones_like(ids), positions[real][None], with_values=with_values, logits_slice=index,
                  segment_lengths=lengths.tolist())
     return out.logits[0], out.values[0, index] if with_values else None
+
+
+def _shared_packed_pass(policy, rollout: Rollout, with_values: bool, shared):
+    """As :func:`_packed_pass`, with the prompts run once (see :func:`evaluate_actions`): the
+    first response token of each episode is scored by its prompt's last logit (and value)."""
+    from lit_rlhf.models.attention import SegmentPrefix
+
+    query_ids, query_mask, index = shared
+    query_positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
+    prompt = policy(query_ids, query_mask, query_positions, use_cache=True, with_values=with_values,
+                    logits_slice=slice(-1, None))
+    response = rollout.response_mask.bool()
+    lengths, prompt_lengths = response.sum(-1), rollout.query_mask.sum(-1)
+    starts = lengths.cumsum(0) - lengths
+    column = torch.arange(response.size(1), device=response.device).expand_as(response)
+    later = response & (column > 0)  # tokens scored inside the row: by the logit before them
+    ids = rollout.response_ids[response][None]
+    out = policy(ids, torch.ones_like(ids), (prompt_lengths[:, None] + column)[response][None],
+                 with_values=with_values, logits_slice=(starts[:, None] + column - 1)[later],
+                 segment_lengths=lengths.tolist(),
+                 segment_prefix=SegmentPrefix(prompt.cache, index, prompt_lengths.tolist()))
+    # Row-major over the response mask: an episode's first token from its prompt's pass (rows
+    # 0..B-1 of the sources), the others from the row, in order.
+    first = (column == 0)[response]
+    source = torch.where(first, torch.arange(len(rollout), device=response.device)[:, None].expand_as(response)[response],
+                         len(rollout) + (~first).long().cumsum(0) - 1)
+    logits = torch.cat([prompt.logits[:, -1].index_select(0, index), out.logits[0]]).index_select(0, source)
+    values = None
+    if with_values:
+        values = torch.cat([prompt.values[:, -1].index_select(0, index),
+                            out.values[0, (starts[:, None] + column - 1)[later]]]).index_select(0, source)
+    return logits, values
 
 
 def _segment_attention(policy) -> bool:

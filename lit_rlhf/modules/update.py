@@ -72,9 +72,13 @@ class MinibatchUpdates:
 
     The module supplies ``update_config``, ``generator``, ``stats_prefix``, ``loss(sub,
     advantages, returns) -> (loss, stats)`` with ``ratio_mean``, ``ratio_max`` and
-    ``approx_kl`` among the statistics, and ``loss_weight(sub) -> ()`` tensor: the count the
-    loss of ``sub`` is a mean over (tokens or episodes), which weighs each micro-batch.
+    ``approx_kl`` among the statistics, and may override :meth:`loss_weight`.
     """
+
+    def loss_weight(self, sub) -> torch.Tensor:
+        """() the count the loss of ``sub`` is a mean over, which weighs each micro-batch: its
+        episodes by default; a loss averaged over tokens returns its tokens."""
+        return torch.tensor(float(len(sub)), device=sub.response_ids.device)
 
     def update_policy(self, rollout, advantages: torch.Tensor, returns: torch.Tensor | None) -> dict:
         """epochs x shuffled minibatches x gradient accumulation; returns mean statistics.

@@ -50,10 +50,19 @@ def test_the_layout_running_fewest_tokens_is_taken():
     varied = _varied(module, rollout)
     assert pass_layout(module.policy, varied, False, True) == "packed"
     assert pass_layout(module.policy, varied, False, False) == "padded"  # packed: off
-    # A group of 4 sharing one long prompt: running it once beats repeating it, even packed.
+    # A group of 4 sharing one long prompt: running it once beats repeating it, and packing its
+    # varied responses beats padding them.
     long = torch.cat([rollout.query_ids[:1].repeat(1, 8)] * 4)
     group = Rollout(long, torch.ones_like(long), varied.response_ids, varied.response_mask)
-    assert pass_layout(module.policy, group, True, True) == "shared"
+    assert pass_layout(module.policy, group, True, False) == "shared"
+    assert pass_layout(module.policy, group, True, True) == "shared_packed"
+    same_length = Rollout(long, torch.ones_like(long), varied.response_ids, torch.ones_like(varied.response_mask))
+    assert pass_layout(module.policy, same_length, True, True) == "shared"  # a tie: one attention call
+    # Under sharding every rank takes the layout of all ranks' tokens together (a sharded forward
+    # is a collective), among those open to every rank: here another rank has no shared prompts
+    # and would run many more tokens packed than padded.
+    other_rank = torch.tensor([0, 2**50, 10**6, 2**50])
+    assert pass_layout(module.policy, group, True, True, sum_ranks=lambda costs: costs + other_rank) == "padded"
 
 
 def test_models_without_segment_attention_stay_padded():
@@ -63,3 +72,27 @@ def test_models_without_segment_attention_stay_padded():
     assert module.policy.base_model.config._attn_implementation == "eager"
     rollout = _varied(module, module.rollout(make_batch(module, 4), module.generator))
     assert pass_layout(module.policy, rollout, False, True) == "padded"
+
+
+def test_shared_prompts_with_packed_responses_equal_padded_passes_with_their_gradients():
+    # Groups of 3 responses of varied length per (left-padded) prompt, shuffled as a minibatch
+    # is: the prompts run once, the responses in one row on top of their prompts' cache.
+    module = ready(make_module())
+    rollout = module.rollout(make_batch(module, 4), module.generator, num_generations=3)
+    rollout = _varied(module, rollout)[torch.randperm(12, generator=torch.Generator().manual_seed(1))]
+    assert (rollout.query_mask == 0).any() and (rollout.response_mask == 0).any()
+    assert pass_layout(module.policy, rollout, True, True) == "shared_packed"
+    results = {}
+    for share, packed in ((False, False), (True, True)):
+        module.policy.zero_grad()
+        logprobs, values, entropy = evaluate_actions(module.policy, rollout, temperature=0.7, entropy="grad",
+                                                     share_prompts=share, packed=packed)
+        mask = rollout.response_mask.float()
+        ((logprobs * mask).sum() + (values * mask).sum() + (entropy * mask).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
+        results[packed] = (logprobs * mask, values * mask, entropy * mask, grads)
+    for padded, packed in zip(results[False][:3], results[True][:3]):
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    assert results[False][3].keys() == results[True][3].keys() and results[True][3]
+    for name, grad in results[False][3].items():
+        torch.testing.assert_close(results[True][3][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -96,3 +96,15 @@ def test_compare_takes_medians_over_repeats_and_lists_each_ratio():
     assert "1.5× met" in row
     trl[1]["rm_pairs_per_s"] = 16.0  # median 16: 21 / 16 = 1.31x
     assert "1.5× NOT met" in next(line for line in table(ours, trl).splitlines() if "| fp32 |" in line)
+
+
+@pytest.mark.slow
+def test_a_profiled_step_shows_the_online_phases(tmp_path):
+    out = tmp_path / "profile.txt"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--workload",
+                           "tiny-cpu-smoke", "--stage", "grpo_varlen", "--warmup", "1", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["grpo_varlen_completions_per_s"] > 0
+    text = out.read_text()
+    assert "phase:sample" in text and "phase:scoring_passes" in text and "aten::mm" in text

@@ -11,14 +11,16 @@ from tests.modules.ppo_helpers import make_batch, make_module, ready
 
 
 def _varied(module, rollout: Rollout) -> Rollout:
-    """The rollout with responses cut to lengths 1..Tr (right-padded), and a non-zero adapter."""
+    """The rollout with its responses made 4 times as long, then cut to lengths spread over
+    1..4 Tr (right-padded: enough padding that packing pays), and a non-zero adapter."""
     with torch.no_grad():
         for name, p in module.policy.named_parameters():
             if "lora_B" in name or "value_head" in name:
                 p.normal_(0, 0.05)
-    tr = rollout.response_ids.size(1)
-    keep = torch.arange(tr)[None] < torch.arange(len(rollout))[:, None] % tr + 1
-    return Rollout(rollout.query_ids, rollout.query_mask, rollout.response_ids.masked_fill(~keep, 0), keep.long())
+    ids = rollout.response_ids.repeat(1, 4)
+    tr, b = ids.size(1), len(rollout)
+    keep = torch.arange(tr)[None] < (torch.arange(b) * tr // b + 1)[:, None]
+    return Rollout(rollout.query_ids, rollout.query_mask, ids.masked_fill(~keep, 0), keep.long())
 
 
 def test_packed_passes_equal_padded_ones_with_their_gradients():
@@ -96,3 +98,23 @@ def test_shared_prompts_with_packed_responses_equal_padded_passes_with_their_gra
     assert results[False][3].keys() == results[True][3].keys() and results[True][3]
     for name, grad in results[False][3].items():
         torch.testing.assert_close(results[True][3][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_step_0_invariants_hold_exactly_in_the_packed_layouts():
+    # Zero LoRA B: the update pass (grad, train mode) repeats the old log-prob pass (no grad, eval
+    # mode) exactly, ratio 1, and the reference (adapters off) equals them, KL 0, in each layout.
+    module = ready(make_module())
+    rollout = module.rollout(make_batch(module, 4), module.generator, num_generations=3)
+    ids = rollout.response_ids.repeat(1, 4)
+    keep = torch.arange(ids.size(1))[None] < (torch.arange(12) * ids.size(1) // 12 + 1)[:, None]
+    rollout = Rollout(rollout.query_ids, rollout.query_mask, ids.masked_fill(~keep, 0), keep.long())
+    for share, layout in ((False, "packed"), (True, "shared_packed")):
+        assert pass_layout(module.policy, rollout, share, True) == layout
+        module.policy.eval()
+        with torch.no_grad():
+            old, _, _ = evaluate_actions(module.policy, rollout, share_prompts=share, packed=True)
+            with module.policy.lm.disable_adapter():
+                ref, _, _ = evaluate_actions(module.policy, rollout, share_prompts=share, packed=True)
+        module.policy.train()
+        new, _, _ = evaluate_actions(module.policy, rollout, entropy="detached", share_prompts=share, packed=True)
+        assert torch.equal(new.detach(), old) and torch.equal(ref, old), layout

@@ -11,6 +11,14 @@ from lit_rlhf.modules.rollout import evaluate_actions, generate, sample_categori
 from tests.modules.ppo_helpers import make_batch, make_module, ready
 
 
+def _nonzero_adapter(module) -> None:
+    """LoRA B drawn away from zero: the policy is no longer the reference."""
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+
 class _RowsCache:
     """A stand-in KV cache that only tracks which of the batch's rows it still holds."""
 
@@ -69,10 +77,7 @@ def test_inverse_transform_sampling_follows_the_distribution():
 def test_cached_sampling_log_probs_equal_a_fresh_forward():
     module = ready(make_module())
     batch = make_batch(module)
-    with torch.no_grad():  # make the adapter non-trivial
-        for name, p in module.policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    _nonzero_adapter(module)
     recorded = []
 
     def recording_policy(*args, **kwargs):
@@ -119,10 +124,7 @@ def test_a_shared_prompt_run_once_gives_the_log_probs_values_and_gradients_of_th
     # are prefilled once and their cache indexed out, and nothing the update reads changes.
     module = ready(make_module())
     batch = make_batch(module)
-    with torch.no_grad():
-        for name, p in module.policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    _nonzero_adapter(module)
     module.policy.eval()
     with torch.no_grad():
         grouped = generate(module.policy, batch["input_ids"][:4], batch["attention_mask"][:4],
@@ -184,10 +186,7 @@ def test_static_and_compiled_decoders_sample_what_the_growing_cache_samples():
     # the static one keeps them): the same draws give the same tokens, log-probs to rounding.
     module = ready(make_module())
     batch = make_batch(module)
-    with torch.no_grad():
-        for name, p in module.policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    _nonzero_adapter(module)
     module.policy.eval()
     ids, mask = batch["input_ids"][:4], batch["attention_mask"][:4]
     assert (mask == 0).any()  # left-padded prompts

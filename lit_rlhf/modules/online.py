@@ -92,8 +92,9 @@ class SamplingConfig:
     decoder: Literal["dynamic", "static", "compiled"] = "dynamic"
     """The decode loop: ``dynamic`` (a growing KV cache; rows that are done leave the batch),
     ``static`` (a preallocated cache, fixed shapes), ``compiled`` (static, the decode step under
-    ``torch.compile``; the first rollout of each batch shape compiles). Single-response
-    rollouts on one device or under ddp; multi-turn episodes and fsdp2 use ``dynamic``."""
+    ``torch.compile``; the first rollout of each batch shape compiles). ``static`` and
+    ``compiled``: single-response rollouts on one device or under ddp (multi-turn episodes and
+    fsdp2 refuse them)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:

@@ -247,7 +247,8 @@ class _Decoder:
         self.mask = torch.cat([self.mask, alive[self.live].to(self.mask.dtype)[:, None]], dim=1)
         self.last_pos = self.last_pos + 1
         finished = done[self.live]
-        if int(finished.sum()) >= max(1, self.drop_share * len(self.live)) and not bool(finished.all()):
+        n = int(finished.sum())  # one host sync per step (the loop's stop test is another)
+        if max(1, self.drop_share * len(self.live)) <= n < len(self.live):
             keep = (~finished).nonzero().flatten()
             select_cache_rows(self.cache, keep)
             self.live, self.mask, self.last_pos, token = (t[keep] for t in (self.live, self.mask, self.last_pos, token))
@@ -365,14 +366,22 @@ def _draw(logits, done, pad_token_id, temperature, top_k, top_p, generator, rows
 def _prefill(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, num_generations: int):
     """One forward over the (B, Tq) prompts: the next-token logits (B * G, V), the KV cache,
     and the prompts, their mask and positions, each row repeated for its G responses."""
-    positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = policy(query_ids, query_mask, positions, use_cache=True, with_values=False, logits_slice=slice(-1, None))
+    out, positions = _prompt_pass(policy, query_ids, query_mask, with_values=False)
     next_logits, cache = out.logits[:, -1], out.cache
     if num_generations > 1:  # the group shares its prompt: one prefill, the cache repeated
         cache.batch_repeat_interleave(num_generations)
         next_logits, query_ids, query_mask, positions = (
             t.repeat_interleave(num_generations, 0) for t in (next_logits, query_ids, query_mask, positions))
     return next_logits, cache, query_ids, query_mask, positions
+
+
+def _prompt_pass(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, with_values: bool):
+    """One forward over (B, Tq) left-padded prompts, keeping the KV cache and the last position's
+    logits (and values): the policy's output and the (B, Tq) positions."""
+    positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = policy(query_ids, query_mask, positions, use_cache=True, with_values=with_values,
+                 logits_slice=slice(-1, None))
+    return out, positions
 
 
 def shared_prompts(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -501,9 +510,7 @@ def _shared_prompt_pass(policy, rollout: Rollout, with_values: bool, shared):
     _, mask, positions = rollout.sequences()
     tq = rollout.query_ids.size(1)
     query_ids, query_mask, index = shared
-    query_positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
-    prompt = policy(query_ids, query_mask, query_positions, use_cache=True, with_values=with_values,
-                    logits_slice=slice(-1, None))
+    prompt, _ = _prompt_pass(policy, query_ids, query_mask, with_values)
     cache = prompt.cache
     select_cache_rows(cache, index)  # (U, ...) -> (B, ...), differentiable
     # The responses attend to their prompt's cached keys and values, then to each other.
@@ -538,17 +545,16 @@ def _shared_packed_pass(policy, rollout: Rollout, with_values: bool, shared):
     from lit_rlhf.models.attention import SegmentPrefix
 
     query_ids, query_mask, index = shared
-    query_positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
-    prompt = policy(query_ids, query_mask, query_positions, use_cache=True, with_values=with_values,
-                    logits_slice=slice(-1, None))
+    prompt, _ = _prompt_pass(policy, query_ids, query_mask, with_values)
     response = rollout.response_mask.bool()
     lengths, prompt_lengths = response.sum(-1), rollout.query_mask.sum(-1)
     starts = lengths.cumsum(0) - lengths
     column = torch.arange(response.size(1), device=response.device).expand_as(response)
-    later = response & (column > 0)  # tokens scored inside the row: by the logit before them
+    # Tokens after an episode's first are scored inside the row, by the logit before them.
+    scored_at = (starts[:, None] + column - 1)[response & (column > 0)]
     ids = rollout.response_ids[response][None]
     out = policy(ids, torch.ones_like(ids), (prompt_lengths[:, None] + column)[response][None],
-                 with_values=with_values, logits_slice=(starts[:, None] + column - 1)[later],
+                 with_values=with_values, logits_slice=scored_at,
                  segment_lengths=lengths.tolist(),
                  segment_prefix=SegmentPrefix(prompt.cache, index, prompt_lengths.tolist()))
     # Row-major over the response mask: an episode's first token from its prompt's pass (rows
@@ -560,7 +566,7 @@ def _shared_packed_pass(policy, rollout: Rollout, with_values: bool, shared):
     values = None
     if with_values:
         values = torch.cat([prompt.values[:, -1].index_select(0, index),
-                            out.values[0, (starts[:, None] + column - 1)[later]]]).index_select(0, source)
+                            out.values[0, scored_at]]).index_select(0, source)
     return logits, values
 
 

@@ -121,10 +121,12 @@ class MinibatchUpdates:
         pieces = self._micro_batches(rollout, minibatch)
         # Each piece's loss is a mean over its own episodes or tokens: weighted by its share of
         # them, the pieces' gradients sum to the whole minibatch's (a short last piece included).
-        weights = torch.stack([self.loss_weight(rollout[idx]).float() for idx in pieces])
-        weights = weights / weights.sum() if bool(weights.sum() > 0) else torch.full_like(weights, 1 / len(pieces))
-        for i, idx in enumerate(pieces):
-            loss, stats = self.loss(rollout[idx], advantages[idx], None if returns is None else returns[idx])
+        subs = [rollout[idx] for idx in pieces]
+        weights = torch.stack([self.loss_weight(sub).float() for sub in subs])
+        total = weights.sum()  # 0 only when no piece has a token to learn from: then equal weights
+        weights = torch.where(total > 0, weights / total.clamp(min=1e-12), torch.full_like(weights, 1 / len(pieces)))
+        for i, (idx, sub) in enumerate(zip(pieces, subs)):
+            loss, stats = self.loss(sub, advantages[idx], None if returns is None else returns[idx])
             self.check_finite(f"{self.stats_prefix}/loss_total", loss)
             with self._accumulating(last=i == len(pieces) - 1):
                 self.manual_backward(loss * weights[i])

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from lit_rlhf.models.linears import with_onednn_linears
 from lit_rlhf.objectives.logprobs import EntropyMode, logprobs_and_entropy
 
 
@@ -154,6 +155,7 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 
 
 @torch.no_grad()
+@with_onednn_linears
 def generate(
     policy,
     query_ids: torch.Tensor,
@@ -168,7 +170,7 @@ def generate(
     generator: torch.Generator | None = None,
     num_generations: int = 1,
     rows: Rows = Rows(),
-    all_done: Callable[[torch.Tensor], bool] | None = None,
+    all_done: Callable[[torch.Tensor], bool] = lambda done: bool(done.all()),
     stop: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
     decoder: str = "dynamic",
 ) -> Rollout:
@@ -178,9 +180,8 @@ def generate(
     Args:
         policy: a :class:`~lit_rlhf.models.heads.PolicyWithValueHead` (or anything called alike).
         query_ids, query_mask: (B, Tq) left-padded prompts.
-        max_new_tokens: (B * G,) per-row length limit (from a length sampler); a row also
-            stops at its first EOS (``eos_token_id=None``: never, for fixed-length benchmarks).
-            Nothing forces a minimum length.
+        max_new_tokens: (B * G,) per-row length limit (from a length sampler; no minimum); a row
+            also stops at its first EOS (``eos_token_id=None``: never, for fixed-length benchmarks).
         num_generations: G independent responses per prompt (a group), rows ``b * G .. b * G
             + G - 1`` for prompt b. Each prompt is prefilled once and its KV cache repeated.
         rows: where this rank's B * G rows sit in the global batch (see :class:`Rows`).
@@ -190,6 +191,7 @@ def generate(
             their last token (e.g. :class:`StopStrings`, a tool call's closing tag).
         decoder: ``dynamic`` (a growing cache, done rows leave the batch), ``static`` or
             ``compiled`` (a preallocated cache; the decode step under ``torch.compile``).
+            On CPU the linears run on oneDNN (:mod:`lit_rlhf.models.linears`).
     """
     device, max_new_tokens = query_ids.device, max_new_tokens.to(query_ids.device)
     next_logits, cache, query_ids, query_mask, positions = _prefill(policy, query_ids, query_mask, num_generations)
@@ -197,8 +199,7 @@ def generate(
     if max_new_tokens.shape != (batch,):
         raise ValueError(f"max_new_tokens {tuple(max_new_tokens.shape)}: expected ({batch},)")
     decoder = _decoder(decoder)(policy, cache, query_mask, positions[:, -1], int(max_new_tokens.max()))
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logprobs, alive, all_done = [], [], [], all_done or (lambda d: bool(d.all()))
+    done, tokens, logprobs, alive = torch.zeros(batch, dtype=torch.bool, device=device), [], [], []
     for step in itertools.count():  # every row is done after its max_new_tokens
         live = decoder.live
         token, logprob = _draw(next_logits, done[live], pad_token_id, temperature, top_k, top_p, generator,

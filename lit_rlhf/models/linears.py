@@ -5,16 +5,17 @@ sequence, so every linear layer multiplies a few rows by a whole weight matrix, 
 is slow on this project's CPU (AMD EPYC, 2 threads): the 29 linears of the benchmarks'
 8.3M-parameter Llama, weights read cold as in a real step, took 5.6 ms at 8 rows and 7.9 ms at
 32 through ``F.linear`` against 3.0 and 4.9 ms through oneDNN's linear
-(``torch.ops.mkldnn._linear_pointwise``). :func:`~lit_rlhf.modules.rollout.generate` on the ``grpo_varlen`` benchmark's
-rollout (32 rows, up to 64 tokens) went from 0.72 to 0.56 s, on PPO's (8 rows, 40 tokens)
-from 0.37 to 0.27 s (medians of 6 interleaved runs), the same tokens, log-probs equal to
-1e-6.
+(``torch.ops.mkldnn._linear_pointwise``). :func:`~lit_rlhf.modules.rollout.generate` on the
+``grpo_varlen`` benchmark's rollout (32 rows, up to 64 tokens) went from 0.72 to 0.56 s, on
+PPO's (8 rows, 40 tokens) from 0.37 to 0.29 s (medians of 6 interleaved runs), the same tokens,
+log-probs equal to 1e-6.
 
 Only sampling uses it: its log-probs are a logged statistic, while the scoring and update
 passes, whose log-probs must agree to the last bit (the step-0 ratio of 1), keep the one kernel
-of ``F.linear``. Anything else (a CUDA tensor, autocast, bf16 weights, quantized or LoRA
-layers' own forwards, ``torch.compile``) falls through to ``F.linear``; so does a torch built
-without oneDNN.
+of ``F.linear``. Anything else (a CUDA tensor, autocast, bf16 weights, ``torch.compile``) falls
+through to ``F.linear``, as do quantized layers (``nn.Linear`` subclasses with a forward of their
+own) and a torch built without oneDNN; a LoRA layer's base and adapter linears are plain
+``nn.Linear`` and take the oneDNN path.
 """
 
 from __future__ import annotations

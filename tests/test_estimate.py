@@ -223,11 +223,11 @@ def test_logits_kept_for_the_backward():
     batch, tokens, vocab = 3, 7, 50
     logits = torch.randn(batch, tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocab, (batch, tokens))
-    # Sampled-token log-probs keep each row's float32 upcast (the 4 of 4 + c), and per token its
-    # label (int64) and logsumexp (fp32); the 16-bit logits themselves are not kept.
+    # Sampled-token log-probs keep each row's float32 log-softmax (the 4 of 4 + c) and per token
+    # its label (int64, the gather's index); the 16-bit logits themselves are not kept.
     kept, logits_kept = _saved_by(lambda x: logprobs_from_logits(x, labels), logits)
     upcast = M.sampled_logprob_bytes(batch * tokens, vocab, 2) - batch * tokens * vocab * 2
-    assert kept == upcast + batch * tokens * (8 + 4) and not logits_kept
+    assert kept == upcast + batch * tokens * 8 and not logits_kept
     # SFT's chunked cross-entropy keeps the logits themselves (its gradient is the other c) and,
     # per token, only a target, a mask and a float32 logsumexp: no float32 copy of the logits.
     kept, logits_kept = _saved_by(lambda x: causal_lm_loss(x, labels).loss, logits)

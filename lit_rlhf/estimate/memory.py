@@ -410,10 +410,9 @@ def lm_loss_logits_bytes(tokens: int, vocab: int, logit_bytes: int) -> int:
 def sampled_logprob_bytes(tokens: int, vocab: int, logit_bytes: int) -> int:
     """Logits of the scored positions when log-probs of given tokens train (PPO, GRPO, DPO).
 
-    Each sequence's logits are upcast to float32 and kept for the backward of logsumexp (4 B per
-    logit), beside the 16-bit logits at the end of the forward or their gradient at the start
-    of the backward (``c``): ``tokens * V * (4 + c)`` (float32 logits: the upcast is the logits
-    themselves, ``tokens * V * 8``).
+    Each sequence's float32 log-softmax is kept for its backward (4 B per logit), beside the
+    logits at the end of the forward or their gradient at the start of the backward (``c``):
+    ``tokens * V * (4 + c)`` (``tokens * V * 8`` for float32 logits).
     """
     return tokens * vocab * (4 + logit_bytes)
 

@@ -38,21 +38,33 @@ def logprobs_and_entropy(
     if logits.shape[0] == 0:
         empty = logits.new_zeros(labels.shape, dtype=acc)
         return empty, None if entropy == "skip" else empty
-    # gather - logsumexp never materialises the (T, V) log-softmax. Going a few rows at a time
-    # bounds the float32 upcast of bf16 logits and the entropy's (rows, T, V) temporary to
-    # about CHUNK_ELEMENTS; small shapes run in one piece (row by row, the autograd graph of
-    # 32 x 32 x 8000 logits measured several times slower, for identical results).
+    # One fused log_softmax per piece, then a gather: on CPU this measured 2-4x faster forward
+    # and backward than gather - logsumexp (whose forward and backward each make several passes
+    # over (T, V)), and keeps the same one (T, V) float32 tensor for the backward. Going a few
+    # rows at a time bounds that tensor and the entropy's temporaries to about CHUNK_ELEMENTS;
+    # small shapes run in one piece (row by row, the autograd graph of 32 x 32 x 8000 logits
+    # measured several times slower, for identical results).
     rows = max(1, CHUNK_ELEMENTS // max(1, logits[0].numel()))
     logps, entropies = [], []
     for chunk_logits, chunk_labels in zip(logits.split(rows), labels.split(rows)):
-        chunk = chunk_logits.to(acc)
-        lse = torch.logsumexp(chunk, dim=-1)  # (rows, T), shared by both outputs
-        logps.append(chunk.gather(-1, chunk_labels.unsqueeze(-1)).squeeze(-1) - lse)
+        logp = torch.log_softmax(chunk_logits, dim=-1, dtype=acc)  # (rows, T, V), the upcast fused in
+        logps.append(logp.gather(-1, chunk_labels.unsqueeze(-1)).squeeze(-1))
         if entropy != "skip":
-            with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
-                # H = lse - sum_v p_v l_v, which avoids log(p) = -inf for p underflowing to 0.
-                entropies.append(lse - (torch.exp(chunk - lse.unsqueeze(-1)) * chunk).sum(-1))
+            entropies.append(_entropy(logp, differentiable=entropy == "grad" and torch.is_grad_enabled()))
     return torch.cat(logps), torch.cat(entropies) if entropies else None
+
+
+def _entropy(logp: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """(..., V) log-probabilities -> (...) entropy ``-sum_v p_v log p_v``.
+
+    A logit of -inf has p = 0 and log p = -inf, a term of 0 * -inf = NaN: the differentiable
+    form clamps log p to the most negative float (the term and its gradient 0); the statistic
+    drops those terms with ``nansum`` and multiplies in place (no autograd graph to keep).
+    """
+    if differentiable:
+        return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+    with torch.no_grad():
+        return -logp.exp().mul_(logp).nansum(-1)
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,13 @@ def test_entropy_hand_values_and_against_definition():
     # uniform over 4 -> ln 4; (1/4, 3/4, ~0, ~0) -> -(1/4 ln 1/4 + 3/4 ln 3/4)
     expected = torch.tensor([[math.log(4), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
     assert_close(entropy_from_logits(logits), expected)
+    # A logit of -inf (a masked token) adds nothing, with a finite gradient, rather than NaN.
+    masked = torch.tensor([[[0.0, math.log(3.0), float("-inf")]]], requires_grad=True)
+    entropy = entropy_from_logits(masked)
+    assert_close(entropy, expected[:, 1:])
+    assert_close(logprobs_and_entropy(masked, torch.tensor([[1]]), entropy="detached")[1], expected[:, 1:])
+    entropy.sum().backward()
+    assert torch.isfinite(masked.grad).all() and masked.grad[0, 0, 2] == 0
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
     p = torch.softmax(logits, -1)

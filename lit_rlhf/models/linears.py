@@ -50,8 +50,9 @@ def _applies(layer: nn.Linear, x: torch.Tensor) -> bool:
     """Whether oneDNN runs this call: float32 CPU inputs and weights, plain tensors (no DTensor,
     no subclass), the right width (else ``F.linear``'s error, which names the shapes), outside
     autograd and autocast, and outside ``torch.compile`` (which lowers linears its own way)."""
-    return (x.is_cpu and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
-            and type(x) is torch.Tensor and type(layer.weight.data) is torch.Tensor
+    weight = layer.weight
+    return (type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
+            and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.is_cpu and weight.is_cpu
             and x.size(-1) == layer.in_features
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling())

@@ -18,12 +18,12 @@ class _Quantized(nn.Linear):  # stands for bitsandbytes' layers: nn.Linear subcl
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How many times oneDNN's linear ran."""
+    """Each call of oneDNN's linear: whether its weight was a packed (oneDNN-layout) copy."""
     seen = []
     kernel = torch.ops.mkldnn._linear_pointwise
 
     def spy(x, weight, bias):
-        seen.append(x.shape)
+        seen.append(weight.is_mkldnn)
         return kernel(x, weight, bias, "none", [], "")
 
     monkeypatch.setattr(linears, "_onednn_linear", spy)
@@ -69,40 +69,26 @@ def test_each_forward_is_restored_after_an_error():
     assert model[0].forward.__func__ is nn.Linear.forward
 
 
-@pytest.fixture
-def packed(monkeypatch):
-    """For each oneDNN call, whether its weight was a packed (oneDNN-layout) copy."""
-    seen = []
-    kernel = torch.ops.mkldnn._linear_pointwise
-
-    def spy(x, weight, bias):
-        seen.append(weight.is_mkldnn)
-        return kernel(x, weight, bias, "none", [], "")
-
-    monkeypatch.setattr(linears, "_onednn_linear", spy)
-    return seen
-
-
-def test_a_layer_called_often_runs_on_its_packed_weight_with_the_same_outputs(packed):
+def test_a_layer_called_often_runs_on_its_packed_weight_with_the_same_outputs(calls):
     model = _model()
     x = torch.randn(4, 1, 16)  # a decode step's shape
-    calls = linears.PACK_AFTER + 2
+    n = linears.PACK_AFTER + 2
     with torch.no_grad():
         expected = model(x)
         with onednn_linears(model):
-            outs = [model(x) for _ in range(calls)]
+            outs = [model(x) for _ in range(n)]
     # Two plain layers per call: their weights as they are for the first PACK_AFTER - 1 calls, then packed.
-    assert packed == [False] * 2 * (linears.PACK_AFTER - 1) + [True] * 2 * (calls - linears.PACK_AFTER + 1)
+    assert calls == [False] * 2 * (linears.PACK_AFTER - 1) + [True] * 2 * (n - linears.PACK_AFTER + 1)
     for out in outs:
         assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert all("forward" not in layer.__dict__ for layer in model)
 
 
-def test_packing_stops_at_its_memory_budget(packed, monkeypatch):
+def test_packing_stops_at_its_memory_budget(calls, monkeypatch):
     model = _model()
     first = model[0].weight.numel() * 4  # float32 bytes of the first layer's weight
     monkeypatch.setattr(linears, "PACK_BUDGET_BYTES", first)
     with torch.no_grad(), onednn_linears(model):
         for _ in range(linears.PACK_AFTER):
             model(torch.randn(2, 16))
-    assert packed[-2:] == [True, False]  # the first layer packed, the second over the budget
+    assert calls[-2:] == [True, False]  # the first layer packed, the second over the budget

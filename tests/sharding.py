@@ -74,11 +74,13 @@ def exported(run_dir: Path) -> dict[str, torch.Tensor]:
     return {f"{f.relative_to(run_dir)}/{k}": v for f in files for k, v in load_file(f).items()}
 
 
-def max_difference(a: Path, b: Path) -> float:
-    """Largest absolute difference between the exports of two runs (which hold the same tensors)."""
+def differences(a: Path, b: Path) -> tuple[float, float]:
+    """The largest absolute difference between the exports of two runs (which hold the same
+    tensors), and the 99.9th percentile of the absolute differences of all their elements."""
     ta, tb = exported(a), exported(b)
     assert ta.keys() == tb.keys(), sorted(set(ta) ^ set(tb))[:5]
-    return max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
+    every = torch.cat([(ta[k].double() - tb[k].double()).abs().flatten() for k in ta])
+    return float(every.max()), float(every.kthvalue(max(1, int(0.999 * every.numel()))).values)
 
 
 # ------------------------------------------------------------------ checks in one process group

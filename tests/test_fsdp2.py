@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.resume import kill_and_resume
-from tests.sharding import LORA, ONLINE, arguments, max_difference
+from tests.sharding import LORA, ONLINE, arguments, differences
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = [f"{stage}-{kind}" for stage in ("sft", "rm", "dpo", "ppo", "grpo") for kind in ("full", "lora")] + ["turns-lora"]
@@ -67,8 +67,13 @@ def sharded_runs(tmp_path_factory):
 def test_fsdp2_on_two_processes_trains_as_one_process_on_the_global_batch(cli, sharded_runs, run):
     single = cli.run(arguments(run, sharded_runs, 1))
     assert single.code == 0, single.stderr[-3000:]
-    # fp32, 3 AdamW steps (PPO, GRPO: 2 rollouts): only the order of the sums differs.
-    assert max_difference(sharded_runs / f"{run}-1", sharded_runs / f"{run}-2") <= 1e-6
+    # fp32, 3 AdamW steps (PPO, GRPO: 2 rollouts): only the order of the sums differs, so nearly
+    # every weight agrees to rounding. AdamW divides each gradient by its own size plus eps (1e-8),
+    # so a weight whose gradient is near eps (an embedding row of a token seen once or twice) can
+    # move by a few 1e-6 (measured: 1.5e-6 in 7 elements of one row, GRPO full) - a thirtieth of one
+    # step at lr 5e-5, where a rank training on the wrong data moves most weights by about lr.
+    largest, bulk = differences(sharded_runs / f"{run}-1", sharded_runs / f"{run}-2")
+    assert bulk <= 1e-7 and largest <= 5e-6, (largest, bulk)
 
 
 @pytest.mark.slow

@@ -74,10 +74,11 @@ class _OneDNNForward:
         if not _applies(layer, x):
             return F.linear(x, layer.weight, layer.bias)
         self.calls += 1
-        size = layer.weight.numel() * layer.weight.element_size()
-        if self.calls == PACK_AFTER and size <= self.budget[0]:
-            self.budget[0] -= size
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, x.numel() // x.size(-1))
+        if self.calls == PACK_AFTER:  # once per layer and block
+            size = layer.weight.numel() * layer.weight.element_size()
+            if size <= self.budget[0]:
+                self.budget[0] -= size
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, x.numel() // x.size(-1))
         return _onednn_linear(x, layer.weight if self.packed is None else self.packed, layer.bias)
 
 

@@ -1,8 +1,10 @@
-"""Policy + value on one trunk: a scalar value head beside the LM head (optional)."""
+"""Policy + value on one trunk: a scalar value head beside the LM head (optional); a trunk
+whose last block computes only the positions a head reads."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -25,6 +27,74 @@ def full_precision_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     off = torch.autocast(device, enabled=False) if device in ("cuda", "cpu", "xpu") else contextlib.nullcontext()
     with off:
         return head(hidden.to(head.weight.dtype)).float()
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """True when a forward of the transformers ``model`` now is checkpointed: its layers keep no
+    cache, and recompute their forward during the backward."""
+    return torch.is_grad_enabled() and model.training and bool(getattr(model, "is_activation_checkpointing", False))
+
+
+def last_block_mlp(trunk: nn.Module) -> nn.Module | None:
+    """The ``mlp`` submodule of the last transformer block in ``trunk`` (a transformers model),
+    or None when its blocks have none (OPT's are plain ``fc1``/``fc2``)."""
+    from lit_rlhf.models.sharding import block_classes
+
+    names = block_classes(trunk)
+    # By the class's ancestry: fully_shard renames a block's class FSDP<Name>.
+    blocks = [m for m in trunk.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    mlp = getattr(blocks[-1], "mlp", None) if blocks else None
+    return mlp if isinstance(mlp, nn.Module) else None
+
+
+@contextlib.contextmanager
+def last_block_rows(trunk: nn.Module, index: torch.Tensor) -> Iterator[None]:
+    """Inside, the MLP of ``trunk``'s last block computes positions ``index`` only.
+
+    A reward model reads its last hidden state at one token per sequence, yet every block runs
+    on every token. In the last block only the attention needs all of them (for their keys and
+    values); its MLP, the larger part of the block (two or three hidden x intermediate matmuls
+    per token), is needed only where the state is read. The MLP's input is cut to ``index`` and
+    its output put back at those positions, zeros elsewhere: the last hidden state is exact at
+    ``index`` and wrong at every other position, which the caller must not read. This saves
+    about 3/4 of one block's matmuls: a quarter of the trunk's compute at 4 layers, 2-3% at 32.
+
+    Nothing changes when the blocks have no ``mlp`` (:func:`last_block_mlp`) and under gradient
+    checkpointing, which recomputes the block in the backward, after this context has ended.
+
+    Args:
+        trunk: the transformers model (the hidden states' module: ``model.base_model``).
+        index: (S,) positions along the sequence dimension of the (B, T, H) hidden states, the
+            same for every row.
+    """
+    mlp = last_block_mlp(trunk)
+    if mlp is None or is_checkpointing(trunk):
+        yield
+        return
+    length = []  # T, seen by the pre-hook
+
+    def cut(module, args, kwargs):
+        hidden = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        length[:] = [hidden.size(1)]
+
+        def rows(x):  # every (B, T, ...) input: Bloom's MLP also takes the residual
+            return x.index_select(1, index) if isinstance(x, torch.Tensor) and x.shape[:2] == hidden.shape[:2] else x
+        return tuple(rows(a) for a in args), {k: rows(v) for k, v in kwargs.items()}
+
+    def put_back(module, args, kwargs, output):
+        def spread(y):  # (B, S, ...) -> (B, T, ...), differentiable in y
+            return y.new_zeros(y.size(0), length[0], *y.shape[2:]).index_copy(1, index, y)
+        if isinstance(output, tuple):  # e.g. a mixture of experts' (hidden, router logits)
+            return (spread(output[0]), *output[1:])
+        return spread(output)
+
+    hooks = [mlp.register_forward_pre_hook(cut, with_kwargs=True),
+             mlp.register_forward_hook(put_back, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class PolicyOutput(NamedTuple):

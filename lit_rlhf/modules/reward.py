@@ -18,6 +18,7 @@ from lit_rlhf.models.attention import (
     is_flash_attention,
     use_segment_attention,
 )
+from lit_rlhf.models.heads import last_block_rows
 from lit_rlhf.modules.base import HFModule
 from lit_rlhf.objectives.preference import pairwise_loss
 from lit_rlhf.optim import OptimConfig
@@ -99,7 +100,8 @@ class RewardModule(HFModule):
         without local attention, switched at load) one causal SDPA per sequence; with flash
         attention its variable-length kernel, given the sequences' boundaries. Any other model (eager attention, sliding windows, a model
         that transformers cannot switch, a head not called ``score``) gets the sequences back
-        as right-padded rows: the same scores, with padding.
+        as right-padded rows: the same scores, with padding. The packed pass runs the last
+        block's MLP at the scored tokens only (:func:`~lit_rlhf.models.heads.last_block_rows`).
 
         Args:
             input_ids, position_ids: (1, N); positions restart at 0 where a sequence starts.
@@ -121,8 +123,9 @@ class RewardModule(HFModule):
             extra = {"attention_mask": torch.ones_like(input_ids), "segment_lengths": lengths.tolist()}
         else:  # flash attention: the sequences' boundaries, explicitly
             extra = flash_varlen_kwargs(position_ids)
-        hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         last_index = lengths.cumsum(0) - 1
+        with last_block_rows(model.base_model, last_index):  # the last block's MLP at the scored tokens only
+            hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         return head(hidden.last_hidden_state[0, last_index]).squeeze(-1).float()
 
     def _pair_step(self, batch: dict):

@@ -23,7 +23,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lit_rlhf.models.heads import is_checkpointing
 from lit_rlhf.models.linears import with_onednn_linears
 from lit_rlhf.objectives.logprobs import EntropyMode, logprobs_and_entropy
 
@@ -599,9 +598,10 @@ def select_cache_rows(cache, index: torch.Tensor) -> None:
 
 
 def _checkpointing(policy) -> bool:
-    """True when this forward of the policy will be checkpointed: the layers then drop any cache."""
+    """True when this forward will be checkpointed: the layers then drop any cache."""
     base = getattr(policy, "base_model", None)
-    return base is not None and is_checkpointing(base)
+    return torch.is_grad_enabled() and bool(getattr(base, "training", False)) and \
+        bool(getattr(base, "is_activation_checkpointing", False))
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

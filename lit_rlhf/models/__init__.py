@@ -6,7 +6,8 @@
   before hub ids and paths;
 * :mod:`~lit_rlhf.models.loading`: tokenizer and model loading: weights, 8-/4-bit
   quantization, gradient checkpointing, LoRA;
-* :mod:`~lit_rlhf.models.heads`: the policy + value head on one shared trunk (PPO);
+* :mod:`~lit_rlhf.models.heads`: the policy + value head on one shared trunk (PPO); a reward
+  model's last block run at the scored tokens only;
 * :mod:`~lit_rlhf.models.adapters`: a reward model as a second adapter on the policy's base;
 * :mod:`~lit_rlhf.models.attention`: per-sequence attention for packed rows (reward model);
 * :mod:`~lit_rlhf.models.saving`: atomic ``save_pretrained``.

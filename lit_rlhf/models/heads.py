@@ -42,7 +42,11 @@ def last_block(trunk: nn.Module) -> nn.Module | None:
 def last_block_mlp(trunk: nn.Module) -> nn.Module | None:
     """The ``mlp`` submodule of ``trunk``'s :func:`last_block`, or None when its blocks have
     none (OPT's are plain ``fc1``/``fc2``)."""
-    mlp = getattr(last_block(trunk), "mlp", None)
+    return _mlp(last_block(trunk))
+
+
+def _mlp(block: nn.Module | None) -> nn.Module | None:
+    mlp = getattr(block, "mlp", None)
     return mlp if isinstance(mlp, nn.Module) else None
 
 
@@ -69,8 +73,8 @@ def last_block_rows(trunk: nn.Module, index: torch.Tensor) -> Iterator[None]:
             same for every row.
     """
     block = last_block(trunk)
-    mlp = getattr(block, "mlp", None)
-    if not isinstance(mlp, nn.Module) or getattr(block, "gradient_checkpointing", False):
+    mlp = _mlp(block)
+    if mlp is None or getattr(block, "gradient_checkpointing", False):
         yield
         return
     length = []  # T, seen by the pre-hook

@@ -60,11 +60,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         shards must stay in CPU memory, so only what FSDP2 does not manage moves (metrics)."""
         if not self.cpu_offload:
             return super().model_to_device()
+        from lightning.fabric.utilities.device_dtype_mixin import _update_properties
+
         from lit_rlhf.models.sharding import is_sharded
 
         for child in self.model.children():
             if not is_sharded(child):
                 child.to(self.root_device)
+        # The module still computes on the device (each unit is copied there for its forward):
+        # `module.device`, where inputs and metric values go, says so as `.to()` would have.
+        _update_properties(self.model, device=self.root_device)
 
     @property
     def mesh(self):

@@ -54,6 +54,47 @@ def test_what_cannot_be_sharded_is_refused_in_one_line_before_weights_load(cli, 
     assert out.error_lines[-1].startswith(message), out.error_lines
 
 
+def _on_a_gpu(monkeypatch, module, device="cuda"):
+    """``module`` under an fsdp2 trainer whose ranks compute on ``device`` (a CPU torch cannot make
+    a CUDA generator or tensor: the tests record what is asked for instead)."""
+    from types import SimpleNamespace
+
+    from lit_rlhf.strategies import FSDP2Strategy
+
+    monkeypatch.setattr(FSDP2Strategy, "root_device", property(lambda self: torch.device(device, 0)))
+    strategy = FSDP2Strategy()
+    module._trainer = SimpleNamespace(strategy=strategy, precision="32-true", world_size=2)
+    monkeypatch.setattr(module, "shard", lambda: None)  # no process group here
+    return strategy
+
+
+def test_sampling_generators_live_on_the_compute_device_not_the_load_device(monkeypatch):
+    # Under fsdp2 the weights load on the CPU and are sharded onto the GPU: a generator made on the
+    # load device would meet CUDA probabilities ("Expected a 'cuda' device type for generator").
+    from tests.modules.ppo_helpers import make_module
+
+    module = make_module()
+    _on_a_gpu(monkeypatch, module)
+    assert module.load_device == torch.device("cpu")
+    made, real = [], torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda device=None: made.append(torch.device(device or "cpu")) or real())
+    module.configure_model()
+    module.on_validation_epoch_start()
+    assert made == [torch.device("cuda", 0)] * 2  # the sampling generator, then validation's
+
+
+def test_cpu_offload_keeps_shards_on_the_cpu_but_the_module_computes_on_the_device(monkeypatch):
+    # Inputs, metric values and generators follow `module.device`: with cpu_offload it must still be
+    # the accelerator (meta stands in for it), though the sharded weights stay in CPU memory.
+    from tests.modules.ppo_helpers import make_module
+
+    module = make_module()
+    strategy = _on_a_gpu(monkeypatch, module, device="meta")
+    strategy.cpu_offload, strategy.model = True, module
+    strategy.model_to_device()
+    assert module.device == torch.device("meta", 0) and module.val_score.device.type == "meta"
+
+
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
     """Every stage, full fine-tuning and LoRA, a few steps under fsdp2 on two processes."""

@@ -206,6 +206,13 @@ class HFModule(L.LightningModule):
             return None
         return torch.device("cpu") if self.sharding is not None else self.trainer.strategy.root_device
 
+    @property
+    def compute_device(self) -> torch.device:
+        """Where this rank computes: its accelerator under every strategy (the CPU without a
+        trainer), whatever :attr:`load_device` the weights came through. Random generators are
+        made here, beside the tensors they draw for (a CPU generator cannot draw CUDA tensors)."""
+        return self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+
     def fsdp_roots(self) -> list[nn.Module | None]:
         """The modules whose forward this stage calls: under ``fsdp2`` each is sharded as a root
         (see :func:`~lit_rlhf.models.sharding.shard_roots`); None entries are skipped."""

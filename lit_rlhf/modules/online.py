@@ -245,8 +245,9 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
                 module.p = 0.0
         for _, fn in self.scorers():  # e.g. a reward model served from the policy's base (AdapterReward)
             fn.attach(self.policy.lm, self.tokenizer)
-        # The same seed on every rank: draws are made for the global batch (see sample()).
-        self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        # The same seed on every rank: draws are made for the global batch (see sample()). On the
+        # compute device, not the load device: under fsdp2 weights load on the CPU, sampling runs on the GPU.
+        self.generator = torch.Generator(device=self.compute_device).manual_seed(self.seed)
         trainable, total = trainable_parameters(self.policy)
         rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters, "
                        f"attention {lm.config._attn_implementation}")
@@ -584,7 +585,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
 
     def on_validation_epoch_start(self) -> None:
         # A fixed stream per validation run, so scores are comparable across the run.
-        self._val_generator = torch.Generator(device=self.device).manual_seed(10_000 + self.seed)
+        self._val_generator = torch.Generator(device=self.compute_device).manual_seed(10_000 + self.seed)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # One response per prompt, with the old log-probs: the KL to the reference is reported.

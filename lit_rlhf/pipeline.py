@@ -56,7 +56,7 @@ class Stage:
 
 def stage_key(stage: Stage, done: dict[str, str]) -> str:
     """Hash of everything a stage's result depends on."""
-    from lit_rlhf.cli.config_files import config_chain
+    from lit_rlhf.recipes import config_chain
 
     h = hashlib.sha256()
     for path in config_chain(stage.config):
@@ -289,8 +289,7 @@ def write_report(path: Path, out: Path, results: dict[str, dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lit_rlhf.cli.config_files import find_config
-    from lit_rlhf.cli.errors import OneLineParser
+    from lit_rlhf.recipes import OneLineParser, find_config
 
     parser = OneLineParser(prog="lit-rlhf pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="everything goes under this folder")
@@ -367,9 +366,9 @@ def check_stages(stages: list[Stage], uses_rm: set[str], out: Path) -> None:
 
 
 def _check_stages(stages: list[Stage], uses_rm: set[str], out: Path, rm_stand_in: str) -> None:
-    from lit_rlhf.cli.config_files import compose, config_chain
     from lit_rlhf.cli.errors import USER_ERRORS, error_line
     from lit_rlhf.cli.lightning import check_fit_config
+    from lit_rlhf.recipes import compose, config_chain
 
     sft_lm = compose(config_chain(stages[0].config)).get("model", {}).get("init_args", {}).get("lm", {})
     policy = {k: sft_lm.get(k) for k in ("name_or_path", "arch", "tokenizer")}

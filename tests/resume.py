@@ -30,7 +30,7 @@ class KillAt(L.Callback):
 def overlay(tmp: Path, name: str, recipe: str, steps: int, every: int, kill_at: int | None, extra: dict) -> Path:
     """A config over ``recipe``: step-based checkpoints into ``tmp/name``, no validation.
 
-    Its ``trainer.callbacks`` replaces the recipe's list (see lit_rlhf.cli.config_files)."""
+    Its ``trainer.callbacks`` replaces the recipe's list (see lit_rlhf.recipes)."""
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": str(tmp / name / "ckpt"), "every_n_train_steps": every,
                                 "save_top_k": -1, "save_last": True}}]

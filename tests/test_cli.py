@@ -84,7 +84,7 @@ def test_an_overlays_list_replaces_the_bases_list(tmp_path, capsys):
 
 
 def test_composition_rule():
-    from lit_rlhf.cli.config_files import merge_configs
+    from lit_rlhf.recipes import merge_configs
 
     base = {"a": {"x": 1, "y": [1, 2]}, "m": {"class_path": "A", "init_args": {"p": 1}}, "k": 1}
     over = {"a": {"y": [3]}, "m": {"class_path": "B", "init_args": {"q": 2}}, "k": None}

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from lit_rlhf.cli.export import main
+from lit_rlhf.export.__main__ import main
 from lit_rlhf.data import SFTDataModule
 from lit_rlhf.export import export_run
 from lit_rlhf.models import LoraSettings, ModelConfig

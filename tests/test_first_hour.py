@@ -119,7 +119,7 @@ def test_unknown_keys_are_errors_with_the_nearest_valid_key(cli, arg, hint):
 
 def test_short_class_names_and_the_command_list(capsys):
     from lit_rlhf.cli import main, short_class_names
-    from lit_rlhf.cli.config_files import compose
+    from lit_rlhf.recipes import compose
 
     assert short_class_names(["fit", "--model.help", "SFTModule", "--model=PPOModule", "--data.init_args.path=demo",
                               "--model.init_args.reward=lit_rlhf.rewards.JudgeReward"]) == [
@@ -128,7 +128,7 @@ def test_short_class_names_and_the_command_list(capsys):
     composed = compose([str(ROOT / "configs/ppo/demo.yaml")])
     overlay = {"model": {"class_path": "PPOModule", "init_args": {"reward": {"class_path": "ExactAnswerReward"},
                                                                   "judge": {"class_path": "lit_rlhf.rewards.JudgeReward"}}}}
-    from lit_rlhf.cli.config_files import full_class_paths, merge_configs
+    from lit_rlhf.recipes import full_class_paths, merge_configs
 
     merged = merge_configs(composed, full_class_paths(overlay))
     assert merged["model"]["class_path"] == "lit_rlhf.modules.PPOModule"

@@ -179,7 +179,7 @@ def test_ppo_grpo_and_rm_train_in_bf16_true(tmp_path, tokenizer):
 
 
 def test_precision_default_follows_the_accelerator(monkeypatch, tmp_path):
-    from lit_rlhf.cli.config_files import default_precision
+    from lit_rlhf.recipes import default_precision
     from lit_rlhf.cli.lightning import LitRLHFCLI, cli_kwargs
 
     assert default_precision("cpu", bf16_gpu=True) == "32-true"

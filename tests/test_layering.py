@@ -5,12 +5,16 @@ Every ``import`` statement counts, also those inside functions (a lazy import is
 dependency). Layers, lowest first; a module may import its own layer and the ones below:
 
 0. foundation: ``objectives`` (pure tensor math);
-1. parts: ``models``, ``data``, ``optim``, ``metrics``, ``callbacks``, ``strategies``;
+1. parts: ``models``, ``data``, ``optim``, ``metrics``, ``callbacks``, ``strategies``, ``recipes``
+   (config composition and the shipped recipes, which every command reads configs with);
 2. services: ``rewards``, ``export``, ``envs``;
 3. methods: ``modules``;
 4. application: ``cli``, ``pipeline``, ``estimate``, ``python -m`` entry points, and the ``demo``,
    a plug-in that registers its names (models, datasets) with the layers below.
 
+Within the application layer the CLI sits on top: only the CLI itself and the pipeline (which
+checks each stage's config with the CLI's own parser before it launches ``lit-rlhf fit``) import
+``lit_rlhf.cli``; estimate, the demo and ``python -m`` entry points use what lies below it.
 Only the demo itself, the CLI and the pipeline import the demo; at most 8 modules sit directly
 in ``lit_rlhf/``; no function in ``lit_rlhf/modules/`` is longer than 60 lines.
 """
@@ -27,7 +31,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "lit_rlhf"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["lit_rlhf", "lit_rlhf.objectives"]),
     ("parts", ["lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.optim", "lit_rlhf.metrics", "lit_rlhf.callbacks",
-               "lit_rlhf.strategies"]),
+               "lit_rlhf.strategies", "lit_rlhf.recipes"]),
     ("services", ["lit_rlhf.rewards", "lit_rlhf.export", "lit_rlhf.envs"]),
     ("methods", ["lit_rlhf.modules"]),
     # Entry points and plug-ins: the CLI, the pipeline, the estimator, `python -m` mains, and the
@@ -36,10 +40,13 @@ LAYERS: list[tuple[str, list[str]]] = [
                      "lit_rlhf.export.__main__"]),
 ]
 
-# Beyond the layer order: only the demo itself, the CLI and the pipeline import the demo; the
-# library (models, data, rewards, modules, estimate) knows nothing of it.
+# Beyond the layer order, (importers, imported, the only importers allowed): only the demo itself,
+# the CLI and the pipeline import the demo, so the library (models, data, rewards, modules,
+# estimate) knows nothing of it; and nothing but the CLI and the pipeline imports the CLI, so
+# estimate, the demo and the export command never run back up to the top of the house.
 DEMO_IMPORTERS = ("lit_rlhf.demo", "lit_rlhf.cli", "lit_rlhf.pipeline")
-FORBIDDEN = [("lit_rlhf", "lit_rlhf.demo")]
+CLI_IMPORTERS = ("lit_rlhf.cli", "lit_rlhf.pipeline")
+FORBIDDEN = [("lit_rlhf", "lit_rlhf.demo", DEMO_IMPORTERS), ("lit_rlhf", "lit_rlhf.cli", CLI_IMPORTERS)]
 # At most this many modules directly in lit_rlhf/ (the rest lives in folders that say what they hold).
 MAX_ROOT_MODULES = 8
 # No function in lit_rlhf/modules/ longer than this: the LightningModules orchestrate, helpers compute.
@@ -144,15 +151,22 @@ def test_the_package_has_no_import_cycle():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_lower_layers_never_import_higher_ones():
-    graph, _ = import_graph()
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that breaks the layer order or a :data:`FORBIDDEN` rule, one line each."""
     wrong = [
         f"{src} ({LAYERS[layer_of(src)][0]}) imports {dst} ({LAYERS[layer_of(dst)][0]})"
         for src, targets in graph.items() for dst in targets if layer_of(dst) > layer_of(src)
     ]
-    wrong += [f"{src} imports {dst}" for src, targets in graph.items() for dst in targets
-              for a, b in FORBIDDEN if _under(src, a) and _under(dst, b)
-              and not any(_under(src, allowed) for allowed in DEMO_IMPORTERS)]
+    wrong += [f"{src} imports {dst} (only {', '.join(allowed)} may)"
+              for src, targets in sorted(graph.items()) for dst in sorted(targets)
+              for a, b, allowed in FORBIDDEN if _under(src, a) and _under(dst, b)
+              and not any(_under(src, ok) for ok in allowed)]
+    return wrong
+
+
+def test_lower_layers_never_import_higher_ones():
+    graph, _ = import_graph()
+    wrong = upward_imports(graph)
     assert not wrong, "\n".join(wrong)
 
 
@@ -227,10 +241,24 @@ def test_checker_resolves_package_and_submodule_imports(tmp_path):
     assert find_cycle(graph) is None
 
 
+def test_checker_refuses_the_cli_below_the_cli():
+    # estimate, the demo and the export command are in the CLI's own layer: only the rule can
+    # refuse their imports of it (the import that issue 41 found in each of them).
+    graph = {"lit_rlhf.estimate.config": {"lit_rlhf.cli.config_files"},
+             "lit_rlhf.demo.models": {"lit_rlhf.cli"},
+             "lit_rlhf.export.__main__": {"lit_rlhf.cli.export"},
+             "lit_rlhf.pipeline": {"lit_rlhf.cli.lightning"},
+             "lit_rlhf.cli.lightning": {"lit_rlhf.cli.arguments", "lit_rlhf.recipes"}}
+    assert [line.split(" (")[0] for line in upward_imports(graph)] == [
+        "lit_rlhf.demo.models imports lit_rlhf.cli",
+        "lit_rlhf.estimate.config imports lit_rlhf.cli.config_files",
+        "lit_rlhf.export.__main__ imports lit_rlhf.cli.export"]
+
+
 @pytest.mark.parametrize("module, layer", [
     ("lit_rlhf.objectives.kl", "foundation"), ("lit_rlhf.demo.judge", "application"),
     ("lit_rlhf.export.__main__", "application"), ("lit_rlhf.export", "services"), ("lit_rlhf.models.loading", "parts"),
-    ("lit_rlhf.modules.online", "methods"),
+    ("lit_rlhf.modules.online", "methods"), ("lit_rlhf.recipes", "parts"),
 ])
 def test_layers_assign_by_longest_prefix(module, layer):
     assert LAYERS[layer_of(module)][0] == layer

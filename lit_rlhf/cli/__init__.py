@@ -1,8 +1,10 @@
 """The command line: one LightningCLI for every stage, chosen by the config's class paths.
 
 Here: the entry point (:func:`main`); ``lightning.py`` the LightningCLI subclass;
-``config_files.py`` config composition and the recipes shipped in the package; ``errors.py``
-the one line a mistake becomes; ``export.py`` the export command.
+``arguments.py`` the ``-c`` files composed before LightningCLI parses; ``errors.py`` the one
+line a mistake becomes. Config composition and the shipped recipes live below, in
+:mod:`lit_rlhf.recipes`, and the export command in :mod:`lit_rlhf.export.__main__`, so that
+estimate, the demo and export use them without importing the CLI.
 
     python train.py fit -c configs/sft/demo.yaml
     lit-rlhf fit -c configs/sft/gpt-neox-20b-imdb.yaml --trainer.devices=8
@@ -15,7 +17,8 @@ from __future__ import annotations
 import os
 import sys
 
-from lit_rlhf.cli.config_files import MOVED_CLASSES, class_path_of, expand_config_includes
+from lit_rlhf.cli.arguments import expand_config_includes
+from lit_rlhf.recipes import MOVED_CLASSES, class_path_of
 
 __all__ = ["LitRLHFCLI", "main", "parser_error_cause"]
 
@@ -112,9 +115,9 @@ def main(args: list[str] | None = None) -> None:
         pipeline.main(argv[1:])
         return
     if argv[:1] == ["export"]:
-        from lit_rlhf.cli import export
+        from lit_rlhf.export.__main__ import main as export_main
 
-        export.main(argv[1:])
+        export_main(argv[1:])
         return
     if argv[:1] == ["estimate"]:
         # Predicted peak memory from the config alone: no LightningCLI, no weights.

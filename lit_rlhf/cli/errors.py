@@ -1,11 +1,9 @@
-"""The one line a user's mistake becomes: for LightningCLI's parser dumps, and for the small
-argparse commands (export, estimate, pipeline)."""
+"""The one line a user's mistake becomes, from LightningCLI's parser dumps (the small argparse
+commands use :class:`lit_rlhf.recipes.OneLineParser`)."""
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -82,13 +80,3 @@ def _union_mismatch(message: str) -> str | None:
 def error_line(err: BaseException) -> str:
     """The one line the user sees for ``err``."""
     return parser_error_cause(str(err)) if str(err).strip() else type(err).__name__
-
-
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """``argparse`` that reports a usage mistake as one ``error:`` line (exit 2), as the CLI does."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)

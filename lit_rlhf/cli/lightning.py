@@ -17,7 +17,8 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from lit_rlhf.cli.config_files import default_precision, expand_config_includes, strategy_problem
+from lit_rlhf.cli.arguments import expand_config_includes
+from lit_rlhf.recipes import default_precision, strategy_problem
 
 
 def nearest_key(message: str, parser, args) -> str | None:

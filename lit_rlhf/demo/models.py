@@ -73,7 +73,7 @@ def is_demo_model(name: str | None) -> bool:
 
 def ensure_demo_model(name: str) -> Path:
     """Path of the demo model ``name`` (a key of :data:`DEMO_MODELS`), training it if absent."""
-    from lit_rlhf.cli.config_files import recipe_path
+    from lit_rlhf.recipes import recipe_path
 
     stage, recipe = DEMO_MODELS[name]
     target = demo_models_root() / stage
@@ -124,7 +124,7 @@ def _build(name: str, recipe: str, config: Path, target: Path) -> None:
 def unbuilt_fields(name: str) -> tuple[dict, str] | None:
     """For the memory estimator: the ``arch``/``tokenizer`` of demo model ``name`` while it is
     not built yet (building it trains for minutes), and a note saying so; None once built."""
-    from lit_rlhf.cli.config_files import compose, config_chain, recipe_path
+    from lit_rlhf.recipes import compose, config_chain, recipe_path
 
     stage, recipe = DEMO_MODELS[name]
     if (demo_models_root() / stage / "config.json").is_file():
@@ -140,7 +140,7 @@ STAMP_FILE = "recipe.sha256"
 def recipe_stamp(config: Path) -> str:
     """SHA-256 of a recipe and the base files it builds on: a cached demo model built from
     other settings is rebuilt instead of silently reused."""
-    from lit_rlhf.cli.config_files import config_chain
+    from lit_rlhf.recipes import config_chain
 
     digest = hashlib.sha256()
     for path in config_chain(config):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lit_rlhf.cli.config_files import (
+from lit_rlhf.recipes import (
     compose,
     config_chain,
     default_precision,
@@ -648,7 +648,7 @@ def estimate_config(config: dict, source: str = "the config") -> M.Estimate:
 def compose_args(args: list[str]) -> tuple[dict, int | None, list[str]]:
     """(the composed config, --memory in bytes or None, the config files) of a command line.
 
-    ``-c``/``--config`` files compose by :mod:`lit_rlhf.cli.config_files`' rule (with their
+    ``-c``/``--config`` files compose by :mod:`lit_rlhf.recipes`' rule (with their
     ``config:`` bases); ``--a.b=value`` / ``--a.b value`` set a key after them (the value read
     as YAML); a class-typed key given a bare class path becomes ``{class_path: ...}``.
     """

@@ -374,7 +374,7 @@ def test_a_cached_demo_model_is_rebuilt_when_its_recipe_changes(tmp_path, monkey
     configs.mkdir(parents=True)
     (configs / "base.yaml").write_text("trainer: {max_steps: 1}\n")
     (configs / "arithmetic.yaml").write_text("config: base.yaml\nmodel: {}\n")
-    monkeypatch.setattr("lit_rlhf.cli.config_files.RECIPES", tmp_path / "configs")  # the shipped recipes
+    monkeypatch.setattr("lit_rlhf.recipes.RECIPES", tmp_path / "configs")  # the shipped recipes
     monkeypatch.setenv("LIT_RLHF_CACHE", str(tmp_path / "cache"))
     builds = []
     # Asked from inside a rank of a multi-process run (a reward model resolved after launch): the

@@ -1,5 +1,14 @@
-"""Config files composed from a base and overlays: ``config: base.yaml`` inside a recipe; and
-the recipes shipped in the package.
+"""Config files composed from a base and overlays (``config: base.yaml`` inside a recipe), the
+recipes shipped in the package, and what a config's ``trainer.strategy`` and ``precision`` may say.
+
+Below the CLI so that every command reading a config composes it the same way: the CLI
+(which composes the ``-c`` files before LightningCLI parses, :mod:`lit_rlhf.cli.arguments`),
+``lit-rlhf estimate`` (which reads a config without LightningCLI), the pipeline (which hashes
+every file a stage's config builds on) and the demo (which builds its models from recipes).
+Nothing here imports the rest of the package: a short class name is looked up by name when a
+config is composed (:data:`CLASS_MODULES`), as jsonargparse looks up a ``class_path``. The
+small commands that read configs and runs (pipeline, export) also take their one-line usage
+errors from here (:class:`OneLineParser`).
 
 The recipes live in ``lit_rlhf/configs/`` (package data, in the wheel too; the repository's
 top-level ``configs/`` links to it). A ``-c`` file that does not exist where it is named is
@@ -7,9 +16,6 @@ looked up there, with or without a leading ``configs/``: ``-c sft/demo.yaml`` an
 ``-c configs/sft/demo.yaml`` run the shipped SFT demo from any directory (a local file of
 that name wins); so is a ``config:`` base that is not beside the file naming it, so a user's
 overlay can build on a shipped recipe (``config: sft/demo.yaml``).
-
-Shared by the CLI (which composes the files before LightningCLI parses) and the pipeline
-(which hashes every file a stage's config builds on).
 
 The one rule of composition, applied file after file in command-line order (``-c a.yaml -c
 b.yaml``: ``b`` over ``a``; a file's ``config:`` bases come before it):
@@ -26,6 +32,8 @@ Dotted command-line overrides (``--trainer.max_steps=10``) apply after the files
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +103,7 @@ def recipe_path(name: str | Path) -> Path:
 
 def find_config(value: str) -> Path:
     """A ``-c`` argument as a file: where it is named, else the shipped recipe of that name."""
-    return Path(value) if _is_file(value) else recipe_path(value)
+    return Path(value) if names_a_file(value) else recipe_path(value)
 
 
 def read_config(path: Path) -> dict:
@@ -197,27 +205,6 @@ def full_class_paths(config: Any) -> Any:
     return out
 
 
-NULLS = ("null", "None", "~")
-
-
-def _is_file(value: str) -> bool:
-    try:
-        return Path(value).is_file()
-    except OSError:  # e.g. an inline YAML config longer than a file name may be
-        return False
-
-
-def null_override(arg: str, following: str | None) -> str | None:
-    """The dotted key of ``--a.b=null`` / ``--a.b null``, else None."""
-    if not arg.startswith("--") or arg.startswith("--config"):
-        return None
-    key, eq, value = arg[2:].partition("=")
-    value = value if eq else following
-    if value in NULLS and key and not key.endswith("+") and key.replace(".", "").replace("_", "").isalnum():
-        return key
-    return None
-
-
 def nested(key: str, value: Any) -> dict:
     """``"a.b.c", v`` -> ``{"a": {"b": {"c": v}}}``."""
     out: Any = value
@@ -226,49 +213,18 @@ def nested(key: str, value: Any) -> dict:
     return out
 
 
-def expand_config_includes(args: list[str]) -> list[str]:
-    """Every run of consecutive ``-c`` files (and their ``config:`` bases) -> one composed config.
+def names_a_file(value: str) -> bool:
+    """True when a ``-c`` value is an existing file (rather than a recipe name or inline YAML)."""
+    try:
+        return Path(value).is_file()
+    except OSError:  # e.g. an inline YAML config longer than a file name may be
+        return False
 
-    jsonargparse itself honours a nested ``config:`` key only outside subcommands, and merges
-    lists of classes position by position; composing here applies the module's rule instead.
-    The composed config is handed over inline (as a YAML string), so nothing is written.
-    """
-    import yaml
 
-    out: list[str] = []
-    pending: list[str] = []  # files of the current run of -c arguments
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` that reports a usage mistake as one ``error:`` line (exit 2), as the CLI does:
+    for the small commands that read configs and runs (export, pipeline)."""
 
-    def flush() -> None:
-        if pending:
-            out.extend(["--config", yaml.safe_dump(compose(pending), sort_keys=False)])
-            pending.clear()
-
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("-c", "--config") and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
-        elif arg.startswith("--config="):
-            value, i = arg.split("=", 1)[1], i + 1
-        elif (key := null_override(arg, args[i + 1] if i + 1 < len(args) else None)) is not None:
-            # `--model.init_args.lm.lora=null`: jsonargparse refuses null for a nested dataclass
-            # on the command line (it expects a file) and turns it into the string 'None' for
-            # `str | dict | None`; as a config it means None everywhere.
-            flush()
-            out += ["--config", yaml.safe_dump(nested(key, None))]
-            i += 1 if "=" in arg else 2
-            continue
-        else:
-            flush()
-            out.append(arg)
-            i += 1
-            continue
-        if "\n" not in value and (value.endswith((".yaml", ".yml", ".json")) or _is_file(value)):
-            pending += config_chain(find_config(value))
-        elif ":" not in value:
-            raise FileNotFoundError(f"config file not found: {value}")
-        else:  # an inline YAML string
-            flush()
-            out += ["--config", value]
-    flush()
-    return out
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)

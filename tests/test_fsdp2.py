@@ -95,6 +95,66 @@ def test_cpu_offload_keeps_shards_on_the_cpu_but_the_module_computes_on_the_devi
     assert module.device == torch.device("meta", 0) and module.val_score.device.type == "meta"
 
 
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group and its 1-D CPU mesh, in this process (torn down after)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_clipping_reduces_one_scalar_on_the_mesh_device_and_clips_as_torch(monkeypatch, one_rank_group):
+    # cpu_offload under NCCL: the gradients' shards are CPU tensors, the group reduces only on the
+    # GPU. Only the sum of squares, on the mesh's device, may cross; the result is torch's clipping.
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    from lit_rlhf.models.sharding import clip_grad_norm
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    sharded = copy.deepcopy(plain)
+    fully_shard(sharded[0], mesh=one_rank_group, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    fully_shard(sharded, mesh=one_rank_group, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    x = torch.randn(5, 8)
+    for model in (plain, sharded):
+        (model(x) ** 2).sum().mul(10).backward()
+    reduced, all_reduce = [], dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: reduced.append((t.shape, t.device.type)) or all_reduce(t, **kw))
+    want = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5)
+    got = clip_grad_norm(sharded.parameters(), 0.5)
+    assert reduced == [(torch.Size([]), one_rank_group.device_type)]
+    assert want > 0.5 and torch.allclose(got, want, rtol=1e-6)
+    for p, q in zip(plain.parameters(), sharded.parameters()):
+        torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_every_clipping_under_fsdp2_goes_through_the_sharded_clip(monkeypatch):
+    # Lightning's (trainer.gradient_clip_val) and the online update's (max_grad_norm) clipping both
+    # end in torch's clip_grad_norm_, which cannot clip CPU-offloaded shards under NCCL.
+    from lit_rlhf.modules import base, update
+    from tests.modules.ppo_helpers import make_module
+
+    module = make_module()
+    _on_a_gpu(monkeypatch, module)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    clipped = []
+    for where in (base, update):
+        monkeypatch.setattr(where, "clip_grad_norm", lambda params, norm: clipped.append((list(params), norm)))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("torch's clip_grad_norm_"))
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1.5, gradient_clip_algorithm="norm")
+    module._clip_gradients(optimizer, 0.7)
+    assert [(params == [weight], norm) for params, norm in clipped] == [(True, 1.5), (True, 0.7)]
+
+
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
     """Every stage, full fine-tuning and LoRA, a few steps under fsdp2 on two processes."""

@@ -123,6 +123,52 @@ def root_gathered(root: nn.Module | None) -> Iterator[None]:
         root.reshard()
 
 
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global 2-norm is at most ``max_norm``; returns the
+    norm before clipping (float32, on the mesh's device). ``torch.nn.utils.clip_grad_norm_``
+    for FSDP2 gradients wherever their shards live.
+
+    With ``cpu_offload`` the sharded gradients are CPU tensors on a mesh whose process group is
+    the accelerator's (NCCL): torch's version all-reduces the CPU norms through that group,
+    which NCCL cannot do. Here each rank sums the squares of its own shards where they are,
+    and only that one scalar crosses to the mesh's device for the one all-reduce. Gradients of
+    several meshes or of a mesh of more than one dimension go to torch's version.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    meshes = {id(g.device_mesh): g.device_mesh for g in sharded}
+    if len(meshes) != 1 or any(g.device_mesh.ndim != 1 or not isinstance(g.placements[0], Shard) for g in sharded):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    mesh = next(iter(meshes.values()))
+    device = torch.device(mesh.device_type)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+    def squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Sum of the squares of ``tensors`` (on any devices), float32 on ``device``."""
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for where in {t.device for t in tensors}:
+            on = [t for t in tensors if t.device == where]
+            total += torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in on]).square().sum().to(device)
+        return total
+
+    # Each shard is counted on one rank (summed over the ranks); an unsharded gradient is the same
+    # on every rank (counted once).
+    total = squares([t for g, t in zip(grads, local) if isinstance(g, DTensor)])
+    dist.all_reduce(total, group=mesh.get_group())
+    norm = (total + squares([g for g in grads if not isinstance(g, DTensor)])).sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch's rule: scale only when above max_norm
+    for where in {t.device for t in local}:
+        scale = coef.to(where)
+        for t in local:
+            if t.device == where:
+                t.mul_(scale)
+    return norm
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The whole, unsharded state dict of ``module`` on rank 0 (in CPU memory), ``{}`` on the
     other ranks. A collective: every rank must call it."""

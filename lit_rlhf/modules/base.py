@@ -25,7 +25,7 @@ from lit_rlhf.models import (
     trainable_parameters,
 )
 from lit_rlhf.models.adapters import base_identity
-from lit_rlhf.models.sharding import full_state_dict, is_sharded, shard_roots
+from lit_rlhf.models.sharding import clip_grad_norm, full_state_dict, is_sharded, shard_roots
 from lit_rlhf.optim import OptimConfig, build_optimizer
 from lit_rlhf.strategies import FSDP2Strategy
 
@@ -243,6 +243,15 @@ class HFModule(L.LightningModule):
             self.parameters(), self.optim_config, int(self.trainer.estimated_stepping_batches),
             allow_fused=self._allow_fused_optimizer(),
         )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """``trainer.gradient_clip_val`` by norm under ``fsdp2`` goes through
+        :func:`~lit_rlhf.models.sharding.clip_grad_norm`, which also clips CPU-offloaded shards
+        under NCCL; everything else through Lightning."""
+        if self.sharding is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _allow_fused_optimizer(self) -> bool:
         # Lightning's mixed-precision plugin raises when asked to clip the gradients of a

@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ParallelStrategy
 
+from lit_rlhf.models.sharding import clip_grad_norm
+
 
 @dataclass
 class MinibatchSettings:
@@ -179,7 +181,9 @@ class MinibatchUpdates:
         return self._loss_scaler() is None  # see _clip_gradients
 
     def _clip_gradients(self, optimizer, max_norm: float) -> None:
-        if isinstance(self.trainer.precision_plugin, MixedPrecision) and self._loss_scaler() is None:
+        if self.sharding is not None:  # fsdp2: shards wherever they live (cpu_offload under NCCL too)
+            clip_grad_norm([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+        elif isinstance(self.trainer.precision_plugin, MixedPrecision) and self._loss_scaler() is None:
             # bf16-mixed: nothing to unscale, so clip directly. Lightning's clip_gradients
             # refuses any fused optimizer under this plugin, although it has no scaler. The
             # other cases (fp32, fp16 with its scaler) go through Lightning.

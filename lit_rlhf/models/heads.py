@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lit_rlhf.objectives.logprobs import EntropyMode, head_logprobs
+
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (LoRA layers are injected in it), or ``model``."""
@@ -104,12 +106,15 @@ def last_block_rows(trunk: nn.Module, index: torch.Tensor) -> Iterator[None]:
 
 
 class PolicyOutput(NamedTuple):
-    logits: torch.Tensor
-    """(B, T', V) next-token logits at the positions asked for (all T by default)."""
+    logits: torch.Tensor | None
+    """(B, T', V) next-token logits at the positions asked for (all T by default); None when
+    the hidden states were asked for instead."""
     values: torch.Tensor | None
     """(B, T) value estimates in float32, or None when not asked for."""
     cache: object | None
     """The KV cache when ``use_cache``."""
+    hidden: torch.Tensor | None = None
+    """(B, T', H) last hidden states at those positions, with ``hidden_only`` (no logits)."""
 
 
 class PolicyWithValueHead(nn.Module):
@@ -150,6 +155,7 @@ class PolicyWithValueHead(nn.Module):
         use_cache: bool = False,
         with_values: bool = True,
         logits_slice: slice | torch.Tensor = slice(None),
+        hidden_only: bool = False,
         **attention_kwargs,
     ) -> PolicyOutput:
         """(B, T) ids -> logits (B, T', V) for the positions in ``logits_slice`` (a slice, or an
@@ -158,7 +164,9 @@ class PolicyWithValueHead(nn.Module):
 
         The LM head is a (hidden x vocab) matmul per position, a large share of a small
         model's compute: callers ask only for the positions they read (the last one while
-        sampling, the response positions when scoring actions).
+        sampling, the response positions when scoring actions). ``hidden_only``: return the last
+        hidden states at those positions instead of logits, for :meth:`token_logprobs` (scoring
+        and update passes, which never hold the whole (tokens x vocabulary) logits).
         """
         if with_values and self.value_head is None:
             raise ValueError("this policy has no value head: call it with with_values=False")
@@ -172,8 +180,22 @@ class PolicyWithValueHead(nn.Module):
             **attention_kwargs,
         )
         hidden = out.last_hidden_state
+        values = full_precision_head(self.value_head, hidden).squeeze(-1) if with_values else None
+        if hidden_only:
+            return PolicyOutput(None, values, out.cache if use_cache else None, hidden[:, logits_slice])
         # Contiguous: on a strided slice, torch's matmul picks its kernel by whether the weights
         # require grad, so a frozen copy of the policy would round differently from the policy.
         logits = base.get_output_embeddings()(hidden[:, logits_slice].contiguous())
-        values = full_precision_head(self.value_head, hidden).squeeze(-1) if with_values else None
         return PolicyOutput(logits, values, out.cache if use_cache else None)
+
+    def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                       entropy: EntropyMode = "skip") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, H) last hidden states (from ``hidden_only``), (N,) labels -> (N,) log-probs and
+        entropies through the LM head, a chunk of tokens at a time (:func:`head_logprobs`).
+
+        Called right after this policy's forward: a sharded root keeps its own parameters (the
+        LM head among them) gathered after its forward until its backward has run.
+        """
+        head = self.base_model.get_output_embeddings()
+        # Contiguous rows: see forward (a strided input rounds by whether the weights need grad).
+        return head_logprobs(hidden.contiguous(), head, labels, head.weight.shape[0], temperature, entropy)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from lit_rlhf.models.linears import with_onednn_linears
-from lit_rlhf.objectives.logprobs import EntropyMode, logprobs_and_entropy
+from lit_rlhf.objectives.logprobs import EntropyMode
 
 
 @dataclass
@@ -60,9 +60,17 @@ class Rollout:
         return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
                           for f in fields(self)})
 
-    def ended_with(self, eos_token_id: int) -> torch.Tensor:
-        """(B,) bool: True where the response was closed by EOS."""
-        return ((self.response_ids == eos_token_id) & self.action_mask.bool()).any(-1)
+    def ended_with(self, end_ids: int | list[int] | torch.Tensor) -> torch.Tensor:
+        """(B,) bool: True where the policy's last token is one of ``end_ids`` (an id or a list:
+        the end-of-turn ids, :func:`~lit_rlhf.models.templates.end_of_turn_ids`).
+
+        The last action token, not any: in a multi-turn episode each tool turn may end with
+        one, and a final answer cut at the token limit has not ended. A single response stops
+        at its first end id, so there the two are the same."""
+        action = self.action_mask.bool()
+        last = action & (action.long().cumsum(-1) == action.sum(-1, keepdim=True))  # (B, Tr): one per row
+        ends = torch.as_tensor(end_ids, device=self.response_ids.device).reshape(-1)
+        return (torch.isin(self.response_ids, ends) & last).any(-1)
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query + response as (input_ids, attention_mask, position_ids), each (B, Tq + Tr).
@@ -138,20 +146,43 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
     return logits.softmax(-1)
 
 
+SAMPLING_BLOCK = 1024
+"""Vocabulary entries per block of the two-level draw in :func:`sample_categorical`."""
+
+
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
                        rows: Rows = Rows()) -> torch.Tensor:
     """(B, V) probabilities -> (B,) indices, one exact draw per row by inverse transform.
 
     One uniform number per row against the cumulative distribution. On CPU this measured
     about 20 times faster than ``torch.multinomial``, which draws an exponential variate for
-    every one of the V entries. The cumulative sum is in float64, so ``u * total`` stays
-    strictly below the last entry and zero-probability tokens (an empty interval) are never
+    every one of the V entries. The distribution is searched in two levels, so that no (B, V)
+    temporary is made beyond one float32 pass over ``probs`` (a float64 cumulative sum over the
+    whole vocabulary was 620 MB per decode step at 512 rows x 152k ids): the block of
+    ``SAMPLING_BLOCK`` entries first, by the float64 cumulative sum of the (B, V / block) block
+    sums, then the entry inside the chosen block, by the same uniform number rescaled to that
+    block (uniform on [0, 1) given the block). Both searches find the first interval whose end
+    lies beyond the draw, so a block or an entry of probability 0 (an empty interval) is never
     picked.
     """
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # no float64 copy of the probabilities first
-    u = rows.draw(probs.size(0), lambda n: torch.rand(n, 1, generator=generator, device=probs.device,
-                                                      dtype=torch.float64))
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    b, v = probs.shape
+    block = SAMPLING_BLOCK
+    whole = v // block * block
+    # Block sums in float32 (a float64 sum would copy the whole input first), then float64.
+    sums = [probs[:, :whole].reshape(b, -1, block).sum(-1)] if whole else []
+    if whole < v:
+        sums.append(probs[:, whole:].sum(-1, keepdim=True))
+    block_cdf = torch.cat(sums, dim=1).double().cumsum(-1)  # (B, ceil(V / block))
+    u = rows.draw(b, lambda n: torch.rand(n, 1, generator=generator, device=probs.device, dtype=torch.float64))
+    target = u * block_cdf[:, -1:]
+    chosen = torch.searchsorted(block_cdf, target, right=True).clamp(max=block_cdf.size(1) - 1)  # (B, 1)
+    before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)
+    mass = block_cdf.gather(1, chosen) - before
+    fraction = ((target - before) / mass).clamp(0.0, 1.0 - 2**-40)  # uniform on [0, 1) within the block
+    columns = chosen * block + torch.arange(block, device=probs.device)  # (B, block)
+    inside = probs.gather(1, columns.clamp(max=v - 1)).masked_fill(columns >= v, 0.0).double().cumsum(-1)
+    within = torch.searchsorted(inside, fraction * inside[:, -1:], right=True).clamp(max=block - 1)
+    return (chosen * block + within).squeeze(-1)
 
 
 @torch.no_grad()
@@ -162,7 +193,7 @@ def generate(
     query_mask: torch.Tensor,
     max_new_tokens: torch.Tensor,
     *,
-    eos_token_id: int | None,
+    eos_token_id: int | list[int] | None,
     pad_token_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -181,7 +212,8 @@ def generate(
         policy: a :class:`~lit_rlhf.models.heads.PolicyWithValueHead` (or anything called alike).
         query_ids, query_mask: (B, Tq) left-padded prompts.
         max_new_tokens: (B * G,) per-row length limit (from a length sampler; no minimum); a row
-            also stops at its first EOS (``eos_token_id=None``: never, for fixed-length benchmarks).
+            also stops at its first EOS: ``eos_token_id``, an id or a list (every end-of-turn id,
+            :func:`~lit_rlhf.models.templates.end_of_turn_ids`); None: never, for fixed-length benchmarks.
         num_generations: G independent responses per prompt (a group), rows ``b * G .. b * G
             + G - 1`` for prompt b. Each prompt is prefilled once and its KV cache repeated.
         rows: where this rank's B * G rows sit in the global batch (see :class:`Rows`).
@@ -199,6 +231,7 @@ def generate(
     if max_new_tokens.shape != (batch,):
         raise ValueError(f"max_new_tokens {tuple(max_new_tokens.shape)}: expected ({batch},)")
     decoder = _decoder(decoder)(policy, cache, query_mask, positions[:, -1], int(max_new_tokens.max()))
+    ends = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=device).reshape(-1)
     done, tokens, logprobs, alive = torch.zeros(batch, dtype=torch.bool, device=device), [], [], []
     for step in itertools.count():  # every row is done after its max_new_tokens
         live = decoder.live
@@ -207,7 +240,7 @@ def generate(
         tokens.append(_scatter(token, live, batch, pad_token_id))
         logprobs.append(_scatter(logprob, live, batch, 0.0))
         alive.append(~done)
-        done = done | (step + 1 >= max_new_tokens) | (tokens[-1] == eos_token_id if eos_token_id is not None else False)
+        done = done | (step + 1 >= max_new_tokens) | (torch.isin(tokens[-1], ends) if ends is not None else False)
         done = done | stop(tokens) if stop is not None else done
         if all_done(done):
             break
@@ -376,12 +409,13 @@ def _prefill(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, num_gene
     return next_logits, cache, query_ids, query_mask, positions
 
 
-def _prompt_pass(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, with_values: bool):
+def _prompt_pass(policy, query_ids: torch.Tensor, query_mask: torch.Tensor, with_values: bool,
+                 hidden_only: bool = False):
     """One forward over (B, Tq) left-padded prompts, keeping the KV cache and the last position's
-    logits (and values): the policy's output and the (B, Tq) positions."""
+    logits (or hidden state) and values: the policy's output and the (B, Tq) positions."""
     positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = policy(query_ids, query_mask, positions, use_cache=True, with_values=with_values,
-                 logits_slice=slice(-1, None))
+                 logits_slice=slice(-1, None), **({"hidden_only": True} if hidden_only else {}))
     return out, positions
 
 
@@ -436,25 +470,16 @@ def evaluate_actions(
         logprobs (B, Tr), values (B, Tr) or None, entropy (B, Tr) or None; 0 after each response.
     """
     layout, shared = _choose_layout(policy, rollout, share_prompts, packed, sum_ranks)
-    if layout in ("packed", "shared_packed"):  # (M, V), (M,): the response tokens, row-major
-        logits, values = (_packed_pass(policy, rollout, with_values) if layout == "packed"
-                          else _shared_packed_pass(policy, rollout, with_values, shared))
-        targets = rollout.response_ids[rollout.response_mask.bool()][None]
-    elif layout == "shared":
-        logits, values = _shared_prompt_pass(policy, rollout, with_values, shared)
-        targets = rollout.response_ids
-    else:
-        logits, values = _padded_pass(policy, rollout, with_values)
-        targets = rollout.response_ids
-    if temperature != 1.0:
-        # Scores of the distribution that was actually sampled from.
-        logits = logits / temperature
-    flat = layout in ("packed", "shared_packed")
-    logprobs, entropies = logprobs_and_entropy(logits[None] if flat else logits, targets, entropy)
-    if flat:  # back to (B, Tr), in the response mask's row-major order
-        resp = rollout.response_mask.bool()
-        logprobs, values, entropies = (None if t is None else t.new_zeros(resp.shape).masked_scatter(resp, t.flatten())
-                                       for t in (logprobs, values, entropies))
+    passes = {"padded": _padded_pass, "packed": _packed_pass,
+              "shared": functools.partial(_shared_prompt_pass, shared=shared),
+              "shared_packed": functools.partial(_shared_packed_pass, shared=shared)}
+    # (M, H) last hidden states and (M,) values at the M response tokens, row-major over the
+    # response mask: the LM head runs on those tokens only, a chunk at a time.
+    hidden, values = passes[layout](policy, rollout, with_values)
+    resp = rollout.response_mask.bool()
+    logprobs, entropies = policy.token_logprobs(hidden, rollout.response_ids[resp], temperature, entropy)
+    logprobs, values, entropies = (None if t is None else t.new_zeros(resp.shape).masked_scatter(resp, t)
+                                   for t in (logprobs, values, entropies))
     return logprobs, values, entropies
 
 
@@ -497,12 +522,14 @@ LAYOUTS = ("padded", "shared", "packed", "shared_packed")
 
 
 def _padded_pass(policy, rollout: Rollout, with_values: bool):
-    """(B, Tr, V) logits and (B, Tr) values of the response tokens, from padded rows."""
+    """(M, H) last hidden states and (M,) values of the M response tokens (row-major over the
+    response mask), from padded rows."""
     input_ids, mask, positions = rollout.sequences()
     tq = rollout.query_ids.size(1)
-    # Response token j is scored by the logits (and value) at position Tq + j - 1.
-    out = policy(input_ids, mask, positions, with_values=with_values, logits_slice=slice(tq - 1, -1))
-    return out.logits, out.values[:, tq - 1:-1] if with_values else None
+    resp = rollout.response_mask.bool()
+    # Response token j is scored by the hidden state (and value) at position Tq + j - 1.
+    out = policy(input_ids, mask, positions, with_values=with_values, logits_slice=slice(tq - 1, -1), hidden_only=True)
+    return out.hidden[resp], out.values[:, tq - 1:-1][resp] if with_values else None
 
 
 def _shared_prompt_pass(policy, rollout: Rollout, with_values: bool, shared):
@@ -511,51 +538,52 @@ def _shared_prompt_pass(policy, rollout: Rollout, with_values: bool, shared):
     _, mask, positions = rollout.sequences()
     tq = rollout.query_ids.size(1)
     query_ids, query_mask, index = shared
-    prompt, _ = _prompt_pass(policy, query_ids, query_mask, with_values)
+    prompt, _ = _prompt_pass(policy, query_ids, query_mask, with_values, hidden_only=True)
     cache = prompt.cache
     select_cache_rows(cache, index)  # (U, ...) -> (B, ...), differentiable
     # The responses attend to their prompt's cached keys and values, then to each other.
     out = policy(rollout.response_ids, mask, positions[:, tq:], cache=cache, use_cache=True,
-                 with_values=with_values, logits_slice=slice(None, -1))
-    logits = torch.cat([prompt.logits.index_select(0, index), out.logits], dim=1)
-    values = (torch.cat([prompt.values.index_select(0, index)[:, -1:], out.values[:, :-1]], dim=1)
+                 with_values=with_values, logits_slice=slice(None, -1), hidden_only=True)
+    resp = rollout.response_mask.bool()
+    hidden = torch.cat([prompt.hidden.index_select(0, index), out.hidden], dim=1)[resp]
+    values = (torch.cat([prompt.values.index_select(0, index)[:, -1:], out.values[:, :-1]], dim=1)[resp]
               if with_values else None)
-    return logits, values
+    return hidden, values
 
 
 def _packed_pass(policy, rollout: Rollout, with_values: bool):
-    """(M, V) logits and (M,) values of the M response tokens (row-major over the response
-    mask), from one row holding every episode's prompt and response tokens and nothing else."""
+    """(M, H) last hidden states and (M,) values of the M response tokens (row-major over the
+    response mask), from one row holding every episode's prompt and response tokens and nothing else."""
     input_ids, mask, positions = rollout.sequences()
     real = mask.bool()
     lengths = real.sum(-1)  # (B,) each episode's tokens
     starts = lengths.cumsum(0) - lengths
     response = rollout.response_mask.bool()
     column = torch.arange(response.size(1), device=response.device).expand_as(response)
-    # Response token j of episode i sits at starts[i] + prompt length + j; the logit before it scores it.
+    # Response token j of episode i sits at starts[i] + prompt length + j; the state before it scores it.
     index = (starts[:, None] + rollout.query_mask.sum(-1, keepdim=True) - 1 + column)[response]
     ids = input_ids[real][None]
     out = policy(ids, torch.ones_like(ids), positions[real][None], with_values=with_values, logits_slice=index,
-                 segment_lengths=lengths.tolist())
-    return out.logits[0], out.values[0, index] if with_values else None
+                 segment_lengths=lengths.tolist(), hidden_only=True)
+    return out.hidden[0], out.values[0, index] if with_values else None
 
 
 def _shared_packed_pass(policy, rollout: Rollout, with_values: bool, shared):
     """As :func:`_packed_pass`, with the prompts run once (see :func:`evaluate_actions`): the
-    first response token of each episode is scored by its prompt's last logit (and value)."""
+    first response token of each episode is scored by its prompt's last hidden state (and value)."""
     from lit_rlhf.models.attention import SegmentPrefix
 
     query_ids, query_mask, index = shared
-    prompt, _ = _prompt_pass(policy, query_ids, query_mask, with_values)
+    prompt, _ = _prompt_pass(policy, query_ids, query_mask, with_values, hidden_only=True)
     response = rollout.response_mask.bool()
     lengths, prompt_lengths = response.sum(-1), rollout.query_mask.sum(-1)
     starts = lengths.cumsum(0) - lengths
     column = torch.arange(response.size(1), device=response.device).expand_as(response)
-    # Tokens after an episode's first are scored inside the row, by the logit before them.
+    # Tokens after an episode's first are scored inside the row, by the state before them.
     scored_at = (starts[:, None] + column - 1)[response & (column > 0)]
     ids = rollout.response_ids[response][None]
     out = policy(ids, torch.ones_like(ids), (prompt_lengths[:, None] + column)[response][None],
-                 with_values=with_values, logits_slice=scored_at,
+                 with_values=with_values, logits_slice=scored_at, hidden_only=True,
                  segment_lengths=lengths.tolist(),
                  segment_prefix=SegmentPrefix(prompt.cache, index, prompt_lengths.tolist()))
     # Row-major over the response mask: an episode's first token from its prompt's pass (rows
@@ -563,12 +591,12 @@ def _shared_packed_pass(policy, rollout: Rollout, with_values: bool, shared):
     first = (column == 0)[response]
     source = torch.where(first, torch.arange(len(rollout), device=response.device)[:, None].expand_as(response)[response],
                          len(rollout) + (~first).long().cumsum(0) - 1)
-    logits = torch.cat([prompt.logits[:, -1].index_select(0, index), out.logits[0]]).index_select(0, source)
+    hidden = torch.cat([prompt.hidden[:, -1].index_select(0, index), out.hidden[0]]).index_select(0, source)
     values = None
     if with_values:
         values = torch.cat([prompt.values[:, -1].index_select(0, index),
                             out.values[0, scored_at]]).index_select(0, source)
-    return logits, values
+    return hidden, values
 
 
 def _segment_attention(policy) -> bool:

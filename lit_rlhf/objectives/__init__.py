@@ -24,6 +24,7 @@ from lit_rlhf.objectives.kl import AdaptiveKLController, FixedKLController, KLCo
 from lit_rlhf.objectives.lm import IGNORE_INDEX, causal_lm_loss, cross_entropy_sum
 from lit_rlhf.objectives.logprobs import (
     entropy_from_logits,
+    head_logprobs,
     logprobs_and_entropy,
     logprobs_from_logits,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "explained_variance",
     "gae",
     "group_advantages",
+    "head_logprobs",
     "kl_penalty",
     "logprobs_and_entropy",
     "logprobs_from_logits",

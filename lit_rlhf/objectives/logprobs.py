@@ -1,13 +1,17 @@
-"""Per-token log-probabilities and entropies of sampled tokens, from logits.
+"""Per-token log-probabilities and entropies of sampled tokens, from logits or from the last
+hidden states through the LM head in token chunks (:func:`head_logprobs`: the whole (tokens x
+vocabulary) logits never exist at once).
 
-Shapes: ``B`` sequences, ``T`` positions, ``V`` the vocabulary.
+Shapes: ``B`` sequences, ``T`` positions, ``V`` the vocabulary, ``N`` tokens, ``H`` hidden.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from lit_rlhf.objectives.masked import acc_dtype
 
@@ -52,6 +56,60 @@ def logprobs_and_entropy(
         if entropy != "skip":
             entropies.append(_entropy(logp, differentiable=entropy == "grad" and torch.is_grad_enabled()))
     return torch.cat(logps), torch.cat(entropies) if entropies else None
+
+
+def head_logprobs(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    vocab: int,
+    temperature: float = 1.0,
+    entropy: EntropyMode = "skip",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of ``labels`` and the entropy under ``softmax(head(hidden) / temperature)``,
+    computed a chunk of tokens at a time.
+
+    At a real vocabulary the logits are the largest tensors of an RL step: 16k response tokens x
+    151,936 ids are 9.7 GB in float32, and the log-softmax, its gradient and the entropy's
+    temporaries as much again each. Here at most ``CHUNK_ELEMENTS // vocab`` tokens (at least one)
+    have logits at a time. With gradients and more than one chunk, each chunk runs under
+    activation checkpointing: its backward recomputes its logits from the (chunk, H) hidden
+    states (one more head matmul per token) instead of keeping them. When every token fits in
+    one chunk (small batches, small vocabularies) the logits are kept, as without chunking.
+
+    Args:
+        hidden: (N, H) hidden states at the positions that predict ``labels``.
+        head: the LM head, (n, H) -> (n, V) logits (a module: LoRA on it, or a sharded root's
+            gathered weight, is used as in the model's own forward).
+        labels: (N,) token ids.
+        vocab: V, the head's output size (sizes the chunks).
+        temperature: the sampler's; the log-probs are those of the distribution sampled from.
+        entropy: as in :func:`logprobs_and_entropy`.
+
+    Returns:
+        (N,) log-probs and (N,) entropies or None, float32 (float64 for a float64 head).
+    """
+    if hidden.shape[:-1] != labels.shape or hidden.dim() != 2:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be (N, H) with labels (N,), got {tuple(labels.shape)}")
+    rows = max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+    def piece(h: torch.Tensor, y: torch.Tensor):
+        logits = head(h)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return logprobs_and_entropy(logits, y, entropy)
+
+    recompute = torch.is_grad_enabled() and hidden.size(0) > rows
+    logps, entropies = [], []
+    for h, y in zip(hidden.split(rows), labels.split(rows)):
+        # Non-reentrant checkpointing: only the chunk's hidden states are kept for the backward.
+        logp, ent = checkpoint(piece, h, y, use_reentrant=False) if recompute else piece(h, y)
+        logps.append(logp)
+        entropies.append(ent)
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=acc_dtype(hidden.dtype))
+        return empty, None if entropy == "skip" else empty
+    return torch.cat(logps), None if entropy == "skip" else torch.cat(entropies)
 
 
 def _entropy(logp: torch.Tensor, differentiable: bool) -> torch.Tensor:

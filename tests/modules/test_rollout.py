@@ -74,6 +74,25 @@ def test_inverse_transform_sampling_follows_the_distribution():
     assert_close(freq, probs, atol=0.018, rtol=0)
 
 
+def test_two_level_draw_picks_what_one_search_of_the_whole_vocabulary_picks():
+    # 3 blocks of SAMPLING_BLOCK = 1024 and a tail of 952 entries; block 1 all zero, zeros elsewhere too.
+    g = torch.Generator().manual_seed(4)
+    probs = torch.rand(64, 3 * 1024 + 952, generator=g) ** 8
+    probs[:, 1024:2048] = 0.0
+    probs[:, ::3] = 0.0
+    probs /= probs.sum(-1, keepdim=True)
+    draws, naive = [], []
+    for seed in range(20):
+        draws.append(sample_categorical(probs, torch.Generator().manual_seed(seed)))
+        # The same uniform number against one float64 cumulative sum over the whole vocabulary.
+        u = torch.rand(64, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        cdf = probs.double().cumsum(-1)
+        naive.append(torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1))
+    draws, naive = torch.cat(draws), torch.cat(naive)
+    assert torch.equal(draws, naive)
+    assert (probs.flatten()[torch.arange(64).repeat(20) * probs.size(1) + draws] > 0).all()
+
+
 def test_cached_sampling_log_probs_equal_a_fresh_forward():
     module = ready(make_module())
     batch = make_batch(module)

@@ -75,3 +75,38 @@ def test_logprobs_and_entropy_share_one_pass_and_detach_on_request():
     assert logp_d.requires_grad and not ent_d.requires_grad
     assert_close(ent_d, ent.detach())
     assert logprobs_and_entropy(logits, labels, entropy="skip")[1] is None
+
+
+def test_head_logprobs_in_chunks_equal_whole_logits_with_gradients(monkeypatch):
+    import lit_rlhf.objectives.logprobs as lp
+    from lit_rlhf.objectives import head_logprobs
+
+    g = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(23, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (23,), generator=g)
+    weights = torch.randn(23, generator=g)
+
+    def run(chunk_elements):
+        monkeypatch.setattr(lp, "CHUNK_ELEMENTS", chunk_elements)
+        seen = []
+        hook = head.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+        head.zero_grad()
+        hidden.grad = None
+        logp, ent = head_logprobs(hidden, head, labels, 50, temperature=0.7, entropy="grad")
+        ((logp + 0.1 * ent) * weights).sum().backward()
+        hook.remove()
+        return logp.detach(), ent.detach(), hidden.grad.clone(), head.weight.grad.clone(), seen
+
+    whole = run(2**24)
+    chunked = run(5 * 50)  # 5 tokens' logits at a time
+    logits = head(hidden.detach()) / 0.7
+    assert_close(whole[0], torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1))
+    for a, b in zip(whole[:4], chunked[:4]):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert whole[4] == [23]  # one piece, its logits kept for the backward
+    # Five pieces of at most 5 tokens in the forward, each recomputed once in the backward.
+    assert max(chunked[4]) == 5 and sum(chunked[4]) == 2 * 23
+    with torch.no_grad():  # no autograd: nothing to recompute
+        monkeypatch.setattr(lp, "CHUNK_ELEMENTS", 5 * 50)
+        assert_close(head_logprobs(hidden, head, labels, 50, 0.7)[0], whole[0], atol=1e-5, rtol=1e-5)

@@ -77,30 +77,26 @@ class FSDP2Strategy(ModelParallelStrategy):
         return self.device_mesh["data_parallel"]
 
     def save_checkpoint(self, checkpoint: dict, filepath: _PATH, storage_options=None) -> None:
-        """Written into a hidden sibling folder, then renamed: a run killed while saving never
-        leaves a half-written checkpoint under the final name."""
+        """Written into a hidden sibling folder, then swapped in (:func:`replace_checkpoint`): a
+        run killed at any moment leaves a whole checkpoint, the new one or the one it replaced."""
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         partial = path.with_name(f".{path.name}.partial")
         if self.global_rank == 0 and partial.exists():
-            shutil.rmtree(partial)
+            _remove(partial)
         self.barrier()
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier()
         if self.global_rank == 0:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            partial.rename(path)
+            replace_checkpoint(partial, path)
         self.barrier()
 
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict:
         """A sharded checkpoint holds what the module checkpoints (with adapters: the trainable
         weights only); those are checked against the module, then loaded into the shards."""
-        path = Path(self.broadcast(str(checkpoint_path)))
+        path = sharded_checkpoint_path(self.broadcast(str(checkpoint_path)))
         if not (path / ".metadata").is_file():
             return super().load_checkpoint(path, weights_only)
         import torch
@@ -126,6 +122,45 @@ class FSDP2Strategy(ModelParallelStrategy):
             set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"],
                                      options=StateDictOptions(cpu_offload=True))
         return torch.load(path / "meta.pt", weights_only=weights_only)
+
+
+def _previous(path: Path) -> Path:
+    """Where :func:`replace_checkpoint` keeps the checkpoint it is replacing."""
+    return path.with_name(f".{path.name}.previous")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_checkpoint(new: Path, path: Path) -> None:
+    """Put the finished checkpoint ``new`` (a folder beside ``path``) under ``path``, one atomic
+    rename at a time, so that a kill between any two steps leaves a whole checkpoint: ``path``
+    itself, or, between the two renames, the old one kept aside, which
+    :func:`sharded_checkpoint_path` finds. ``rmtree`` is not atomic: only copies that are
+    no longer needed are removed."""
+    previous = _previous(path)
+    if path.exists():
+        if previous.exists():  # a kill after an earlier swap: path is the newer, whole one
+            _remove(previous)
+        path.rename(previous)
+    # Without path, a previous copy (a kill between the renames of an earlier save) is the
+    # last whole checkpoint until `new` is in: it stays until then.
+    new.rename(path)
+    if previous.exists():
+        _remove(previous)
+
+
+def sharded_checkpoint_path(path: _PATH) -> Path:
+    """``path``, or where a run was killed while :func:`replace_checkpoint` swapped a new
+    checkpoint in (between its two renames), the whole one it was replacing."""
+    path = Path(path)
+    if not path.exists() and (_previous(path) / ".metadata").is_file():
+        return _previous(path)
+    return path
 
 
 def sharded_checkpoint_keys(path: Path) -> set[str]:

@@ -8,6 +8,7 @@ The two-process runs share process groups (see tests/sharding.py): one for the f
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -153,6 +154,77 @@ def test_every_clipping_under_fsdp2_goes_through_the_sharded_clip(monkeypatch):
     module.configure_gradient_clipping(optimizer, gradient_clip_val=1.5, gradient_clip_algorithm="norm")
     module._clip_gradients(optimizer, 0.7)
     assert [(params == [weight], norm) for params, norm in clipped] == [(True, 1.5), (True, 0.7)]
+
+
+class Killed(BaseException):
+    """The process dies here (SIGKILL): nothing after it runs."""
+
+
+def test_a_sharded_save_killed_between_any_two_filesystem_steps_leaves_a_loadable_last_checkpoint(
+        monkeypatch, tmp_path):
+    import shutil
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lit_rlhf import strategies
+    from lit_rlhf.modules.base import check_checkpoint
+
+    steps = []  # each write, rename or removal; the k-th one is killed (a removal halfway: one file gone)
+    kill_at = [None]
+
+    def step(name, real):
+        def run(*args, **kwargs):
+            steps.append(name)
+            if len(steps) == kill_at[0]:
+                if name == "rmtree":  # killed halfway through: the checkpoint's index is gone
+                    (Path(args[0]) / ".metadata").unlink(missing_ok=True)
+                raise Killed
+            return real(*args, **kwargs)
+        return run
+
+    def write(strategy, checkpoint, path, storage_options=None):
+        """A stand-in for the ranks' shard files: what check_checkpoint and the strategy read."""
+        path = Path(path)
+        path.mkdir()
+        (path / "__0_0.distcp").write_text(str(checkpoint["global_step"]))
+        step("write", lambda: None)()  # killed while writing: no index yet
+        torch.save({"loops": {}, **checkpoint}, path / "meta.pt")
+        (path / ".metadata").write_text("index")
+
+    monkeypatch.setattr(Path, "rename", step("rename", Path.rename))
+    monkeypatch.setattr(shutil, "rmtree", step("rmtree", shutil.rmtree))
+    monkeypatch.setattr(ModelParallelStrategy, "save_checkpoint", write)
+    strategy = strategies.FSDP2Strategy()  # one process: broadcast and barrier return at once
+
+    def loadable(path: Path) -> int:
+        found = strategies.sharded_checkpoint_path(path)
+        check_checkpoint(str(path), "lit_rlhf.modules.SFTModule", None)  # the CLI's check before resuming
+        assert (found / ".metadata").is_file() and (found / "meta.pt").is_file(), sorted(path.parent.iterdir())
+        return int((found / "__0_0.distcp").read_text())
+
+    def save(folder: Path, step: int, kill: int | None) -> bool:
+        """One save, killed at its ``kill``-th step; True if it finished."""
+        steps.clear()
+        kill_at[0] = kill
+        try:
+            strategy.save_checkpoint({"global_step": step}, folder / "last.ckpt")
+            return True
+        except Killed:
+            return False
+
+    killed = set()
+    for first, second in itertools.product([*range(1, 7), None], repeat=2):
+        folder = tmp_path / f"{first}-{second}"
+        folder.mkdir()
+        assert save(folder, 1, None) and loadable(folder / "last.ckpt") == 1
+        done = save(folder, 2, first)
+        killed.update([steps[-1]] if not done else [])
+        assert loadable(folder / "last.ckpt") == 2 if done else loadable(folder / "last.ckpt") in (1, 2)
+        done = save(folder, 3, second)  # the next save, after a restart
+        assert loadable(folder / "last.ckpt") == 3 if done else loadable(folder / "last.ckpt") in (1, 2, 3)
+        assert save(folder, 4, None) and loadable(folder / "last.ckpt") == 4
+        assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # nothing left aside
+    assert killed == {"write", "rename", "rmtree"}
 
 
 @pytest.fixture(scope="module")

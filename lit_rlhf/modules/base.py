@@ -27,7 +27,7 @@ from lit_rlhf.models import (
 from lit_rlhf.models.adapters import base_identity
 from lit_rlhf.models.sharding import clip_grad_norm, full_state_dict, is_sharded, shard_roots
 from lit_rlhf.optim import OptimConfig, build_optimizer
-from lit_rlhf.strategies import FSDP2Strategy
+from lit_rlhf.strategies import FSDP2Strategy, sharded_checkpoint_path
 
 
 def as_config(cls, value):
@@ -115,6 +115,7 @@ def check_checkpoint(path: str, class_path: str, lm: dict | None) -> None:
     dict. Reads the checkpoint memory-mapped (no copy of its tensors), before any weights load.
     """
     where = f"ckpt_path {path}"
+    path = str(sharded_checkpoint_path(path))  # a save killed mid-swap leaves the old one aside
     sharded = Path(path).is_dir() and (Path(path) / "meta.pt").is_file()  # fsdp2's: one file per rank
     if not (Path(path).is_file() or sharded):
         raise FileNotFoundError(f"{where}: no such file (give the .ckpt of an earlier run, e.g. .../checkpoints/last.ckpt)")

@@ -139,14 +139,16 @@ def sample_and_score(model_dir: Path, prompts: list[str], score, max_new_tokens:
     from lit_rlhf.data.prompts import left_pad
     from lit_rlhf.metrics import distinct_n
     from lit_rlhf.models.heads import PolicyWithValueHead
+    from lit_rlhf.models.templates import end_of_turn_ids
     from lit_rlhf.modules.rollout import decode_responses, evaluate_actions, generate
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = PolicyWithValueHead(AutoModelForCausalLM.from_pretrained(model_dir).eval())
     ids, mask = left_pad(tokenizer(prompts)["input_ids"], tokenizer.pad_token_id)
     gen = torch.Generator().manual_seed(seed)
+    ends = end_of_turn_ids(tokenizer, policy.lm.generation_config)  # what the trained policy stopped at
     rollout = generate(policy, ids, mask, torch.full((len(prompts),), max_new_tokens),
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=gen)
+                       eos_token_id=ends, pad_token_id=tokenizer.pad_token_id, generator=gen)
     responses = decode_responses(tokenizer, rollout)
     scores = [float(score(i, p, r)) for i, (p, r) in enumerate(zip(prompts, responses))]
     result = {"responses": responses, "scores": scores,

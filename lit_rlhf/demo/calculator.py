@@ -110,12 +110,13 @@ def play(model, tokenizer, rows: list[dict], greedy: bool = True, seed: int = 0,
 
     from lit_rlhf.data.prompts import left_pad
     from lit_rlhf.models.heads import PolicyWithValueHead
+    from lit_rlhf.models.templates import end_of_turn_ids
     from lit_rlhf.modules.episodes import EpisodeConfig, Sampler, run_episodes, start_episodes
 
     policy = PolicyWithValueHead(model.eval(), value_head=False)
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
-                  top_k=1 if greedy else 0)
+    kwargs = dict(eos_token_id=end_of_turn_ids(tokenizer, model.generation_config),
+                  pad_token_id=tokenizer.pad_token_id, generator=generator, top_k=1 if greedy else 0)
     config = EpisodeConfig(max_turns=MAX_CALLS + 1, max_tokens=(MAX_CALLS + 1) * MAX_TURN_TOKENS)
     out = []
     for start in range(0, len(rows), batch_size):
@@ -147,10 +148,11 @@ def evaluate_policy(model, tokenizer, rows: list[dict], greedy: bool = True, see
 def judge_episodes(tokenizer, rollout, episodes, answers: list) -> tuple[list[bool], list[bool]]:
     """Per episode: right (the last number of the policy's final turn is the answer, and the
     turn ends with EOS) and whether it called the tool at least once."""
+    from lit_rlhf.models.templates import end_of_turn_ids
     from lit_rlhf.modules.rollout import decode_responses
     from lit_rlhf.rewards import final_answer, same_answer
 
-    ended = rollout.ended_with(tokenizer.eos_token_id).tolist()
+    ended = rollout.ended_with(end_of_turn_ids(tokenizer)).tolist()
     finals = decode_responses(tokenizer, rollout)
     right = [eos and same_answer(final_answer(text, "last_number"), answer)
              for text, eos, answer in zip(finals, ended, answers)]

@@ -8,8 +8,8 @@ a batch of episodes together (:mod:`lit_rlhf.modules.episodes`), each observatio
 once as its own segment (:class:`Transcript`), never re-tokenized with the text around it.
 
 Any environment plugs into GRPO by config (``model.init_args.env: {class_path: ...}``); the
-rollout makes a fresh copy per episode with :meth:`~Environment.new_episode`.
-"""
+rollout makes a fresh one per episode with :meth:`~Environment.new_episode` (from the class and
+its constructor arguments, nothing deep-copied)."""
 
 from lit_rlhf.envs.base import Environment, Step
 from lit_rlhf.envs.segments import Transcript

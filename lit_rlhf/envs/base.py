@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 
@@ -25,15 +24,32 @@ class Step:
 class Environment:
     """One episode's world. Subclass and override :meth:`step` (and :meth:`reset`).
 
-    The rollout calls ``env.new_episode()`` once per episode (a deep copy of the configured
-    environment), then ``reset(row)`` with the prompt's data row (``{"prompt": text, "messages":
-    ... (chat prompts), **fields}``), then ``step(text)`` after every policy turn until ``done``
-    or the episode's turn or token budget runs out.
+    The rollout calls ``env.new_episode()`` once per episode, then ``reset(row)`` with the
+    prompt's data row (``{"prompt": text, "messages": ... (chat prompts), **fields}``), then
+    ``step(text)`` after every policy turn until ``done`` or the episode's turn or token budget
+    runs out. An episode's environment is made by its class from the configured one's
+    constructor arguments, never deep-copied: what ``__init__`` builds (a lock, a counter) is
+    the episode's own, what it is given (a client, a model, a shared lock) is shared by every
+    episode. So keep ``__init__`` cheap, and pass heavy things in (or override
+    :meth:`new_episode`).
     """
 
+    def __new__(cls, *args, **kwargs):
+        # The constructor arguments, for new_episode (a deep copy fails on locks and clients, and
+        # would duplicate a model). LightningCLI's class_path/init_args construction passes here too.
+        self = super().__new__(cls)
+        self._init_args = (args, kwargs)
+        return self
+
     def new_episode(self) -> Environment:
-        """A fresh environment for one episode (default: a deep copy of this one)."""
-        return copy.deepcopy(self)
+        """A fresh environment for one episode: ``type(self)(*args, **kwargs)`` with this one's
+        constructor arguments (the objects themselves, shared; see the class docstring)."""
+        init = self.__dict__.get("_init_args")
+        if init is None:
+            raise TypeError(f"{type(self).__name__}: its constructor arguments were not recorded (does it define "
+                            "__new__ without calling Environment.__new__?): override new_episode")
+        args, kwargs = init
+        return type(self)(*args, **kwargs)
 
     def reset(self, row: dict) -> str | list[dict] | None:
         """The first observation: None keeps the data module's prompt as it is (tokenized

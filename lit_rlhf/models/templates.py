@@ -41,3 +41,45 @@ def resolve_template(chat_template: str) -> str:
     if path.is_file():
         return path.read_text()
     raise ValueError(f"model.init_args.lm.chat_template {chat_template!r}: no such file, and not one of {', '.join(TEMPLATES)}")
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token id that ends the policy's turn, the tokenizer's EOS first.
+
+    * ``tokenizer.eos_token_id``;
+    * ``generation_config.eos_token_id``, an id or a list (Llama-3 lists ``<|end_of_text|>`` and
+      ``<|eot_id|>``);
+    * the chat template's end of an assistant turn: the special token it writes right after the
+      assistant's text (ChatML ``<|im_end|>`` where EOS is another token, as in Qwen2.5 base
+      models; Llama-3 ``<|eot_id|>``; Gemma ``<end_of_turn>``), found by rendering a two-message
+      conversation. None is added when the tokenizer has no template, the template refuses that
+      conversation, or what follows the text is not one special token (a template that writes
+      ``<|im_end|>`` for a tokenizer without it as a token: plain text, which cannot end a turn).
+
+    Sampling stops at any of them, and "ended" (``Rollout.ended_with``), the missing-EOS penalty
+    and the truncation statistics use the same list.
+    """
+    ids: list[int] = []
+    found = [tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None), _template_end(tokenizer)]
+    for value in found:
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def _template_end(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message's text, if any."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = "lit-rlhf-probe"
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": text}]
+    try:
+        rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template's own checks (e.g. a system turn first): no template token known
+        return None
+    tail = rendered[rendered.rfind(text) + len(text):].lstrip() if text in rendered else ""
+    first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                if getattr(t, "special", False)}
+    return first[0] if first and first[0] in special else None

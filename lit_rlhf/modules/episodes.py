@@ -1,9 +1,10 @@
 """Multi-turn episodes on the online core: the policy acts, the environment answers, batched.
 
 Each turn samples every unfinished episode (one batch, KV-cached, from the episode's tokens so
-far) until EOS, a stop string (e.g. a tool call's closing tag) or the turn's token limit; then
-every environment steps on the text of its turn, and each observation is tokenized once, as its
-own segment, and appended. Episodes end when their environment says so, after ``max_turns``
+far) until an end-of-turn id (EOS, the chat template's end of turn: ``eos_token_id`` is a
+list), a stop string (e.g. a tool call's closing tag) or the turn's token limit; then every
+environment steps on the text of its turn, and each observation is tokenized once, as its own
+segment, and appended. Episodes end when their environment says so, after ``max_turns``
 policy turns, or when the next observation would not fit ``max_tokens``; finished episodes drop
 out of the batch. **Token in, token out**: the rollout holds exactly the sampled tokens and the
 observation segments, so the scoring and update passes see what the sampler saw.
@@ -68,7 +69,8 @@ class Sampler:
     max_new_tokens: int
     """Tokens per policy turn, at most."""
     generate_kwargs: dict
-    """EOS, padding, temperature, top-k/p, the generator and ``all_done``, as ``generate`` takes them."""
+    """The end-of-turn ids (``eos_token_id``), padding, temperature, top-k/p, the generator and
+    ``all_done``, as ``generate`` takes them."""
     rows: Rows = Rows()
     """Where this rank's episodes sit in the global batch (their random draws)."""
     any_rank_active: Callable[[int], bool] = bool
@@ -80,7 +82,8 @@ class Sampler:
 
 
 def start_episodes(env: Environment, tokenizer, batch: dict, num_generations: int) -> list[Episode]:
-    """One fresh environment per episode (``num_generations`` per prompt), reset on its row."""
+    """One fresh environment per episode (``num_generations`` per prompt, each made by
+    ``env.new_episode()``: nothing deep-copied), reset on its row."""
     fields = batch.get("fields", {})
     episodes = []
     for b, ids in enumerate(_prompt_tokens(batch)):

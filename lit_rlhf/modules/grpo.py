@@ -240,7 +240,7 @@ class GRPOModule(OnlineRLModule):
         return {
             "rollout/zero_std_groups": torch.tensor(float(zero_std_groups(scores, self.num_generations))),
             "rollout/group_reward_std": groups.std(dim=1).mean(),
-            "rollout/truncated": (~rollout.ended_with(self.tokenizer.eos_token_id)).float().mean(),
+            "rollout/truncated": (~rollout.ended_with(self.end_of_turn_ids)).float().mean(),
         }
 
     def loss_mask(self, sub: Rollout) -> torch.Tensor:
@@ -248,7 +248,7 @@ class GRPOModule(OnlineRLModule):
         ``mask_truncated``: one cut at max_new_tokens has no reward signal of its own ending)."""
         mask = sub.action_mask.float()
         if self.grpo.mask_truncated:
-            mask = mask * sub.ended_with(self.tokenizer.eos_token_id).float()[:, None]
+            mask = mask * sub.ended_with(self.end_of_turn_ids).float()[:, None]
         return mask
 
     def loss_weight(self, sub: Rollout) -> torch.Tensor:

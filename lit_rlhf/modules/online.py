@@ -47,6 +47,7 @@ from lit_rlhf.models import ModelConfig, PolicyWithValueHead, load_model, traina
 from lit_rlhf.models.attention import use_segment_attention
 from lit_rlhf.models.heads import unwrap_peft
 from lit_rlhf.models.sharding import gathered, root_gathered
+from lit_rlhf.models.templates import end_of_turn_ids
 from lit_rlhf.modules.base import HFModule, as_config, gather_ranks
 from lit_rlhf.modules.episodes import (
     EpisodeConfig,
@@ -199,6 +200,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         self.episode_config = as_config(EpisodeConfig, episodes) or EpisodeConfig()
         self.last_episode_stats: dict[str, torch.Tensor] = {}
         self._stop_strings: StopStrings | None = None
+        self._end_ids: list[int] | None = None  # end_of_turn_ids, once the policy's generation config is known
         for role, fn in self.scorers():  # e.g. a reward adapter must fit the policy's base
             fn.check_base(self.lm_config, where=f"model.init_args.{role}")
         k = self.kl_config
@@ -216,6 +218,20 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         self.num_generations = 1  # responses per prompt; a group method sets more
         self.val_score, self.val_judge, self.val_kl, self.val_length = (MeanMetric() for _ in range(4))
         self.val_accuracy = MeanMetric()
+
+    @property
+    def end_of_turn_ids(self) -> list[int]:
+        """Every token id that ends the policy's turn (the tokenizer's EOS, the generation config's,
+        the chat template's end of turn: :func:`~lit_rlhf.models.templates.end_of_turn_ids`).
+        Sampling stops at any of them; "ended", the missing-EOS penalty and the truncation
+        statistics use the same list."""
+        if self._end_ids is not None:
+            return self._end_ids
+        lm = self.policy.lm if self.policy is not None else None
+        ids = end_of_turn_ids(self.tokenizer, getattr(lm, "generation_config", None))
+        if lm is not None:  # before the model loads its generation config is unknown: not kept
+            self._end_ids = ids
+        return ids
 
     def scorers(self) -> list[tuple[str, RewardFunction]]:
         """``(role, function)``: the reward, and the judge when there is one."""
@@ -342,7 +358,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         """Log the step's statistics (one all-reduce) and keep its sample rows."""
         # Every reward function's mean before shaping, and what it reports of itself.
         reward_stats = {self.reward_fn.log_name: self.last_raw_score, **self.reward_fn.statistics()}
-        stats = step_statistics(step, self.tokenizer.eos_token_id, watch, self.last_sample_s, reward_stats,
+        stats = step_statistics(step, self.end_of_turn_ids, watch, self.last_sample_s, reward_stats,
                                 self.rollout_statistics(step.sampled, step.scores), update)
         stats.update(self.last_episode_stats)
         if step.rollout.logprobs is not None and step.rollout.sample_logprobs is not None:
@@ -441,7 +457,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         g = self.num_generations if num_generations is None else num_generations
         self.policy.eval()  # as at inference; dropout is off either way
         rows = self.global_rows(batch["input_ids"].size(0)).scaled(g)
-        kwargs = dict(eos_token_id=self.tokenizer.eos_token_id if s.stop_at_eos else None,
+        kwargs = dict(eos_token_id=self.end_of_turn_ids if s.stop_at_eos else None,
                       pad_token_id=self.tokenizer.pad_token_id, temperature=s.temperature, top_k=s.top_k,
                       top_p=s.top_p, generator=generator, all_done=self._all_ranks_done)
         try:
@@ -558,7 +574,7 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         if c.clip is not None:
             scores = scores.clamp(-c.clip, c.clip)
         if c.missing_eos_penalty is not None:
-            no_eos = ~rollout.ended_with(self.tokenizer.eos_token_id)
+            no_eos = ~rollout.ended_with(self.end_of_turn_ids)
             scores = scores + c.missing_eos_penalty * no_eos.float()
         return scores
 

@@ -67,9 +67,9 @@ class StepRecord:
         return self.rollout.logprobs is not None and self.rollout.ref_logprobs is not None
 
 
-def step_statistics(step: StepRecord, eos_token_id: int, watch: Stopwatch, sample_s: float,
+def step_statistics(step: StepRecord, end_ids: list[int], watch: Stopwatch, sample_s: float,
                     reward_stats: dict, method_stats: dict, update: dict) -> dict[str, torch.Tensor]:
-    """Every scalar an online step logs, by TensorBoard tag."""
+    """Every scalar an online step logs, by TensorBoard tag (``end_ids``: the end-of-turn ids)."""
     scores, mask, non_score = step.scores, step.mask, step.non_score
     total_s = watch.total
     stats = {
@@ -81,7 +81,7 @@ def step_statistics(step: StepRecord, eos_token_id: int, watch: Stopwatch, sampl
         "objective/non_score_reward": (non_score * mask).sum() / max(len(step.rollout), 1),
         "objective/total_reward": scores.mean() + (non_score * mask).sum() / len(step.sampled),  # before whitening
         "rollout/response_length": step.sampled.action_mask.float().sum(-1).mean(),  # the policy's tokens
-        "rollout/eos_rate": step.sampled.ended_with(eos_token_id).float().mean(),
+        "rollout/eos_rate": step.sampled.ended_with(end_ids).float().mean(),  # the last turn ended
         # Variety: a policy that hacks its reward collapses onto a few stock responses.
         "rollout/distinct_2": torch.tensor(distinct_n(step.responses, 2)),
         "rollout/unique_responses": torch.tensor(unique_fraction(step.responses)),

@@ -3,6 +3,8 @@ errors, the time limit, the call limit; both call syntaxes."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 
 import pytest
@@ -49,7 +51,41 @@ def test_errors_timeouts_and_the_call_limit_answer_in_one_line():
     assert broken.observation == "<result>error: RuntimeError: disk full</result>" and "\n" not in broken.observation
     over = env.step("<calc>1+1</calc>")  # a fourth call: not run, the episode ends
     assert over.done and over.observation is None and over.info == {"tool_calls_refused": 1.0}
-    assert env.new_episode().calls == 3 and (fresh := env.new_episode()).reset({}) is None and fresh.calls == 0
+    assert env.new_episode().calls == 0  # a fresh episode: nothing carried over
+
+
+def _hang(x: str) -> str:
+    time.sleep(30)  # far past every time limit below: only abandoning or killing the call frees us
+    return x
+
+
+def _crash(x: str) -> str:
+    os._exit(3)
+
+
+@pytest.mark.parametrize("isolation, hangs", [("thread", 10), ("process", 3)])
+def test_hung_calls_never_stop_a_later_call_from_running(isolation, hangs):
+    # A shared pool of 4 workers kept each timed-out call's worker: from the fifth hung call on,
+    # every call "timed out" without running. Each call is now its own thread or process.
+    env = ToolEnvironment({"hang": _hang, "calc": calculator}, max_calls=hangs + 1, timeout_s=0.05,
+                          isolation=isolation)
+    env.reset({})
+    start = time.perf_counter()
+    for _ in range(hangs):
+        assert env.step("<hang>x</hang>").observation == "<result>error: hang timed out after 0.05 s</result>"
+    good = env.step("<calc>6*7</calc>")
+    assert good.observation == "<result>42</result>" and good.info["tool_errors"] == 0
+    assert time.perf_counter() - start < 3.0
+
+
+def test_a_tool_process_that_dies_is_an_error_and_a_killed_one_is_gone():
+    env = ToolEnvironment({"crash": _crash, "hang": _hang, "calc": calculator}, timeout_s=0.2, isolation="process")
+    env.reset({})
+    assert env.step("<crash>x</crash>").observation == \
+        "<result>error: RuntimeError: the tool's process died (exit code 3)</result>"
+    env.step("<hang>x</hang>")
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("lit_rlhf_tool")]
+    assert env.step("<calc>2*3</calc>").observation == "<result>6</result>"
 
 
 def test_chat_syntax_parses_json_calls_and_answers_with_tool_messages():
@@ -70,6 +106,7 @@ def test_chat_syntax_parses_json_calls_and_answers_with_tool_messages():
     (dict(tools=["lit_rlhf.envs.no_such_tool"]), "not an importable callable"),
     (dict(tools=[calculator], syntax="xml"), "tags or chat"),
     (dict(tools=[]), "at least one tool"),
+    (dict(tools=[calculator], isolation="pool"), "thread or process"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -235,3 +235,58 @@ def test_episode_settings_without_an_environment_are_a_one_line_error():
                    sampling=SamplingConfig(decoder="static"), rollout_batch_size=4)
     with pytest.raises(ValueError, match="episodes: max_turns and max_tokens must be >= 1, got 0, 256"):
         EpisodeConfig(max_turns=0)
+
+
+def test_chat_turns_stop_at_the_templates_end_of_turn_and_ended_means_the_last_turn_ended(tmp_path):
+    # ChatML with <|im_end|> a special token that is not eos_token (<|endoftext|>), as Qwen2.5 base.
+    module = GRPOModule(ModelConfig(arch=TINY_LLAMA, tokenizer="demo", chat_template="chatml", lora=None),
+                        LetterReward(), grpo=GRPOConfig(num_generations=2),
+                        sampling=SamplingConfig(min_new_tokens=6, max_new_tokens=6), rollout_batch_size=4,
+                        env=Scripted("36", turns=3, chat=True), episodes=EpisodeConfig(max_turns=4, max_tokens=200))
+    tok = module.tokenizer
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    module.configure_model()  # the vocabulary has the two tokens
+    im_end, letter, other = tok.convert_tokens_to_ids("<|im_end|>"), tok("a")["input_ids"][0], tok("b")["input_ids"][0]
+    assert module.end_of_turn_ids == [tok.eos_token_id, im_end]
+    rows = [{"prompt": [{"role": "user", "content": f"what is {i} times 3?"}]} for i in range(12)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PromptDataModule(str(tmp_path / "chat.jsonl"), batch_size=4, val_size=4, tokenizer=tok)
+    data.setup("fit")
+    batch = data.train_dataloader().dataset.batch(0)
+    turn, final_ends = [0], [True]
+
+    def script(policy, args, kwargs, out) -> None:
+        """Each turn: "a", then <|im_end|>; the final (third) turn without it when final_ends is False."""
+        prefill = (args[0] if args else kwargs["input_ids"]).size(1) > 1
+        turn[0] += prefill
+        end = turn[0] < 3 or final_ends[0]
+        out.logits[:, -1] = -1e9
+        out.logits[:, -1, letter if prefill else im_end if end else other] = 0.0
+
+    hook = module.policy.register_forward_hook(script, with_kwargs=True)
+    try:
+        ended = module.sample(batch, torch.Generator().manual_seed(0))
+        turn[0], final_ends[0] = 0, False
+        cut = module.sample(batch, torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    # Every turn stopped at <|im_end|> (not at the 6-token limit); the template's end of turn the
+    # policy sampled is not repeated in the observation.
+    assert (ended.action_mask.sum(-1) == 3 * 2).all() and module.last_episode_stats["episode/turns"] == 3
+    assert [tok.decode(run) for run in _observed_runs(ended, 0)] == ["\n<|im_start|>tool\n36<|im_end|>\n<|im_start|>assistant\n"] * 2
+    # The final answer cut at the token limit has not ended, though its tool turns ended with <|im_end|>.
+    assert (cut.action_mask.sum(-1) == 2 + 2 + 6).all()
+    assert ended.ended_with(module.end_of_turn_ids).all() and not cut.ended_with(module.end_of_turn_ids).any()
+    scores = torch.zeros(len(cut))
+    assert module.rollout_statistics(ended, scores)["rollout/truncated"] == 0
+    assert module.rollout_statistics(cut, scores)["rollout/truncated"] == 1
+    prompts = [p for p in batch["prompt"] for _ in range(2)]
+
+    def penalty(rollout) -> list[float]:
+        responses = decode_responses(tok, rollout)
+        module.score_config.missing_eos_penalty = None
+        plain = module.score(prompts, responses, rollout)
+        module.score_config.missing_eos_penalty = -5.0
+        return (module.score(prompts, responses, rollout) - plain).tolist()
+
+    assert penalty(ended) == [0.0] * len(ended) and penalty(cut) == [-5.0] * len(cut)

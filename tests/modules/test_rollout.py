@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from lit_rlhf.models.heads import PolicyOutput
-from lit_rlhf.modules.rollout import evaluate_actions, generate, sample_categorical
+from lit_rlhf.modules.rollout import Rollout, evaluate_actions, generate, sample_categorical
 from tests.modules.ppo_helpers import make_batch, make_module, ready
 
 
@@ -61,6 +61,23 @@ def test_generate_stops_at_eos_and_masks_what_follows():
     # Rows that are done leave the batch once they are a quarter of it: row 2 after its first
     # token, row 0 after its third; the last step feeds row 1 alone.
     assert policy.batch_sizes == [3, 2, 2, 1]
+
+
+def test_generate_stops_at_any_end_of_turn_id_and_ended_means_the_last_turn_ended():
+    eos, eot, pad = 2, 3, 0  # e.g. <|endoftext|> and ChatML's <|im_end|>
+    policy = _ScriptedPolicy([[5, eot, 7, 8], [5, 6, eos, 9], [5, 6, 7, 8]])
+    query = torch.tensor([[4, 4], [4, 4], [4, 4]])
+    rollout = generate(policy, query, torch.ones_like(query), torch.tensor([4, 4, 4]), eos_token_id=[eos, eot],
+                       pad_token_id=pad)
+    assert rollout.response_ids.tolist() == [[5, eot, pad, pad], [5, 6, eos, pad], [5, 6, 7, 8]]
+    assert rollout.ended_with([eos, eot]).tolist() == [True, True, False]
+    assert rollout.ended_with(eos).tolist() == [False, True, False]
+    # Multi-turn: a tool turn ended with eot, then an observation (1), then the final turn. Only the
+    # policy's last token counts: a final answer cut at the token limit has not ended.
+    response = torch.tensor([[5, eot, 1, 1, 6, 7], [5, eot, 1, 1, 6, eot], [5, eot, 1, 1, 6, pad]])
+    observed = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0]])
+    episodes = Rollout(query, torch.ones_like(query), response, (response != pad).long(), observation_mask=observed)
+    assert episodes.ended_with([eos, eot]).tolist() == [False, True, False]
 
 
 def test_inverse_transform_sampling_follows_the_distribution():

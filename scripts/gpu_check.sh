@@ -6,21 +6,30 @@
 #
 # It runs in a ready-made CUDA environment that has torch, lightning, transformers, peft,
 # torchmetrics and accelerate (older minor versions too: torch 2.11, transformers 5.17). What such an
-# environment often lacks (bitsandbytes, jsonargparse, torchdata, datasets and their small
-# dependencies) comes from the wheels in DIR (default: .whl), installed with
+# environment often lacks (bitsandbytes, jsonargparse, torchdata, datasets and what they import,
+# datasets' binary pyarrow, pandas and xxhash included: see CARRIED) comes from the wheels in DIR
+# (default: .whl), each only where the environment lacks its module, installed with
 # `pip install --no-index --no-deps --target` into a temporary folder: no network, nothing changed in
 # the environment. Prints one line per check and a summary; exits 1 if a check failed or no GPU is
 # visible. Logs and the benchmark's JSON go to --out (default: gpu_check_out).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-WHEELS_FOR=(bitsandbytes==0.50.2 jsonargparse==4.53.0 docstring-parser typeshed-client torchdata==0.11.0
-            datasets==5.2.0 dill multiprocess)
+# What the environment may lack, as MODULE=WHEEL-SPEC (the versions the tests pass with): lit_rlhf's
+# dependencies beyond the ready-made stack, and everything `import datasets` loads that torch,
+# transformers and lightning do not bring (pyarrow, pandas and its python-dateutil, xxhash, dill,
+# multiprocess; fsspec comes with torch but is listed for an environment without it).
+CARRIED=(bitsandbytes=bitsandbytes==0.50.2 jsonargparse=jsonargparse==4.53.0
+         docstring_parser=docstring-parser==0.18.0 typeshed_client=typeshed-client==2.15.0
+         torchdata=torchdata==0.11.0 datasets=datasets==5.2.0 pyarrow=pyarrow==26.0.1 pandas=pandas==3.1.2
+         dateutil=python-dateutil==4.0.0 xxhash=xxhash==4.1.0 dill=dill==0.4.1 multiprocess=multiprocess==0.70.19
+         fsspec=fsspec==2026.9.0)
 
 if [ "${1:-}" = "--download" ]; then
   dir=${2:?usage: gpu_check.sh --download DIR [PYVER]}; pyver=${3:-3.12}
   mkdir -p "$dir"
-  for spec in "${WHEELS_FOR[@]}"; do
+  for entry in "${CARRIED[@]}"; do
+    spec=${entry#*=}
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 --platform any -d "$dir" "$spec" || { echo "gpu_check: cannot download $spec"; exit 1; }
@@ -61,19 +70,17 @@ else
 fi
 
 # 2. The packages the environment lacks, from the carried wheels (never from the network).
-missing=$("$PY" - <<'EOF'
-import importlib.util
-names = {"bitsandbytes": "bitsandbytes", "jsonargparse": "jsonargparse", "torchdata": "torchdata",
-         "datasets": "datasets", "docstring_parser": "docstring-parser", "typeshed_client": "typeshed-client",
-         "dill": "dill", "multiprocess": "multiprocess"}
-print(" ".join(wheel for module, wheel in names.items() if importlib.util.find_spec(module) is None))
+missing=$("$PY" - "${CARRIED[@]}" <<'EOF'
+import importlib.util, sys
+carried = dict(entry.split("=", 1) for entry in sys.argv[1:])  # module -> wheel spec
+print(" ".join(spec.split("==")[0] for module, spec in carried.items() if importlib.util.find_spec(module) is None))
 EOF
 )
 if [ -n "$missing" ]; then
   site=$(mktemp -d)
   files=()
   for name in $missing; do
-    found=$(ls "$wheels"/$(echo "$name" | tr - _)-*.whl 2>/dev/null | head -1)
+    found=$(ls "$wheels"/$(echo "$name" | tr - _)-*.whl 2>/dev/null | head -1)  # python-dateutil: python_dateutil-*
     [ -n "$found" ] && files+=("$found")
   done
   if [ ${#files[@]} -gt 0 ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \

@@ -65,8 +65,10 @@ class GRPOConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per minibatch."""
     mini_batch_tokens: int | None = None
-    """Cut each minibatch into micro-batches of at most this many prompt + response tokens
-    instead (an episode longer than that alone), with ``gradient_accumulation_steps`` at 1."""
+    """At most this many prompt + response tokens in one forward: update micro-batches (after
+    the ``gradient_accumulation_steps`` cut) and the no-grad passes are cut further by tokens (an
+    episode longer than that alone). None: derived from the model's shape and the device's
+    memory (``lit_rlhf.modules.update.auto_pass_tokens``)."""
     clip_range: float = 0.2
     """Lower (and, without ``clip_range_high``, upper) ratio clip epsilon."""
     clip_range_high: float | None = None

@@ -514,12 +514,14 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         when needed (``old_logprobs``: force the first on or off)."""
         self.policy.eval()
         try:
+            pieces = self.pieces_by_tokens(rollout)  # each forward within the pass token budget
             if self.needs_old_logprobs(len(rollout)) if old_logprobs is None else old_logprobs:
                 # Same weights, masks and positions as every later update forward: ratio 1 at start.
-                rollout.logprobs, rollout.values, _ = self.evaluate(self.policy, rollout,
-                                                                    with_values=self.uses_value_head)
+                out = [self.evaluate(self.policy, rollout[idx], with_values=self.uses_value_head) for idx in pieces]
+                rollout.logprobs = torch.cat([o[0] for o in out])
+                rollout.values = torch.cat([o[1] for o in out]) if self.uses_value_head else None
             if self.needs_reference():
-                rollout.ref_logprobs = self.reference_logprobs(rollout)
+                rollout.ref_logprobs = torch.cat([self.reference_logprobs(rollout[idx]) for idx in pieces])
         finally:
             self.policy.train()
 

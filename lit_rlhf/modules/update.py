@@ -30,9 +30,12 @@ class MinibatchSettings:
     gradient_accumulation_steps: int = 1
     """Micro-batches per minibatch; must divide mini_batch_size."""
     mini_batch_tokens: int | None = None
-    """Cut each minibatch into micro-batches by tokens instead (see :func:`token_pieces`): at
-    most this many prompt + response tokens each, an episode longer than that alone; with
-    ``gradient_accumulation_steps`` left at 1. None: equal counts of episodes."""
+    """At most this many prompt + response tokens in one forward of the online passes: each
+    update micro-batch (after the ``gradient_accumulation_steps`` cut) and each no-grad pass
+    (old log-probs and values, reference log-probs) is cut further, in order, by tokens (see
+    :func:`token_pieces`; an episode longer than that alone). None: derived from the model's
+    shape and the device's memory (:func:`auto_pass_tokens`), so that long responses never
+    need it set to fit."""
     clip_range: float = 0.2
     """Policy ratio clip epsilon."""
     entropy_coef: float = 0.0
@@ -49,12 +52,9 @@ class MinibatchSettings:
     models; others stay padded)."""
 
     def check_tokens(self, prefix: str) -> None:
-        """The micro-batch settings are one choice: a token budget or a count (errors name ``prefix``)."""
+        """A token budget is positive (errors name ``prefix``)."""
         if self.mini_batch_tokens is not None and self.mini_batch_tokens < 1:
             raise ValueError(f"{prefix}.mini_batch_tokens must be >= 1, got {self.mini_batch_tokens}")
-        if self.mini_batch_tokens is not None and self.gradient_accumulation_steps != 1:
-            raise ValueError(f"{prefix}.mini_batch_tokens cuts micro-batches by tokens: leave "
-                             f"{prefix}.gradient_accumulation_steps at 1, got {self.gradient_accumulation_steps}")
 
     def shared(self) -> dict:
         """These settings by name (for building an :class:`UpdateConfig`)."""
@@ -152,18 +152,36 @@ class MinibatchUpdates:
 
     def _micro_batches(self, rollout, minibatch: torch.Tensor) -> list[torch.Tensor]:
         """The minibatch's episode indices cut into micro-batches: ``gradient_accumulation_steps``
-        equal counts (fewer for a short minibatch), or by ``mini_batch_tokens``. By tokens, every
-        rank cuts as many as the rank that needs the most: a sharded forward is a collective."""
+        equal counts (fewer for a short minibatch), each cut further by the pass token budget."""
         cfg = self.update_config
-        if cfg.mini_batch_tokens is None:
-            return list(minibatch.split(cfg.mini_batch_size // cfg.gradient_accumulation_steps))
-        sub = rollout[minibatch]
-        lengths = (sub.query_mask.sum(-1) + sub.response_mask.sum(-1)).tolist()
-        count = len(token_pieces(lengths, cfg.mini_batch_tokens))
-        if self.trainer.world_size > 1:
-            count = int(self.trainer.strategy.all_gather(torch.tensor(count, device=self.device)).max())
-        return [minibatch[torch.tensor(piece, device=minibatch.device)]
-                for piece in token_pieces(lengths, cfg.mini_batch_tokens, count)]
+        return [minibatch[piece] for piece in self.pieces_by_tokens(rollout[minibatch],
+                                                                cfg.mini_batch_size // cfg.gradient_accumulation_steps)]
+
+    def pieces_by_tokens(self, rollout, per_piece: int | None = None) -> list[torch.Tensor]:
+        """Positions ``0 .. len(rollout) - 1`` cut, in order, into pieces of at most ``per_piece``
+        episodes (None: no count limit) and :meth:`pass_tokens` prompt + response tokens. Under
+        ``fsdp2`` every rank cuts as many pieces as the rank that needs the most: a sharded
+        forward is a collective, and every rank must run as many (under DDP only the backward's
+        all-reduce is, once per minibatch)."""
+        lengths = (rollout.query_mask.sum(-1) + rollout.response_mask.sum(-1)).tolist()
+        pieces = cut_pieces(lengths, self.pass_tokens(), per_piece)
+        if getattr(self, "sharding", None) is not None and self.trainer.world_size > 1:
+            count = int(self.trainer.strategy.all_gather(torch.tensor(len(pieces), device=self.device)).max())
+            pieces = cut_pieces(lengths, self.pass_tokens(), per_piece, count)
+        device = rollout.query_ids.device
+        return [torch.tensor(piece, device=device, dtype=torch.long) for piece in pieces]
+
+    def pass_tokens(self) -> int:
+        """The token budget of one forward: ``mini_batch_tokens``, or :func:`auto_pass_tokens`
+        for this model, precision and device (computed once)."""
+        if self.update_config.mini_batch_tokens is not None:
+            return self.update_config.mini_batch_tokens
+        if getattr(self, "_auto_pass_tokens", None) is None:
+            base = self.policy.base_model
+            checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
+            self._auto_pass_tokens = auto_pass_tokens(base.config, activation_bytes(self.compute_dtype),
+                                                      device_memory(self.device), checkpointing)
+        return self._auto_pass_tokens
 
     def _accumulating(self, last: bool):
         """Under DDP, a non-final micro-batch's backward only accumulates gradients: the
@@ -203,6 +221,73 @@ class MinibatchUpdates:
         return self.trainer.strategy.reduce(t.float(), reduce_op="mean") if self.trainer.world_size > 1 else t
 
 
+PASS_MEMORY_SHARE = 1 / 8
+"""Share of the device's memory that one update micro-batch's kept activations may take by default."""
+
+MIN_PASS_TOKENS = 512
+"""The smallest default budget (a forward of fewer tokens leaves an accelerator idle)."""
+
+
+def auto_pass_tokens(config, activation_bytes: int, memory: int, checkpointing: bool = False) -> int:
+    """The default token budget of one forward (``mini_batch_tokens`` unset).
+
+    What one token costs in a forward + backward once the logits are computed in chunks
+    (:func:`~lit_rlhf.objectives.logprobs.head_logprobs`): the activations each block keeps for
+    its backward, about ``12 * hidden + 4 * intermediate`` values per token (norm inputs, q, k,
+    v and attention outputs, the MLP's gate, up and product; measured against the estimator's
+    per-layer formula), times the layers (one layer under gradient checkpointing, plus each
+    layer's input). The budget is the number of tokens whose activations fill
+    ``PASS_MEMORY_SHARE`` of ``memory``, at least ``MIN_PASS_TOKENS``. No-grad passes keep no
+    activations and use the same budget (one setting for every pass).
+
+    Args:
+        config: the transformers model config (its text config is read).
+        activation_bytes: bytes per activation value (2 under 16-bit precision, else 4).
+        memory: the device's memory in bytes (:func:`device_memory`).
+        checkpointing: gradient checkpointing is on.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    layers = text.num_hidden_layers
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    per_layer = 12 * hidden + 4 * intermediate
+    per_token = (per_layer + layers * hidden if checkpointing else layers * per_layer) * activation_bytes
+    return max(MIN_PASS_TOKENS, int(memory * PASS_MEMORY_SHARE) // per_token)
+
+
+def activation_bytes(dtype: torch.dtype) -> int:
+    """Bytes per activation value for a compute dtype (bf16/fp16: 2; else 4)."""
+    return 2 if dtype in (torch.bfloat16, torch.float16) else 4
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes: the accelerator's, or the host's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cut_pieces(lengths: list[int], budget: int, per_piece: int | None = None, count: int | None = None) -> list[list[int]]:
+    """Positions ``0 .. len(lengths) - 1`` cut, in order, into consecutive pieces of at most
+    ``per_piece`` episodes (None: any number) and each of those into pieces of at most ``budget``
+    tokens (:func:`token_pieces`); ``count``: then split the pieces with the most tokens in two
+    until there are ``count``.
+
+    >>> cut_pieces([3, 4, 2, 6, 1], budget=6, per_piece=2)
+    [[0], [1], [2], [3], [4]]
+    >>> cut_pieces([3, 4, 2, 6, 1], budget=100, per_piece=2)
+    [[0, 1], [2, 3], [4]]
+    """
+    n = len(lengths)
+    per_piece = per_piece or max(n, 1)
+    pieces = [[start + i for i in piece]
+              for start in range(0, n, per_piece)
+              for piece in token_pieces(lengths[start:start + per_piece], budget)]
+    return pieces if count is None else split_pieces(pieces, lengths, count)
+
+
 def token_pieces(lengths: list[int], budget: int, count: int | None = None) -> list[list[int]]:
     """Positions ``0 .. len(lengths) - 1`` cut, in order, into consecutive micro-batches of at most
     ``budget`` tokens (``lengths``: each episode's tokens); an episode longer than the budget is
@@ -222,18 +307,22 @@ def token_pieces(lengths: list[int], budget: int, count: int | None = None) -> l
             used = 0
         pieces[-1].append(i)
         used += n
-    if count is not None:
-        if not len(pieces) <= count <= len(lengths):
-            raise ValueError(f"cannot cut {len(lengths)} episodes into {count} micro-batches of at most {budget} "
-                             f"tokens (they need {len(pieces)})")
-        while len(pieces) < count:
-            j = max((j for j, p in enumerate(pieces) if len(p) > 1), key=lambda j: sum(lengths[i] for i in pieces[j]))
-            piece, half, acc = pieces[j], sum(lengths[i] for i in pieces[j]) / 2, 0
-            cut = 1
-            for k, i in enumerate(piece[:-1], start=1):
-                acc += lengths[i]
-                cut = k
-                if acc >= half:
-                    break
-            pieces[j:j + 1] = [piece[:cut], piece[cut:]]
+    return pieces if count is None else split_pieces(pieces, lengths, count)
+
+
+def split_pieces(pieces: list[list[int]], lengths: list[int], count: int) -> list[list[int]]:
+    """``pieces`` with the one of the most tokens split in two (by tokens) until there are ``count``."""
+    if not len(pieces) <= count <= len(lengths):
+        raise ValueError(f"cannot cut {len(lengths)} episodes into {count} micro-batches (they need {len(pieces)})")
+    pieces = [list(p) for p in pieces]
+    while len(pieces) < count:
+        j = max((j for j, p in enumerate(pieces) if len(p) > 1), key=lambda j: sum(lengths[i] for i in pieces[j]))
+        piece, half, acc = pieces[j], sum(lengths[i] for i in pieces[j]) / 2, 0
+        cut = 1
+        for k, i in enumerate(piece[:-1], start=1):
+            acc += lengths[i]
+            cut = k
+            if acc >= half:
+                break
+        pieces[j:j + 1] = [piece[:cut], piece[cut:]]
     return pieces

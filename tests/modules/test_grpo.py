@@ -165,20 +165,27 @@ def test_skipped_groups_carry_no_gradient_at_step_0(aggregation):
 def test_micro_batches_cut_by_tokens_give_the_whole_minibatchs_gradient(tmp_path, aggregation):
     # 16 completions of different lengths in micro-batches of at most 30 tokens (several, of
     # unequal sizes): each weighed by its share of the loss's tokens or sequences.
-    grads, pieces = {}, {}
+    # The no-grad reference pass runs in pieces of the same budget, to the same log-probs.
+    grads, pieces, refs, passes = {}, {}, {}, {}
     for budget in (None, 30):
         module = _module(lora=None, mini_batch_size=16, mini_batch_tokens=budget, loss_aggregation=aggregation,
                          max_grad_norm=1e9)
-        seen, cut = [], module._micro_batches
+        seen, cut, evaluate = [], module._micro_batches, module.evaluate
         module._micro_batches = lambda rollout, minibatch: pieces.setdefault(budget, cut(rollout, minibatch))
         module._clip_gradients = lambda optimizer, norm: seen.append(
             [p.grad.clone() for p in module.policy.parameters() if p.requires_grad])
+        module.evaluate = lambda policy, rollout, **kw: (
+            passes.setdefault(budget, []).append(len(rollout)) or evaluate(policy, rollout, **kw))
+        scoring = module.scoring_passes
+        module.scoring_passes = lambda rollout, *a: (scoring(rollout, *a), refs.setdefault(budget, rollout.ref_logprobs))
         _fit(module, tmp_path, rollouts=1)
         grads[budget] = seen[0]
     sizes = [len(p) for p in pieces[30]]
     assert len(pieces[None]) == 1 and len(sizes) > 2 and len(set(sizes)) > 1 and sum(sizes) == 16
     for whole, cut in zip(grads[None], grads[30]):
         torch.testing.assert_close(cut, whole, rtol=1e-4, atol=1e-7)
+    assert passes[None][0] == 16 and len(passes[30]) > len(passes[None])  # the reference pass, cut too
+    torch.testing.assert_close(refs[30], refs[None], rtol=1e-5, atol=1e-6)
 
 
 def test_token_pieces_cut_in_order_within_the_budget():
@@ -192,9 +199,13 @@ def test_token_pieces_cut_in_order_within_the_budget():
     assert token_pieces([2, 2], budget=8, count=2) == [[0], [1]]
     with pytest.raises(ValueError, match="cannot cut 2 episodes into 3 micro-batches"):
         token_pieces([2, 2], budget=8, count=3)
-    with pytest.raises(ValueError, match="grpo.mini_batch_tokens cuts micro-batches by tokens: leave "
-                                         "grpo.gradient_accumulation_steps at 1, got 2"):
-        GRPOConfig(mini_batch_tokens=64, gradient_accumulation_steps=2)
+    # With a count per piece (gradient_accumulation_steps), each count's piece is cut by tokens.
+    from lit_rlhf.modules.update import cut_pieces
+
+    assert cut_pieces([3, 4, 2, 6, 1], budget=6, per_piece=2) == [[0], [1], [2], [3], [4]]
+    assert cut_pieces([3, 4, 2, 6, 1], budget=100, per_piece=2) == [[0, 1], [2, 3], [4]]
+    assert cut_pieces([3, 4, 2, 6, 1], budget=100, per_piece=3, count=3) == [[0, 1], [2], [3, 4]]
+    GRPOConfig(mini_batch_tokens=64, gradient_accumulation_steps=2)  # both at once: allowed
     with pytest.raises(ValueError, match="ppo.mini_batch_tokens must be >= 1, got 0"):
         PPOConfig(mini_batch_tokens=0)
 
@@ -354,3 +365,16 @@ def test_a_static_decoder_under_fsdp2_is_a_one_line_error_before_weights_load():
     with pytest.raises(ValueError, match="sampling.decoder: compiled is not supported under the fsdp2 strategy"):
         module.configure_model()
     assert module.policy is None
+
+
+def test_the_default_pass_budget_comes_from_the_model_shape_and_the_device_memory():
+    from types import SimpleNamespace
+
+    from lit_rlhf.modules.update import MIN_PASS_TOKENS, auto_pass_tokens
+
+    qwen = SimpleNamespace(hidden_size=896, num_hidden_layers=24, intermediate_size=4864)
+    # 12 * 896 + 4 * 4864 = 30,208 values per token and layer; 24 layers in bf16: 1,449,984 bytes.
+    assert auto_pass_tokens(qwen, 2, 80 * 2**30) == (80 * 2**30 // 8) // 1_449_984 == 7405
+    # Gradient checkpointing keeps one layer's activations and every layer's input.
+    assert auto_pass_tokens(qwen, 2, 80 * 2**30, checkpointing=True) == (10 * 2**30) // ((30_208 + 24 * 896) * 2)
+    assert auto_pass_tokens(qwen, 4, 2**30) == MIN_PASS_TOKENS  # a small device: the floor

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lit_rlhf.callbacks import NonFiniteLossError
 from lit_rlhf.cli import main, parser_error_cause
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +115,38 @@ def test_weighted_rule_rewards_compose_in_a_config(tmp_path, capsys):
         "lit_rlhf.rewards.ExactAnswerReward", "lit_rlhf.rewards.RegexFormatReward"]
     assert reward["init_args"]["weights"] == [1.0, 0.1]
     assert config["data"]["init_args"]["fields"] == ["answer"]
+
+
+def _tiny_sft_run(tmp_path) -> list[str]:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"text": "review {i}: a fine film, and a long one."}}\n' for i in range(24)))
+    return ["fit", "-c", "sft/demo.yaml", "--model.init_args.lm.arch=demo-tiny", f"--data.init_args.path={rows}",
+            "--data.init_args.val_size=4", "--data.init_args.batch_size=2", "--data.init_args.seq_length=32",
+            "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}"]
+
+
+def _raise(err: Exception):
+    def hook(self, *args, **kwargs):
+        raise err
+    return hook
+
+
+@pytest.mark.parametrize("hook, err, code", [
+    ("setup", ValueError("data.init_args.path: bad rows"), 2),  # before the run: the config's inputs
+    ("training_step", NonFiniteLossError("train/loss is nan at step 1: stopping"), 1),  # a diverged run
+    ("training_step", ValueError("a bug in the middle of a run"), None),  # keeps its traceback
+], ids=["setup-one-line", "diverged-one-line", "training_step-traceback"])
+def test_only_errors_before_the_run_starts_become_one_line(tmp_path, monkeypatch, capsys, hook, err, code):
+    from lit_rlhf.modules import SFTModule
+
+    monkeypatch.setattr(SFTModule, hook, _raise(err))
+    if code is None:  # raised on: the interpreter prints the traceback
+        with pytest.raises(ValueError, match="a bug in the middle of a run"):
+            main(_tiny_sft_run(tmp_path))
+        assert "error:" not in capsys.readouterr().err
+        return
+    with pytest.raises(SystemExit) as exit_:
+        main(_tiny_sft_run(tmp_path))
+    assert exit_.value.code == code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {err}"

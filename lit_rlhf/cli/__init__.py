@@ -126,21 +126,23 @@ def main(args: list[str] | None = None) -> None:
         estimate.main(argv[1:])
         return
     from lit_rlhf.callbacks import NonFiniteLossError
-    from lit_rlhf.cli.errors import USER_ERRORS, error_line
+    from lit_rlhf.cli.errors import USER_ERRORS, RunStarted, error_line
     from lit_rlhf.cli.lightning import LitRLHFCLI, cli_kwargs
 
+    run = RunStarted()
     try:
         if args is None:
             # LightningCLI reads sys.argv (and warns when given both it and `args`).
             sys.argv[1:] = expand_config_includes(short_class_names(sys.argv[1:]))
         else:
             args = expand_config_includes(short_class_names(list(args)))
-        LitRLHFCLI(**cli_kwargs(args))
+        LitRLHFCLI(**cli_kwargs(args, trainer_defaults={"callbacks": [run]}))
     except USER_ERRORS as err:
-        if os.environ.get("LIT_RLHF_DEBUG"):
+        if os.environ.get("LIT_RLHF_DEBUG") or not run.is_one_line(err):
             raise
-        # Bad input and diverged runs end with one readable line, not a traceback. A bad
-        # value deep in a config reaches here wrapped in jsonargparse's dump: keep its cause.
+        # Bad input (before the run starts) and diverged runs end with one readable line, not a
+        # traceback. A bad value deep in a config reaches here wrapped in jsonargparse's dump:
+        # keep its cause.
         print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
 

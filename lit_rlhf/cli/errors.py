@@ -7,12 +7,45 @@ import re
 
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
 
 from lit_rlhf.callbacks import NonFiniteLossError
 
 # What a user's mistake raises (a diverged run too: NonFiniteLossError). Anything else is a
-# bug and keeps its traceback.
-USER_ERRORS = (ArgumentError, NonFiniteLossError, ValueError, OSError, MisconfigurationException)
+# bug and keeps its traceback; so does a ValueError or OSError once the run has started (see
+# RunStarted). The others say "your config" or "your run diverged" whenever they are raised.
+ONE_LINE_ANY_TIME = (ArgumentError, MisconfigurationException, NonFiniteLossError)
+USER_ERRORS = (*ONE_LINE_ANY_TIME, ValueError, OSError)
+
+
+class RunStarted(Callback):
+    """Notes when the trainer's loop starts: the sanity check, the first training batch or the
+    first validation batch (after every ``setup``, ``configure_model`` and ``on_fit_start``,
+    where weights load and configs are checked against the data).
+
+    Before that, a :data:`USER_ERRORS` exception is a mistake in the config or its inputs and
+    ends in one ``error:`` line; after it, a ``ValueError`` or ``OSError`` comes from the code
+    that trains (a module's ``training_step``, a reward function, a full disk at a checkpoint)
+    and keeps its traceback, which is what finding the cause needs. :data:`ONE_LINE_ANY_TIME`
+    stay one line: Lightning's word for a bad config (``LearningRateMonitor`` without a logger
+    is found at the first batch) and a diverged run's :class:`NonFiniteLossError`.
+    """
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self.started = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = True
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.started = True
+
+    def is_one_line(self, err: BaseException) -> bool:
+        """True when ``err`` (one of :data:`USER_ERRORS`) is reported as one line."""
+        return not self.started or isinstance(err, ONE_LINE_ANY_TIME)
 
 # Lines of jsonargparse's error dump that describe the search, not the problem.
 _PARSER_NOISE = re.compile(

@@ -151,6 +151,14 @@ class DPOModule(HFModule):
         with self.model.disable_adapter():
             return self.sequence_logps(self.model, batch)[0]
 
+    def setup(self, stage: str) -> None:
+        # Before any weights load, and before the run starts (a mistake found in the first step
+        # would be the run's, with a traceback): the datamodule must pack its pairs.
+        super().setup(stage)
+        hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", None)
+        if hparams is not None and hparams.get("pack", True) is False:
+            raise ValueError("DPOModule needs packed pair batches (data.init_args.pack: true)")
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.hparams.precompute_reference:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -137,13 +138,79 @@ def test_a_written_model_that_does_not_load_back_is_never_put_in_place(lora_run,
     export_run(run_dir, tmp_path / "out")  # a good export in place
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
 
-    def broken(task):
+    def broken(model, task):
         def check(folder):
             raise ValueError(f"{folder}: cannot load the model's weights: broken on purpose")
         return check
 
-    monkeypatch.setattr(export, "loads_back", broken)
+    monkeypatch.setattr(export, "written_model_check", broken)
     with pytest.raises(ValueError, match="broken on purpose"):
         export_run(run_dir, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before  # the old export stays
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary left
+
+
+def _full_fine_tuning_run(root: Path, **arch) -> tuple[Path, torch.nn.Module]:
+    import yaml
+
+    from lit_rlhf.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("demo")
+    lm = {**TINY_LLAMA, **arch}
+    model = load_model(ModelConfig(arch=lm, tokenizer="demo"), tokenizer)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "config.yaml").write_text(yaml.safe_dump({"model": {
+        "class_path": "lit_rlhf.modules.SFTModule", "init_args": {"lm": {"arch": lm, "tokenizer": "demo", "lora": None}}}}))
+    return root, model
+
+
+def test_the_written_model_is_checked_without_loading_it_again(tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    run, _ = _full_fine_tuning_run(tmp_path / "run", tie_word_embeddings=True)  # a tied weight is written once
+    loaded = []
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        loaded.append(Path(path))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(spy))
+    export_run(run, tmp_path / "out")
+    assert loaded == [run / "model"]  # the run's model, read once; the written folder never
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("none", None),
+    ("drop", "1 weight(s) of the model are not in its safetensors files, e.g. model.norm.weight"),
+    ("swap", "_proj.weight holds other values than the model's"),  # q_proj and k_proj swapped
+    ("bfloat16", "is BF16, the model's is torch.float32"),
+    ("reshape", "model.norm.weight [32] is no weight of the LlamaForCausalLM that config.json describes (expected [64])"),
+    ("truncate", "unreadable safetensors file"),
+])
+def test_the_check_of_a_written_model_reads_its_headers(tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    from lit_rlhf.export import written_model_check
+
+    _, model = _full_fine_tuning_run(tmp_path)
+    folder, file = tmp_path / "model", tmp_path / "model" / "model.safetensors"
+    weights = load_file(file)
+    layer = "model.layers.0.self_attn."
+    changed = {
+        "drop": lambda w: {k: v for k, v in w.items() if k != "model.norm.weight"},
+        "swap": lambda w: {**w, layer + "q_proj.weight": w[layer + "k_proj.weight"], layer + "k_proj.weight": w[layer + "q_proj.weight"]},
+        "bfloat16": lambda w: {k: v.bfloat16() for k, v in w.items()},
+        "reshape": lambda w: {**w, "model.norm.weight": w["model.norm.weight"][:32].clone()},
+    }
+    if damage in changed:
+        save_file(changed[damage](weights), file, metadata={"format": "pt"})
+    elif damage == "truncate":
+        file.write_bytes(file.read_bytes()[:-100])
+    check = written_model_check(model, "causal_lm")
+    if message is None:
+        check(folder)
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check(folder)

@@ -82,7 +82,7 @@ def save_pretrained_atomic(model: nn.Module, target: str | Path, tokenizer=None,
 
     ``adapters``: for a peft model, the adapters to save (all by default; a policy that also
     carries a reward adapter saves only its own). ``check(folder)``, when given, runs on the
-    written folder before it replaces ``target`` (e.g. loading it back). ``meta`` is written to
+    written folder before it replaces ``target`` (e.g. its headers against the model). ``meta`` is written to
     ``target/lit_rlhf.json`` (e.g. reward statistics, the base the adapter was trained on).
     ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered).
     """

@@ -21,7 +21,6 @@ from lit_rlhf.modules.rollout import (
     StopStrings,
     decode_responses,
     decode_trajectories,
-    shared_prompts,
 )
 from lit_rlhf.optim import OptimConfig
 from tests.conftest import TINY_LLAMA
@@ -131,12 +130,12 @@ def test_observation_tokens_get_no_gradient_no_advantage_and_no_kl(played):
         hook.remove()
         module.policy.zero_grad()
     assert stats["kl"] > 0
-    # Shared prompts: one pass over the prompts (the last logit scores response token 0), one over
-    # the responses (logit j scores response token j + 1).
-    prompt_logits, response_logits = logits
-    index = shared_prompts(rollout)[2]  # each episode's prompt
-    grad = torch.cat([prompt_logits.grad[index, -1:], response_logits.grad], dim=1)  # (B, Tr, V)
-    assert grad.shape[1] == rollout.response_ids.size(1)
+    # One head call on the hidden states of the response tokens (row-major over the response
+    # mask, observations included): its logits' gradient, put back in (B, Tr, V).
+    (head_logits,) = logits
+    resp = rollout.response_mask.bool()
+    grad = head_logits.grad.new_zeros(*resp.shape, head_logits.size(-1))
+    grad[resp] = head_logits.grad
     assert (grad[observed] == 0).all()
     assert (grad[~observed & mask.bool()].abs().sum(-1) > 0).all()
 

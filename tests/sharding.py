@@ -202,6 +202,71 @@ def check_offload(out: Path) -> dict:
                                  for u in __import__("lit_rlhf.models.sharding", fromlist=["x"]).fsdp_modules(module)})}
 
 
+def check_meta_load(out: Path) -> dict:
+    """A pretrained model (tied embeddings, in safetensors) under fsdp2: built on meta, each rank
+    reading its own rows. For SFT (full, LoRA), PPO (the frozen reference copy, the value head) and
+    a reward model with a new score head: the gathered weights after one validation batch, and the
+    same model loaded unsharded (LoRA's A matrices are drawn anew: left out)."""
+    import lightning as L
+    import torch.distributed as dist
+
+    from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule
+    from lit_rlhf.models import LoraSettings, ModelConfig, load_model, load_tokenizer
+    from lit_rlhf.models.sharding import full_state_dict
+    from lit_rlhf.modules import PPOModule, RewardModule, SFTModule
+    from lit_rlhf.modules.ppo import PPOConfig, SamplingConfig
+    from tests.conftest import TINY_LLAMA
+    from tests.modules.ppo_helpers import LetterReward
+
+    source = out / "pretrained"
+    if not source.exists():  # rank 0, before Lightning starts rank 1 with this same script
+        tokenizer = load_tokenizer("demo")
+        load_model(ModelConfig(arch={**TINY_LLAMA, "tie_word_embeddings": True}, tokenizer="demo"),
+                   tokenizer).save_pretrained(source)
+        tokenizer.save_pretrained(source)
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+
+    class Gather(L.Callback):
+        def on_validation_start(self, trainer, module):
+            roots = [r for r in module.fsdp_roots() if r is not None]
+            module.gathered = [full_state_dict(r) for r in roots]
+            module.devices = sorted({str(t.device) for r in roots for t in r.state_dict().values()})
+
+    cases = {
+        "sft-full": (SFTModule(ModelConfig(name_or_path=str(source)), seq_length=32), "causal_lm",
+                     lambda m: SFTDataModule(path="demo", seq_length=32, batch_size=2, tokenizer=m.tokenizer, val_size=8)),
+        "sft-lora": (SFTModule(ModelConfig(name_or_path=str(source), lora=lora), seq_length=32), "causal_lm",
+                     lambda m: SFTDataModule(path="demo", seq_length=32, batch_size=2, tokenizer=m.tokenizer, val_size=8)),
+        "ppo-full": (PPOModule(ModelConfig(name_or_path=str(source)), LetterReward(), rollout_batch_size=4,
+                               ppo=PPOConfig(mini_batch_size=4), sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=4)), "causal_lm",
+                     lambda m: PromptDataModule("demo", batch_size=4, val_size=8, tokenizer=m.tokenizer)),
+        "rm-lora": (RewardModule(ModelConfig(name_or_path=str(source), lora=lora)), "seq_cls",
+                    lambda m: PreferenceDataModule("demo", batch_size=4, max_length=64, tokenizer=m.tokenizer,
+                                                   max_train_pairs=8, val_size=8)),
+    }
+    results = {}
+    for name, (module, task, data) in cases.items():
+        trainer = _trainer(out / name, callbacks=[Gather()])
+        trainer.limit_val_batches = 1
+        trainer.validate(module, data(module))
+        whole = load_model(ModelConfig(name_or_path=str(source), lora=module.lm_config.lora), module.tokenizer,
+                           task=task, new_head=task == "seq_cls").state_dict()
+        differ, compared = [], 0
+        for gathered in module.gathered if dist.get_rank() == 0 else []:
+            for key, value in gathered.items():  # a root's names end the whole model's
+                same = [k for k in whole if f".{k}".endswith(f".{key.removeprefix('lm.')}")]
+                if len(same) != 1 or any(x in key for x in ("lora_A", "score", "modules_to_save", "original_module")):
+                    # the value head, LoRA's A, the reward model's new score head: drawn anew
+                    continue
+                want = whole[same[0]]
+                compared += 1
+                if not torch.equal(value, want):
+                    differ.append(key)
+        results[name] = {"load_device": str(module.load_device), "differ": differ, "compared": compared,
+                         "devices": module.devices}
+    return results
+
+
 if __name__ == "__main__" and os.environ.get("CHECKS"):
     import torch.distributed as dist
 

@@ -283,6 +283,18 @@ def test_bf16_under_fsdp2_keeps_ratio_one_and_kl_zero_at_step_0_offload_and_prec
     assert torch.equal(ranks[0]["dpo_precompute"]["references"], ranks[1]["dpo_precompute"]["references"])
 
 
+@pytest.mark.slow
+def test_a_pretrained_model_loads_each_ranks_rows_from_meta_as_the_unsharded_load(tmp_path):
+    # SFT (full, LoRA), PPO (its frozen reference copy) and a LoRA reward model with a new score head,
+    # from a tied-embedding checkpoint: every weight read from the files equals the unsharded load.
+    launch(tmp_path, CHECKS="meta_load")
+    checks = torch.load(tmp_path / "rank0.pt", weights_only=False)["meta_load"]
+    assert set(checks) == {"sft-full", "sft-lora", "ppo-full", "rm-lora"}
+    for name, check in checks.items():
+        assert check["load_device"] == "meta" and check["devices"] == ["cpu"], (name, check)
+        assert check["differ"] == [] and check["compared"] >= 21, (name, check)
+
+
 FSDP2 = ("--trainer.strategy=fsdp2", "--trainer.devices=2")
 
 

@@ -223,6 +223,8 @@ def load_model(
     if not dropout:
         extra.update({name: 0.0 for name in dropout_fields(architecture)})
     kwargs: dict = {"dtype": cfg.torch_dtype, "attn_implementation": attention_for(cfg, architecture, task)}
+    if device.type == "meta":
+        return _on_meta(cfg, architecture, extra, kwargs, task, tokenizer, new_head=new_head)
 
     # Whatever the default device (Lightning runs configure_model under torch.device(<the GPU>),
     # where a 20B random init would be materialised in full before any quantization): quantized
@@ -252,6 +254,38 @@ def load_model(
         model = from_pretrained_checked(auto_class(task), source, new_head=new_head or cfg.arch is not None,
                                         **extra, **kwargs)
         return _finish(model, cfg, task, tokenizer)
+
+
+def _on_meta(cfg: ModelConfig, config, extra: dict, kwargs: dict, task: Task, tokenizer, *,
+             new_head: bool) -> nn.Module:
+    """``device="meta"`` of :func:`load_model`: the pretrained weights stay on the meta device, for
+    each rank to read its shards into once the model is sharded (:mod:`lit_rlhf.models.shards`);
+    buffers, a new task head and LoRA adapters are made on the CPU, as on a loaded model."""
+    from accelerate import init_empty_weights
+
+    from lit_rlhf.models.shards import checkpoint_files, init_adapters, missing_weights
+
+    source = resolve_path(cfg.name_or_path) if cfg.name_or_path is not None else None
+    entries = checkpoint_files(source) if source is not None else {}
+    if not entries:
+        raise ValueError(f"model.init_args.lm.name_or_path={cfg.name_or_path!r}: no safetensors files to load "
+                         "shards from")
+    for key, value in extra.items():
+        setattr(config, key, value)
+    with init_empty_weights(include_buffers=False):
+        model = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    model.tie_weights()  # accelerate's context re-creates every parameter it registers: ties broken there
+    prefix = f"{model.base_model_prefix}."
+    missing = missing_weights(model, entries)
+    if bad := [k for k in missing if not (new_head and not k.startswith(prefix))]:
+        raise ValueError(f"{source}: {len(bad)} weight(s) are not in the checkpoint and would be randomly "
+                         f"initialised, e.g. {bad[0]}")
+    for module in dict.fromkeys(model.get_submodule(name.rpartition(".")[0]) for name in missing):
+        module.to_empty(device="cpu", recurse=False)  # a new task head: initialised as from_pretrained does
+        model._init_weights(module)
+    model = _finish(model, cfg, task, tokenizer)
+    init_adapters(model)
+    return model
 
 
 def from_pretrained_checked(auto_class, source: str, *, new_head: bool = False, **kwargs) -> nn.Module:

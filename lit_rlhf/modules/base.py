@@ -201,11 +201,26 @@ class HFModule(L.LightningModule):
 
     @property
     def load_device(self) -> torch.device | None:
-        """Where weights load: each rank's device; the CPU when they are sharded next (a model
-        is never whole on an accelerator; ``fully_shard`` moves each rank's shard there)."""
+        """Where weights load: each rank's device. Sharded next: ``meta`` for a pretrained model
+        in safetensors files (each rank reads only its shards, after ``fully_shard``: see
+        :meth:`shard`); else the CPU (a random init is built whole there, then sharded)."""
         if self._trainer is None:
             return None
-        return torch.device("cpu") if self.sharding is not None else self.trainer.strategy.root_device
+        if self.sharding is None:
+            return self.trainer.strategy.root_device
+        return torch.device("meta") if self.shard_source is not None else torch.device("cpu")
+
+    @property
+    def shard_source(self) -> dict | None:
+        """The safetensors tensors of the pretrained model (``lm.name_or_path``) by name, read from
+        their headers; None without such files (a random init, ``.bin`` weights)."""
+        if not hasattr(self, "_shard_source"):
+            from lit_rlhf.models.shards import checkpoint_files
+            from lit_rlhf.models.sources import resolve_path
+
+            name = self.lm_config.name_or_path
+            self._shard_source = (checkpoint_files(resolve_path(name)) or None) if name is not None else None
+        return self._shard_source
 
     @property
     def compute_device(self) -> torch.device:
@@ -229,9 +244,13 @@ class HFModule(L.LightningModule):
         if (strategy := self.sharding) is None:
             return
         bf16 = str(self.trainer.precision) == "bf16-mixed"
-        shard_roots([r for r in self.fsdp_roots() if r is not None], strategy.mesh,
-                    param_dtype=torch.bfloat16 if bf16 else None, float32_heads=self.float32_heads(),
-                    cpu_offload=strategy.cpu_offload)
+        roots = [r for r in self.fsdp_roots() if r is not None]
+        shard_roots(roots, strategy.mesh, param_dtype=torch.bfloat16 if bf16 else None,
+                    float32_heads=self.float32_heads(), cpu_offload=strategy.cpu_offload)
+        if self.load_device == torch.device("meta"):  # built empty: each rank reads its own rows
+            from lit_rlhf.models.shards import load_shards
+
+            load_shards(self, roots, self.shard_source)
 
     @property
     def compute_dtype(self) -> torch.dtype:

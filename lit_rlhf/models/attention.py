@@ -198,6 +198,16 @@ def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+def keeps_packed_sequences_apart(implementation: str | None) -> bool:
+    """True when ``implementation`` attends inside each sequence of a packed row by itself:
+    segment attention (:data:`SEGMENT_SDPA`, one causal SDPA per sequence) or flash attention's
+    variable-length kernel. Anything else (``eager``, and ``sdpa`` on a model with sliding-window
+    layers or one transformers cannot switch) would need a block mask over the whole row,
+    quadratic in the row's length, through which a sliding window does not apply: the reward
+    model's and DPO's packed passes give such models their sequences as right-padded rows."""
+    return implementation == SEGMENT_SDPA or is_flash_attention(implementation)
+
+
 def packed_attention_kwargs(position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> dict:
     """The keyword arguments that keep packed documents apart under ``attn_implementation``.
 

@@ -9,13 +9,15 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import MeanMetric
 
 from lit_rlhf.data.preference import PairDataset, pack_pairs
 from lit_rlhf.models import ModelConfig, unwrap_peft
 from lit_rlhf.models.attention import (
     SEGMENT_SDPA,
-    packed_attention_kwargs,
+    flash_varlen_kwargs,
+    keeps_packed_sequences_apart,
     packing_problem,
     use_segment_attention,
 )
@@ -37,9 +39,10 @@ class DPOModule(HFModule):
     pairs, packed: ``{"input_ids", "position_ids": (1, N), "lengths", "prompt_lengths": (2B,)}``,
     chosen sequences first.
 
-    One forward per model over the packed row, attention kept inside each sequence, gives
-    the summed log-probs of each side's response tokens (the tokens after the pair's shared
-    prefix, see :class:`~lit_rlhf.data.preference.Pair`). The reference is the same base with
+    One forward per model over the packed row, attention kept inside each sequence (padded
+    rows for eager or sliding-window models, as the reward model does), gives the summed
+    log-probs of each side's response tokens (the tokens after the pair's shared prefix, see
+    :class:`~lit_rlhf.data.preference.Pair`). The reference is the same base with
     the adapters switched off (LoRA: no second model, also for an 8-/4-bit base), or a frozen
     copy of the starting model (full fine-tuning), or none (``reference: none``). Logs
     ``{train,val}/loss`` and ``rewards/{chosen,rejected,accuracy,margin}`` (beta-scaled
@@ -114,22 +117,48 @@ class DPOModule(HFModule):
         """(2B,) summed response log-probs and (2B,) response token counts under ``model``.
 
         One forward over the packed row ``(1, N)``. Attention stays inside each sequence: one
-        causal SDPA per sequence (segment attention, switched on at load), else a block mask.
-        The LM head runs only where a response token is predicted (``logits_to_keep``, which
-        also applies a model's own logit scaling or soft-capping).
+        causal SDPA per sequence (segment attention, switched on at load) or flash attention's
+        variable-length kernel. Any other model (eager attention, sliding windows) gets the
+        sequences back as right-padded rows, as the reward model does
+        (:func:`~lit_rlhf.models.attention.keeps_packed_sequences_apart`): the same values. The LM
+        head runs only where a response token is predicted (``logits_to_keep``, which also
+        applies a model's own logit scaling or soft-capping).
         """
         ids, positions, lengths = batch["input_ids"], batch["position_ids"], batch["lengths"]
         implementation = unwrap_peft(model).config._attn_implementation
+        if not keeps_packed_sequences_apart(implementation):
+            return self._padded_sequence_logps(model, batch)
         if implementation == SEGMENT_SDPA:  # the all-ones mask: transformers builds no mask
             extra = {"attention_mask": torch.ones_like(ids), "segment_lengths": lengths.tolist()}
-        else:
-            extra = packed_attention_kwargs(positions, implementation, self.lm_config.torch_dtype)
+        else:  # flash attention: the sequences' boundaries, explicitly
+            extra = flash_varlen_kwargs(positions)
         scored = response_token_mask(positions[0], lengths, batch["prompt_lengths"]).nonzero()[:, 0]  # (M,)
         # token t is predicted from position t - 1 (t >= 1: a sequence's first token is never scored)
         logits = model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=scored - 1,
                        **extra).logits
         token = ids.new_zeros(ids.size(1), dtype=torch.float32).index_put(
             (scored,), logprobs_from_logits(logits, ids[:, scored])[0])
+        return packed_sequence_logprobs(token, positions[0], lengths, batch["prompt_lengths"])
+
+    def _padded_sequence_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sequence_logps` for a model that cannot keep packed sequences apart by itself:
+        the 2B sequences as right-padded rows ``(2B, T)``, with the model's own masks (its
+        sliding window included). The LM head runs at the columns where some row predicts a
+        response token."""
+        ids, positions, lengths = batch["input_ids"], batch["position_ids"], batch["lengths"]
+        sequences = ids[0].split(lengths.tolist())
+        rows = pad_sequence(sequences, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0)  # (2B, T)
+        mask = pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True)
+        scored = response_token_mask(positions[0], lengths, batch["prompt_lengths"]).nonzero()[:, 0]  # (M,)
+        # packed token t is row `row[t]`, column `column[t]` of the padded rows
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device), lengths)[scored]
+        column = (scored - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)[scored])
+        keep = (column - 1).unique()  # (K,) sorted: token t is predicted from column t - 1
+        logits = model(input_ids=rows, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=False, logits_to_keep=keep).logits  # (2B, K, V)
+        picked = logits[row, torch.searchsorted(keep, column - 1)]  # (M, V)
+        token = ids.new_zeros(ids.size(1), dtype=torch.float32).index_put(
+            (scored,), logprobs_from_logits(picked[None], ids[:, scored])[0])
         return packed_sequence_logprobs(token, positions[0], lengths, batch["prompt_lengths"])
 
     @torch.no_grad()

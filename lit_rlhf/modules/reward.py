@@ -15,7 +15,7 @@ from lit_rlhf.models import ModelConfig, save_pretrained_atomic, unwrap_peft
 from lit_rlhf.models.attention import (
     SEGMENT_SDPA,
     flash_varlen_kwargs,
-    is_flash_attention,
+    keeps_packed_sequences_apart,
     use_segment_attention,
 )
 from lit_rlhf.models.heads import last_block_rows
@@ -113,7 +113,7 @@ class RewardModule(HFModule):
         model = self._transformers_model
         implementation = model.config._attn_implementation
         head = getattr(model, "score", None)
-        if head is None or not (implementation == SEGMENT_SDPA or is_flash_attention(implementation)):
+        if head is None or not keeps_packed_sequences_apart(implementation):
             sequences = input_ids[0].split(lengths.tolist())
             padded = pad_sequence(sequences, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0)
             mask = pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True)

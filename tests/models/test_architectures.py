@@ -245,6 +245,35 @@ def test_dpo_packed_log_probs_equal_each_sequence_alone_and_start_at_the_referen
     assert out["loss"].item() == pytest.approx(math.log(2), abs=1e-7) and out["rewards/margin"].item() == 0.0
 
 
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_dpo_on_eager_or_sliding_window_models_scores_padded_rows(family, monkeypatch):
+    # Gemma2 must use eager attention; Mistral's sliding window keeps it off segment attention.
+    # A block mask over the packed row would be quadratic in its length and would let the
+    # window-4 layers see whole sequences: DPO falls back to padded rows, as the reward model does.
+    import lit_rlhf.models.attention as attention
+
+    def no_block_mask(*args, **kwargs):
+        raise AssertionError("a block mask over the whole packed row")
+
+    module = DPOModule(ModelConfig(arch={**arch(family), "sliding_window": 4}, tokenizer="demo"))
+    module.configure_model()
+    monkeypatch.setattr(attention, "packed_causal_mask", no_block_mask)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 500, (4,), generator=g).tolist()
+    sides = [prompt + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    pairs = [Pair(sides[0], sides[2], 0.0, len(prompt)), Pair(sides[1], sides[3], 0.0, len(prompt))]
+    module.eval()
+    with torch.no_grad():
+        packed, counts = module.sequence_logps(module.model, pack_pairs(pairs, 0))
+        alone = []
+        for seq in [p.chosen for p in pairs] + [p.rejected for p in pairs]:
+            ids = torch.tensor([seq])
+            logits = module.model(input_ids=ids, use_cache=False).logits  # the model's own (windowed) masks
+            alone.append(logprobs_from_logits(logits[:, :-1], ids[:, 1:])[0, len(prompt) - 1:].sum())
+    torch.testing.assert_close(packed, torch.stack(alone), atol=1e-4, rtol=1e-5)
+    assert counts.tolist() == [5, 9, 3, 7]
+
+
 def test_unsupported_attention_is_refused_before_loading(tokenizer):
     with pytest.raises(ValueError, match="attn_implementation='sdpa': Gemma2ForCausalLM supports eager"):
         SFTModule(_lm("gemma2", attn_implementation="sdpa"))

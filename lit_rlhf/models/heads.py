@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lit_rlhf.models.cpu_paths import cpu_path_enabled
 from lit_rlhf.objectives.logprobs import EntropyMode, head_logprobs
 
 
@@ -54,7 +55,7 @@ def _mlp(block: nn.Module | None) -> nn.Module | None:
 
 @contextlib.contextmanager
 def last_block_rows(trunk: nn.Module, index: torch.Tensor) -> Iterator[None]:
-    """Inside, the MLP of ``trunk``'s last block computes positions ``index`` only.
+    """A CPU path: inside, the MLP of ``trunk``'s last block computes positions ``index`` only.
 
     A reward model reads its last hidden state at one token per sequence, yet every block runs
     on every token. In the last block only the attention needs all of them (for their keys and
@@ -63,17 +64,23 @@ def last_block_rows(trunk: nn.Module, index: torch.Tensor) -> Iterator[None]:
     its output put back at those positions, zeros elsewhere: the last hidden state is exact at
     ``index`` and wrong at every other position, which the caller must not read. For a reward
     model this saves three quarters of one block's matmuls: a fifth of the blocks' at 4 layers
-    (the benchmark's), 2% at 32.
+    (the ``tiny-cpu`` benchmark's), 2% at 32; ``benchmarks/cpu_paths.py`` measures it at a
+    realistic shape (``small-cpu``).
 
-    Nothing changes when the blocks have no ``mlp`` (:func:`last_block_mlp`), and when the
-    block has gradient checkpointing on (its recomputation in the backward would run after
-    this context has ended, on every position).
+    Nothing changes where :func:`~lit_rlhf.models.cpu_paths.cpu_path_enabled` is false for
+    ``rm_last_block_rows`` on ``index``'s device (any device but the CPU, or the path switched
+    off with ``LIT_RLHF_CPU_PATHS``), when the blocks have no ``mlp`` (:func:`last_block_mlp`),
+    and when the block has gradient checkpointing on (its recomputation in the backward would
+    run after this context has ended, on every position).
 
     Args:
         trunk: the transformers model (the hidden states' module: ``model.base_model``).
         index: (S,) positions along the sequence dimension of the (B, T, H) hidden states, the
             same for every row.
     """
+    if not cpu_path_enabled("rm_last_block_rows", index.device):
+        yield
+        return
     block = last_block(trunk)
     mlp = _mlp(block)
     if mlp is None or getattr(block, "gradient_checkpointing", False):

@@ -1,4 +1,12 @@
-"""Decoding's linear layers on CPU through oneDNN instead of MKL.
+"""Decoding's linear layers on CPU through oneDNN instead of MKL: a CPU-only speed path.
+
+It runs only where :func:`~lit_rlhf.models.cpu_paths.cpu_path_enabled` says so for
+``onednn_decode_linears``: a model on the CPU, and the path not switched off
+(``LIT_RLHF_CPU_PATHS=0``, see :mod:`lit_rlhf.models.cpu_paths`); on any other device nothing is
+touched. It relies on private oneDNN ops (``torch.ops.mkldnn._linear_pointwise`` and
+``_reorder_linear_weight``): a torch without them (:func:`onednn_available`) runs ``F.linear``.
+The speed-up below was measured at the 8.3M-parameter ``tiny-cpu`` shape, where the weights are
+small; ``benchmarks/cpu_paths.py`` measures it at a realistic shape (``small-cpu``).
 
 PyTorch runs a float32 ``nn.Linear`` on CPU as an MKL GEMM. A decode step feeds one token per
 sequence, so every linear layer multiplies a few rows by a whole weight matrix, and there MKL
@@ -17,7 +25,9 @@ passes, whose log-probs must agree to the last bit (the step-0 ratio of 1), keep
 of ``F.linear``. Anything else (a CUDA tensor, autocast, bf16 weights, ``torch.compile``) falls
 through to ``F.linear``, as do quantized layers (``nn.Linear`` subclasses with a forward of their
 own) and a torch built without oneDNN; a LoRA layer's base and adapter linears are plain
-``nn.Linear`` and take the oneDNN path.
+``nn.Linear`` and take the oneDNN path. A layer that already has an instance ``forward`` of its
+own (accelerate's hooks of a dispatched or offloaded model set one) is left alone: its forward is
+never replaced, nor deleted afterwards.
 """
 
 from __future__ import annotations
@@ -30,10 +40,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_rlhf.models.cpu_paths import cpu_path_enabled
+
 
 def onednn_available() -> bool:
-    """Whether this torch has oneDNN's CPU linear kernel."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch has the (private) oneDNN CPU linear kernel and weight packing used here."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _model_device(model) -> torch.device | None:
+    """The device of ``model``'s first parameter (None: not a module, or no parameters)."""
+    parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    return None if parameter is None else parameter.device
 
 
 PACK_AFTER = 8
@@ -90,24 +109,35 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 @contextlib.contextmanager
 def onednn_linears(model) -> Iterator[None]:
-    """Within the block, the plain ``nn.Linear`` layers of ``model`` run on oneDNN where
-    :func:`_applies` says so (their weights packed once called often, see :class:`_OneDNNForward`;
-    the weights must not change inside the block); their own ``forward`` is back afterwards,
-    also after an error. Subclasses (bitsandbytes' quantized layers) keep theirs."""
-    usable = isinstance(model, nn.Module) and onednn_available()  # a policy may be any callable
-    layers = [m for m in model.modules() if type(m) is nn.Linear] if usable else []
+    """A CPU path: within the block, the plain ``nn.Linear`` layers of a CPU ``model`` run on
+    oneDNN where :func:`_applies` says so (their weights packed once called often, see
+    :class:`_OneDNNForward`; the weights must not change inside the block); their class's
+    ``forward`` is back afterwards, also after an error.
+
+    Nothing is touched when :func:`~lit_rlhf.models.cpu_paths.cpu_path_enabled` is false for
+    ``onednn_decode_linears`` on the model's device (any device but the CPU, or the path switched
+    off), for a ``model`` that is not an ``nn.Module`` (a policy may be any callable), or without
+    the oneDNN ops. Subclasses (bitsandbytes' quantized layers) keep their forward, and so does a
+    layer with an instance ``forward`` already set (accelerate's hooks): only a forward this
+    block set is removed at its end.
+    """
+    usable = cpu_path_enabled("onednn_decode_linears", _model_device(model)) and onednn_available()
+    layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__] if usable else []
     budget = [PACK_BUDGET_BYTES]  # bytes of packed copies left, shared by the layers
-    for layer in layers:
-        layer.forward = _OneDNNForward(layer, budget)
+    ours = [_OneDNNForward(layer, budget) for layer in layers]
+    for layer, forward in zip(layers, ours):
+        layer.forward = forward
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, ours):
+            if layer.__dict__.get("forward") is forward:  # someone else's, set inside the block, stays
+                del layer.forward
 
 
 def with_onednn_linears(fn: Callable) -> Callable:
-    """Decorator: ``fn(model, ...)`` runs inside :func:`onednn_linears` of its first argument."""
+    """Decorator: ``fn(model, ...)`` runs inside :func:`onednn_linears` of its first argument
+    (a CPU path: a no-op for a model on any other device)."""
 
     @functools.wraps(fn)
     def wrapped(model, *args, **kwargs):

@@ -100,8 +100,9 @@ class RewardModule(HFModule):
         without local attention, switched at load) one causal SDPA per sequence; with flash
         attention its variable-length kernel, given the sequences' boundaries. Any other model (eager attention, sliding windows, a model
         that transformers cannot switch, a head not called ``score``) gets the sequences back
-        as right-padded rows: the same scores, with padding. The packed pass runs the last
-        block's MLP at the scored tokens only (:func:`~lit_rlhf.models.heads.last_block_rows`).
+        as right-padded rows: the same scores, with padding. On the CPU the packed pass runs the last
+        block's MLP at the scored tokens only (:func:`~lit_rlhf.models.heads.last_block_rows`, a
+        CPU path).
 
         Args:
             input_ids, position_ids: (1, N); positions restart at 0 where a sequence starts.

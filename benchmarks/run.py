@@ -19,6 +19,11 @@ Workloads:
   ``--quick``: SFT MFU and the 1.1B PPO step only, fewer steps (what ``scripts/gpu_check.sh`` runs).
 * ``gpu-tiny``: the ``gpu`` workload's code on tiny shapes, so that tests can run it on a CPU.
 * ``tiny-cpu-smoke``: the ``tiny-cpu`` workload's code on tiny shapes, for the same reason.
+* ``small-cpu``: the same stages at a realistic shape: a 134M-parameter Llama (12 layers, 768
+  wide, vocabulary 32,000), SFT and RM/DPO sequences up to 512 tokens, PPO and GRPO-varlen
+  responses that end at EOS, spread up to 256 tokens (GRPO: exactly 128), fp32 and bf16 mixed,
+  also run on TRL (``benchmarks/compare.py --workload small-cpu``); ``small-cpu-smoke`` is its
+  code on tiny shapes, for the tests.
 * ``memory-cpu``: the CPU memory of two PPO steps (rollout + update; 8 prompts of 32 tokens,
   exactly 32 new tokens, one PPO epoch, one mini-batch) of a 1.1B Llama (TinyLlama's shape)
   loaded 4-bit NF4 from a random-init bf16 checkpoint, with LoRA r=16 on all linear layers:
@@ -27,6 +32,10 @@ Workloads:
   ``ppo_pss_separate_rm`` (the reward model a separate model). Keys carry no ``_bf16``.
 * ``memory-tiny-cpu``: the ``memory-cpu`` workload's code on the ``tiny-cpu`` shape;
   ``memory-smoke`` on a 2-layer model, for the tests.
+* ``memory-real``: the peak resident memory of a whole ``train.py fit`` of GRPO (full fine-tuning)
+  at Qwen2.5-0.5B's shape cut to 4 layers (vocabulary 151,936), 4 prompts x 4 completions x 512
+  response tokens, fp32 and bf16 mixed, beside ``lit-rlhf estimate``'s prediction for the same
+  config (``grpo_fit_*``); ``memory-real-smoke`` on a 2-layer model, for the tests.
 """
 
 from __future__ import annotations
@@ -124,6 +133,56 @@ WORKLOADS["tiny-cpu-smoke"] = dict(
     grpo_varlen=dict(new_tokens=16, eos_bias=5.0),
 )
 WORKLOADS["tiny-cpu-smoke"]["jobs"] = [job for job in WORKLOADS["tiny-cpu"]["jobs"] if job[0] != "grpo_compiled"]
+
+# Speed where users are: the tiny-cpu stages at a realistic shape, where per-call overhead no longer
+# dominates (a gain measured at tiny-cpu may not exist here). A Llama of 12 layers, 768 wide, 12
+# heads, MLP 2,048 (SwiGLU's 8/3 x 768), vocabulary 32,000, untied: 134M parameters, 109.5M of them
+# in matrix products (tiny-cpu: 6.2M), random init.
+#
+# Step counts: `compare.py --workload small-cpu --repeats 1 --precisions 32-true` (12 jobs, each
+# stage on both implementations) should end within 90 minutes on the 2-core development machine.
+# Estimated from tiny-cpu's fp32 step times (RESULTS.md, 2026-12-07 night; ours / TRL's) scaled by
+# each stage's FLOPs (same FLOP rate assumed, 6N per trained token + 2N per scored one), and
+# sampling from a measured decode rate at this shape (GUIDE: HF generate, 32 rows x 128 tokens at
+# ~213 tok/s in fp32, ~150 ms a step; taken as ~22 ms + 4 ms per row, and runs to the 256 cap):
+#   SFT   4 x 512 tokens, 714M FLOP/token vs 40.6M at 2,048 tokens: x17.6; 0.58 / 0.99 s -> 10 / 17 s
+#   RM    4 pairs, 2,176 tokens (32-512 each) at 539M vs 2,304 at 27M: x19; 0.41 / 0.80 s -> 8 / 15 s
+#   DPO   4 pairs, 2,240 tokens, policy 6N + frozen copy 2N: x17; 0.90 / 2.22 s -> 15 / 38 s
+#   PPO   8 x (32 + <=256) tokens padded, 2 epochs; passes 4.4 TFLOP at tiny's 107 GFLOP/s -> 41 s,
+#         sampling 256 steps x 54 ms -> 14 s: ~55 s; TRL (value model trained too, 6.7 TFLOP) ~90 s
+#   GRPO  4 x 4 completions of 128 tokens: sampling ~11 s + passes 2.4 TFLOP ~20 s: ~30 s; TRL ~41 s
+#   GRPO-varlen 4 x 4 up to 256 (mean ~113): sampling ~13-22 s + packed passes ~15-19 s: ~35 s;
+#         TRL pads the passes to the longest (4.0 TFLOP) and samples every row to the end: ~75 s
+# With 1 warm-up + 4 timed steps: ~36 min of steps + ~9 min of process start, model building
+# and checkpoint saving (12 jobs) = ~45 min, half the budget (the machine's speed varies by up to
+# 20% between runs, and the decode rate is the least certain figure). PPO runs 2 epochs (tiny-cpu:
+# 4) to stay in it: at 4 its step would be ~95 s ours, ~180 s TRL's.
+WORKLOADS["small-cpu"] = dict(
+    arch=dict(model_type="llama", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+              num_key_value_heads=12, intermediate_size=2048, vocab_size=32000, max_position_embeddings=1024,
+              tie_word_embeddings=False),
+    threads=2,
+    sft=dict(seq_length=512, batch_size=4),
+    rm=dict(batch_size=4, min_len=32, max_len=512),
+    # Responses end at EOS (eos_bias, as grpo_varlen below), up to new_tokens: a sampler that lets
+    # finished rows go and passes that skip padding are measured, as real responses need them.
+    ppo=dict(batch_size=8, prompt_len=32, new_tokens=256, ppo_epochs=2, eos_bias=5.5),
+    # Prompt + response at most 128 + 384 = 512 tokens.
+    dpo=dict(batch_size=4, prompt_min=16, prompt_max=128, response_min=32, response_max=384, beta=0.1),
+    grpo=dict(prompts=4, prompt_len=32, generations=4, new_tokens=128, kl_loss_coef=0.04),
+    grpo_long=dict(prompt_len=256),
+    # EOS raised by e^5.5 = 245 over 32,000 ids (a random-init model's logits are close to uniform):
+    # EOS at about 1 step in 130, so lengths spread over 1..256, mean ~113, ~14% at the cap.
+    grpo_varlen=dict(new_tokens=256, eos_bias=5.5),
+    warmup=1,
+    timed=4,
+    jobs=[(stage, precision) for precision in ("32-true", "bf16-mixed")
+          for stage in ("sft", "rm", "ppo", "dpo", "grpo", "grpo_varlen")],
+)
+# The small-cpu workload's code on tiny shapes (PPO's responses end at EOS, as there): for the tests.
+WORKLOADS["small-cpu-smoke"] = dict(
+    WORKLOADS["tiny-cpu-smoke"], ppo=dict(WORKLOADS["tiny-cpu-smoke"]["ppo"], new_tokens=16, eos_bias=5.0),
+    warmup=1, timed=1, jobs=WORKLOADS["small-cpu"]["jobs"])
 WORKLOADS["gpu"] = _gpu_workload(GPU_ARCHS, GPU_ARCHS["1b"], seq_length=2048, new_tokens=128)
 WORKLOADS["gpu-tiny"] = _gpu_workload(TINY_ARCHS, TINY_ARCHS["tiny"], seq_length=64, new_tokens=8)
 
@@ -148,6 +207,32 @@ WORKLOADS["memory-smoke"] = dict(
     # The demo tokenizer's 2,048 ids: the reward model re-tokenizes the sampled text.
     memory=dict(WORKLOADS["memory-cpu"]["memory"], arch=dict(TINY_ARCHS["tiny"], vocab_size=2048), prompt_len=8, new_tokens=4, batch_size=4,
                 mini_batch_size=4))
+
+# The peak memory of a whole GRPO `fit` at a real vocabulary: Qwen2.5-0.5B's published shape
+# (151,936 ids, hidden 896, 14 heads, 2 key-value heads, MLP 4864, tied embeddings) cut to 4 of
+# its 24 layers, random init, full fine-tuning (so a frozen reference copy), 4 prompts x 4
+# completions x 512 response tokens, one rollout. Measured from outside: the fit runs as
+# `python train.py fit -c <config>` in its own process, and its peak resident set (VmHWM, from
+# wait4) covers everything: imports, loading, the step, the export of model/ at the end. Beside
+# it, `lit-rlhf estimate` on the same config (its `total (peak):` line).
+QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True,
+                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
+WORKLOADS["memory-real"] = dict(
+    threads=2,
+    real=dict(arch=dict(QWEN25_05B, num_hidden_layers=4, max_position_embeddings=2048), prompts=4, generations=4,
+              prompt_len=32, new_tokens=512),
+    warmup=0, timed=1,
+    jobs=[("grpo_fit", "32-true"), ("grpo_fit", "bf16-mixed")],
+)
+# The same code on a 2-layer, 64-wide model with 4,096 ids and 8 new tokens: what the tests run.
+WORKLOADS["memory-real-smoke"] = dict(
+    WORKLOADS["memory-real"],
+    real=dict(arch=dict(QWEN25_05B, vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256),
+              prompts=2, generations=2, prompt_len=8, new_tokens=8),
+    jobs=[("grpo_fit", "32-true")],
+)
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendor data sheets, matched
 # against torch.cuda.get_device_name(); --peak-tflops overrides.
@@ -318,7 +403,29 @@ def bench_dpo(w: dict, precision: str, tmp: Path) -> dict:
     return {"dpo_pairs_per_s": cfg["batch_size"] / step}
 
 
+def _raise_eos(module, eos: int, bias: float) -> None:
+    """Every forward of ``module``'s policy and reference gets ``bias`` added to its EOS logit (once
+    built, in ``configure_model``), so that random-init models end their responses at EOS.
+
+    ``eos`` and ``bias`` are plain numbers in the hook: torch.compile traces it, and a tokenizer
+    attribute breaks the graph."""
+    original = module.configure_model
+
+    def configure_model():
+        original()
+        for policy in (module.policy, module.ref_policy):
+            if policy is not None:
+                policy.base_model.get_output_embeddings().register_forward_hook(
+                    lambda mod, args, out: out.index_add(-1, torch.tensor([eos]),
+                                                         torch.full((*out.shape[:-1], 1), bias, dtype=out.dtype)))
+
+    module.configure_model = configure_model
+
+
 def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
+    """PPO full fine-tuning with a value head and a separate reward model. Fixed-length responses
+    of ``ppo.new_tokens``, or, with ``ppo.eos_bias``, responses that end at EOS up to that many
+    (``ppo_mean_response_length``; the sampling rate counts the tokens sampled)."""
     from lit_rlhf.models import ModelConfig, load_model, load_tokenizer
     from lit_rlhf.modules import PPOModule
     from lit_rlhf.modules.ppo import KLConfig, PPOConfig, SamplingConfig
@@ -331,17 +438,22 @@ def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
     rm.save_pretrained(tmp / "rm")
     tokenizer.save_pretrained(tmp / "rm")
     steps = w["warmup"] + w["timed"]
+    varlen = "eos_bias" in cfg
     module = PPOModule(
         ModelConfig(arch=w["arch"], tokenizer="demo"),
         RewardModelReward(str(tmp / "rm"), normalize=False, batch_size=cfg["batch_size"]),
-        sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"], stop_at_eos=False),
+        sampling=SamplingConfig(min_new_tokens=cfg["new_tokens"], max_new_tokens=cfg["new_tokens"], stop_at_eos=varlen),
         ppo=PPOConfig(ppo_epochs=cfg["ppo_epochs"], mini_batch_size=cfg["batch_size"]),
         kl=KLConfig(adaptive=False),
         rollout_batch_size=cfg["batch_size"],
     )
+    if varlen:
+        _raise_eos(module, tokenizer.eos_token_id, cfg["eos_bias"])
     sample_s: list[float] = []
+    lengths: list[float] = []
     log_step = module._log_step
-    module._log_step = lambda stats: (sample_s.append(float(stats["time/sample_s"])), log_step(stats))
+    module._log_step = lambda stats: (sample_s.append(float(stats["time/sample_s"])),
+                                      lengths.append(float(stats["rollout/response_length"])), log_step(stats))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, w["arch"]["vocab_size"], (steps, cfg["batch_size"], cfg["prompt_len"]), generator=g)
     batches = [{"input_ids": x, "attention_mask": torch.ones_like(x),
@@ -350,9 +462,12 @@ def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
     trainer = _trainer(precision, [timer], tmp, limit_train_batches=steps)
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     step = statistics.median(timer.times[w["warmup"]:])
-    sample = statistics.median(sample_s[w["warmup"]:])
-    return {"ppo_episodes_per_s": cfg["batch_size"] / step,
-            "ppo_generate_tokens_per_s": cfg["batch_size"] * cfg["new_tokens"] / sample}
+    # Tokens sampled per second of sampling, each timed step's own (its mean length over its time).
+    rates = [cfg["batch_size"] * n / s for n, s in zip(lengths[w["warmup"]:], sample_s[w["warmup"]:])]
+    out = {"ppo_episodes_per_s": cfg["batch_size"] / step, "ppo_generate_tokens_per_s": statistics.median(rates)}
+    if varlen:
+        out["ppo_mean_response_length"] = statistics.mean(lengths[w["warmup"]:])
+    return out
 
 
 
@@ -391,18 +506,7 @@ def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed:
         rollout_batch_size=cfg["prompts"],
     )
     if varlen:  # every forward of the policy and its reference: the same biased model
-        original = module.configure_model
-        # Plain numbers in the hook: torch.compile traces it, and a tokenizer attribute breaks the graph.
-        eos, bias = tokenizer.eos_token_id, w["grpo_varlen"]["eos_bias"]
-
-        def configure_model():
-            original()
-            for policy in (module.policy, module.ref_policy):
-                policy.base_model.get_output_embeddings().register_forward_hook(
-                    lambda mod, args, out: out.index_add(-1, torch.tensor([eos]),
-                                                         torch.full((*out.shape[:-1], 1), bias, dtype=out.dtype)))
-
-        module.configure_model = configure_model
+        _raise_eos(module, tokenizer.eos_token_id, w["grpo_varlen"]["eos_bias"])
     sample_s: list[float] = []
     lengths: list[float] = []
     phases: dict[str, list[float]] = {"generate": [], "score": [], "learn": []}
@@ -616,6 +720,102 @@ def bench_ppo_pss(w: dict, precision: str, tmp: Path, separate_rm: bool) -> dict
             f"ppo_s_per_step{suffix}": statistics.mean(timer.times)}
 
 
+def real_checkpoint(arch: dict, directory: Path) -> Path:
+    """A random-init model of ``arch`` with a tokenizer of exactly ``vocab_size`` ids, saved once
+    under ``directory`` (bf16 safetensors, as real checkpoints ship) and reused.
+
+    The tokenizer (in ``tokenizer/``) is a word-level one (``<|endoftext|>``, ``<pad>``, then ``t2`` ... ``t{V-1}``),
+    so that every id the random policy samples decodes and re-encodes, at any vocabulary size.
+    Built in a fresh process (the caller's peak resident set stays its own)."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
+    path = directory / f"real-{arch['model_type']}-{key}-v2"
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, __file__, "--out", "-", "--build-real", json.dumps(arch), str(path)],
+                       check=True)
+    return path
+
+
+def _build_real(arch: dict, path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<pad>": 1, **{f"t{i}": i for i in range(2, arch["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+    fields = {k: v for k, v in arch.items() if k != "model_type"}
+    config = AutoConfig.for_model(arch["model_type"], **fields, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    # In a folder of its own: beside a qwen2 config.json, AutoTokenizer would build Qwen2's BPE
+    # tokenizer class around this word-level one.
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    tmp.rename(path)
+
+
+def real_fit_config(w: dict, model_dir: Path, tmp: Path, precision: str) -> Path:
+    """The ``fit`` config of the ``memory-real`` job (and its prompts file) under ``tmp``."""
+    import yaml
+
+    cfg = w["real"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, cfg["arch"]["vocab_size"], (cfg["prompts"] + 1, cfg["prompt_len"]), generator=g)  # + 1 held out
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": " ".join(f"t{i}" for i in row)}) + "\n"
+                                               for row in ids.tolist()))
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "lit_rlhf.modules.GRPOModule", "init_args": {
+            "lm": {"name_or_path": str(model_dir), "tokenizer": str(model_dir / "tokenizer"), "dtype": "float32"},
+            "reward": {"class_path": "lit_rlhf.rewards.RegexFormatReward",
+                       "init_args": {"pattern": "t1[0-9]", "full_match": False}},
+            "optim": {"lr": 1.0e-6, "warmup_steps": 0},
+            "sampling": {"min_new_tokens": cfg["new_tokens"], "max_new_tokens": cfg["new_tokens"],
+                         "stop_at_eos": False},
+            "grpo": {"num_generations": cfg["generations"], "kl_loss_coef": 0.04}}},
+        "data": {"class_path": "lit_rlhf.data.PromptDataModule", "init_args": {
+            "path": str(tmp / "prompts.jsonl"), "batch_size": cfg["prompts"], "max_prompt_length": 4 * cfg["prompt_len"],
+            "val_size": 1}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": precision, "max_epochs": 1,
+                    "limit_train_batches": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0, "logger": False,
+                    "enable_checkpointing": False, "default_root_dir": str(tmp / "run")},
+    }
+    path = tmp / f"grpo-real-{precision}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def bench_grpo_fit(w: dict, precision: str, tmp: Path) -> dict:
+    """Peak resident memory (VmHWM) of a whole ``train.py fit`` of the ``memory-real`` job, its
+    wall time, and ``lit-rlhf estimate``'s ``total (peak):`` for the same config."""
+    import re
+
+    from memory import bench_cache
+
+    model_dir = real_checkpoint(w["real"]["arch"], bench_cache())
+    config = real_fit_config(w, model_dir, tmp, precision)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(w["threads"] or "")}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "-c", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"grpo_fit {precision} failed:\n{output[-3000:]}")
+    est = subprocess.run([sys.executable, str(REPO / "train.py"), "estimate", "-c", str(config)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    total = re.search(r"total \(peak\): ([0-9.]+) (GiB|MiB)", est)
+    estimated_mb = float(total[1]) * (1024 if total[2] == "GiB" else 1)
+    exported = (tmp / "run" / "model").exists() or any((tmp / "run").rglob("model.safetensors"))
+    return {"grpo_fit_peak_rss_mb": usage.ru_maxrss / 1024, "grpo_fit_estimated_mb": estimated_mb,
+            "grpo_fit_estimate_ratio": estimated_mb / (usage.ru_maxrss / 1024), "grpo_fit_s": seconds,
+            "grpo_fit_exported": int(exported)}
+
+
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -646,6 +846,8 @@ def run_one(workload: str, stage: str, precision: str, steps_override: str | Non
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "ppo_memory":
             return bench_ppo_memory(w, precision, Path(tmp), arg)
+        if kind == "grpo_fit":  # a whole `train.py fit` in a process of its own
+            return bench_grpo_fit(w, precision, Path(tmp))
         if kind in ("ppo_pss", "ppo_pss_separate_rm"):  # peaks of their own, sampled from /proc
             return bench_ppo_pss(w, precision, Path(tmp), separate_rm=kind == "ppo_pss_separate_rm")
         if kind == "sft_mfu":
@@ -682,7 +884,11 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="for smoke tests: run the jobs in this process (faster; peak memory is then "
                              "cumulative, not per stage)")
+    parser.add_argument("--build-real", nargs=2, metavar=("ARCH", "PATH"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.build_real:
+        _build_real(json.loads(opts.build_real[0]), Path(opts.build_real[1]))
+        return
     if opts.one:
         print(json.dumps(run_one(opts.workload, *opts.one, opts.steps_override, opts.peak_tflops, opts.quick)))
         return

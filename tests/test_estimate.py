@@ -547,3 +547,18 @@ def test_the_readme_real_model_estimates_run_offline(recipe, capsys, monkeypatch
     main(["estimate", "-c", str(ROOT / recipe), "--memory", "80GB"])
     out = capsys.readouterr().out
     assert "KNOWN_SHAPES" in out and "fits in 80GB" in out
+
+
+def test_online_logits_are_counted_a_chunk_at_a_time_at_a_real_vocabulary():
+    from lit_rlhf.estimate import memory as M
+    from lit_rlhf.objectives import logprobs
+
+    assert M.LOGPROB_CHUNK_ELEMENTS == logprobs.CHUNK_ELEMENTS  # the estimator follows the code
+    vocab, chunk = 151_936, logprobs.CHUNK_ELEMENTS // 151_936  # 110 tokens of logits at a time
+    # 8,192 scored tokens: one chunk's logits, log-softmax and their gradients, recomputed in the backward.
+    assert M.sampled_logprob_bytes(8192, vocab, 4) == chunk * vocab * 16
+    assert M.sampled_logprob_bytes(chunk, vocab, 4) == chunk * vocab * 8  # one chunk: kept as before
+    assert M.scoring_logprob_bytes(8192, vocab, 2) == chunk * vocab * 10
+    work = M.Workload("grpo", 16, 544, 512, pass_tokens=2000)
+    assert work.forward_tokens(16) == 3 * 544  # whole sequences within the budget
+    assert M.Workload("grpo", 16, 544, 512, pass_tokens=100).forward_tokens(16) == 544  # one at least

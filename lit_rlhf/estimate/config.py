@@ -355,6 +355,7 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
                    precision: str = "bf16-mixed", accelerator: str = "cuda", devices: int = 1,
                    fsdp2: int = 0, cpu_offload: bool = False, gather_for_sampling: bool = True,
                    optimizer: str = "adamw", shape: M.ArchShape | None = None,
+                   mini_batch_tokens: int | None = None, device_memory: int | None = None,
                    notes: list[str] | None = None) -> M.Estimate:
     """The predicted peak memory per device of one step of ``stage`` for the model ``lm``.
 
@@ -375,6 +376,9 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
         fsdp2: ranks to shard over (``trainer.strategy=fsdp2``: devices x nodes); 0: not sharded.
             ``cpu_offload`` and ``gather_for_sampling``: the strategy's options.
         shape: the architecture, when already known (skips building it on the meta device).
+        mini_batch_tokens: PPO/GRPO tokens per forward; None: the modules' derived default
+            (``auto_pass_tokens``) for ``device_memory`` bytes (default: this machine's RAM
+            for ``cpu``, 80 GiB for ``cuda``).
 
     Returns:
         An :class:`~lit_rlhf.estimate.memory.Estimate`: ``.total`` (bytes, CUDA context included),
@@ -427,12 +431,16 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
         prompts, rollout_rows = batch_size, batch_size * num_generations
         mini = mini_batch_size or rollout_rows
         micro = max(1, mini // max(1, gradient_accumulation_steps))
+        budget = mini_batch_tokens or _auto_pass_tokens(shape, autocast or cast16, device, device_memory,
+                                                        lm.gradient_checkpointing, notes, stage)
         work = M.Workload(stage, micro, prompt_length + new_tokens, new_tokens, prompts, rollout_rows, prompt_length,
                           new_tokens, value_head=stage == "ppo", reference="adapters" if lora else "copy",
-                          **sharding)
+                          pass_tokens=budget, **sharding)
+        per_forward = work.forward_tokens(micro) // work.seq_length
         notes.append(f"update micro-batch = {stage}.mini_batch_size / gradient_accumulation_steps = {mini} / "
                      f"{gradient_accumulation_steps} = {micro} sequence(s) of {prompt_length} prompt + {new_tokens} "
-                     "new tokens (the longest: every response at max_new_tokens)")
+                     f"new tokens (the longest: every response at max_new_tokens), {per_forward} per forward "
+                     f"within {budget} tokens")
     else:
         if seq_length is None:
             raise ValueError(f"{stage}: seq_length is needed")
@@ -464,6 +472,29 @@ def estimate_stage(lm: ModelConfig, stage: Stage, *, batch_size: int, seq_length
         notes.append(f"CUDA context {M.gib(M.CUDA_CONTEXT)} (an assumption; the allocator's cache and fragmentation "
                      "come on top of the prediction)")
     return M.with_assumptions(est, *notes, alternative=(f"gradient checkpointing {other}", flipped.total))
+
+
+def _auto_pass_tokens(shape: M.ArchShape, sixteen_bit: bool, device: str, memory: int | None,
+                      checkpointing: bool, notes: list[str], stage: str) -> int:
+    """The online modules' default token budget per forward (``mini_batch_tokens`` unset), for
+    ``memory`` bytes of device memory (default: this machine's RAM on CPU, 80 GiB on CUDA)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lit_rlhf.modules.update import auto_pass_tokens, device_memory
+
+    if memory is None:
+        memory = device_memory(torch.device("cpu")) if device == "cpu" else 80 * M.GIB
+        where = "this machine's RAM" if device == "cpu" else "an assumed 80 GiB GPU (--memory sets it)"
+    else:
+        where = "--memory"
+    config = SimpleNamespace(hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                             intermediate_size=shape.intermediate)
+    budget = auto_pass_tokens(config, 2 if sixteen_bit else 4, memory, checkpointing)
+    notes.append(f"{stage}.mini_batch_tokens not set: {budget} tokens per forward, derived from the model's shape and "
+                 f"{M.gib(memory)} of {where}")
+    return budget
 
 
 # ------------------------------------------------------------------------------ from a config
@@ -549,8 +580,9 @@ def _reward_specs(value, where: str) -> list[RewardSpec]:
     return []
 
 
-def estimate_config(config: dict, source: str = "the config") -> M.Estimate:
-    """:func:`estimate_stage` for a composed training config (a dict as the YAML files give it)."""
+def estimate_config(config: dict, source: str = "the config", memory: int | None = None) -> M.Estimate:
+    """:func:`estimate_stage` for a composed training config (a dict as the YAML files give it);
+    ``memory``: the device's memory (``--memory``), which sizes the online passes' default budget."""
     model = config.get("model")
     if not isinstance(model, dict):
         raise ValueError(f"{source}: no `model` section")
@@ -634,7 +666,8 @@ def estimate_config(config: dict, source: str = "the config") -> M.Estimate:
                          f"{new_tokens} tokens, the policy's and the observations' (counted as new tokens below)")
         est = estimate_stage(lm, stage, batch_size=batch, prompt_length=prompt, new_tokens=new_tokens,
                              mini_batch_size=mini, gradient_accumulation_steps=accum, num_generations=g,
-                             reward=rewards or None, notes=notes, **kwargs)
+                             reward=rewards or None, mini_batch_tokens=update.mini_batch_tokens,
+                             device_memory=memory, notes=notes, **kwargs)
     name = lm.name_or_path or (lm.arch if isinstance(lm.arch, str) else "arch")
     quant = "" if lm.quantization == "none" else f", {lm.quantization}"
     lora = f", LoRA r={lm.lora.r}" if lm.lora else ", full fine-tuning"
@@ -749,7 +782,7 @@ def main(argv: list[str] | None = None) -> None:
         config, memory, files = compose_args(args)
         memory_text = next((a.partition("=")[2] or args[k + 1] for k, a in enumerate(args)
                             if a.partition("=")[0] == "--memory"), None)
-        est = estimate_config(config, " + ".join(files) or "the config")
+        est = estimate_config(config, " + ".join(files) or "the config", memory)
     except (ValueError, OSError, TypeError, KeyError) as err:
         if os.environ.get("LIT_RLHF_DEBUG"):
             raise

@@ -40,6 +40,12 @@ NF4_BLOCK, NF4_BLOCK2 = 64, 256
 # SFT's chunked cross-entropy upcasts at most this many logits to float32 at a time
 # (lit_rlhf.objectives.lm._CHUNK_ELEMENTS).
 CE_CHUNK_ELEMENTS = 1 << 22
+# The online passes' log-probs run the LM head on this many logits at a time
+# (lit_rlhf.objectives.logprobs.CHUNK_ELEMENTS; a test keeps the two equal).
+LOGPROB_CHUNK_ELEMENTS = 1 << 24
+# What a CPU process holds before any tensor: Python, torch, transformers, lightning, tokenizers
+# (measured 2026-12-07: the memory-real-smoke fit, whose tensors are a few MB, peaked at 532 MB).
+CPU_PROCESS = 512 * MIB
 
 
 # ------------------------------------------------------------------------------ shapes
@@ -408,13 +414,24 @@ def lm_loss_logits_bytes(tokens: int, vocab: int, logit_bytes: int) -> int:
 
 
 def sampled_logprob_bytes(tokens: int, vocab: int, logit_bytes: int) -> int:
-    """Logits of the scored positions when log-probs of given tokens train (PPO, GRPO, DPO).
+    """Logits of the scored positions when log-probs of given tokens train (PPO, GRPO).
 
-    Each sequence's float32 log-softmax is kept for its backward (4 B per logit), beside the
-    logits at the end of the forward or their gradient at the start of the backward (``c``):
-    ``tokens * V * (4 + c)`` (``tokens * V * 8`` for float32 logits).
+    The LM head runs on at most ``LOGPROB_CHUNK_ELEMENTS // V`` tokens at a time
+    (``lit_rlhf.objectives.head_logprobs``). When every token fits in one chunk its float32
+    log-softmax is kept for the backward (4 B per logit) beside the logits or their gradient
+    (``c``): ``tokens * V * (4 + c)``. Otherwise each chunk is recomputed in the backward, where
+    its logits, log-softmax, and their gradients live at once: ``chunk * V * (2c + 8)``.
     """
-    return tokens * vocab * (4 + logit_bytes)
+    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, vocab))
+    if tokens <= rows:
+        return tokens * vocab * (4 + logit_bytes)
+    return rows * vocab * (2 * logit_bytes + 8)
+
+
+def scoring_logprob_bytes(tokens: int, vocab: int, logit_bytes: int) -> int:
+    """A no-grad pass's logits: one chunk's logits and its float32 log-softmax (and the
+    entropy's temporary): ``min(tokens, chunk) * V * (c + 8)``."""
+    return min(tokens, max(1, LOGPROB_CHUNK_ELEMENTS // max(1, vocab))) * vocab * (logit_bytes + 8)
 
 
 def kv_cache_bytes(shape: ArchShape, rows: int, tokens: int, key_bytes: int, value_bytes: int) -> int:
@@ -424,11 +441,11 @@ def kv_cache_bytes(shape: ArchShape, rows: int, tokens: int, key_bytes: int, val
     return shape.layers * shape.kv_heads * shape.head_dim * rows * tokens * (key_bytes + value_bytes)
 
 
-def sampling_bytes(rows: int, vocab: int) -> int:
-    """One sampling step's vocabulary-wide temporaries: float32 logits and probabilities and the
-    float64 cumulative distribution (``lit_rlhf.modules.rollout.sample_categorical``):
-    ``rows * V * (4 + 4 + 8)``."""
-    return rows * vocab * 16
+def sampling_bytes(rows: int, vocab: int, logit_bytes: int = 4) -> int:
+    """One sampling step's vocabulary-wide temporaries: the head's logits (``c``), their float32
+    copy and the float32 probabilities (``lit_rlhf.modules.rollout.sampling_probs``; the draw
+    itself adds only (rows x V / 1024) block sums): ``rows * V * (c + 8)``."""
+    return rows * vocab * (logit_bytes + 8)
 
 
 # ------------------------------------------------------------------------------ one stage
@@ -499,6 +516,17 @@ class Workload:
     """fsdp2: the whole policy is gathered for sampling (the strategy's option)."""
     cpu_offload: bool = False
     """fsdp2: the shards live in CPU memory (the strategy's option)."""
+    pass_tokens: int | None = None
+    """PPO/GRPO: at most this many tokens per forward (``mini_batch_tokens`` or its derived
+    default); None: no budget."""
+
+    def forward_tokens(self, sequences: int) -> int:
+        """Tokens in one forward over ``sequences`` sequences of ``seq_length``: cut to the pass
+        budget (a whole sequence at least)."""
+        tokens = sequences * self.seq_length
+        if self.pass_tokens is None:
+            return tokens
+        return min(tokens, max(self.seq_length, self.pass_tokens // self.seq_length * self.seq_length))
 
 
 @dataclass(frozen=True)
@@ -611,6 +639,9 @@ def estimate_memory(policy: ModelMemory, training: Training, work: Workload, rew
     rows += _reward_rows(policy, work, rewards, num, autocast, device)
     if device == "cuda":
         rows.append(Row("CUDA context (assumed)", cuda_context, "always", "not in torch.cuda.max_memory_allocated"))
+    else:
+        rows.append(Row("process: Python, torch, transformers, lightning", CPU_PROCESS, "always",
+                        "resident before any tensor (measured on CPU)"))
     # 2. the update of one micro-batch; 3. PPO/GRPO's rollout, DPO's reference pass
     rows += _update_rows(policy, training, work, num, trainable, grad_bytes)
     rows += _rollout_rows(policy, work, num)
@@ -727,24 +758,29 @@ def _update_rows(policy: ModelMemory, training: Training, work: Workload, num: N
     """Gradients, activations, logits and transients of one micro-batch's forward + backward."""
     shape = policy.shape
     head_copy, dequant = _transients(policy, num)
-    tokens = work.micro_batch * work.seq_length
+    tokens = work.forward_tokens(work.micro_batch)
+    sequences = tokens // work.seq_length
     kw = dict(full=training.full, lora_targets=training.lora_targets, lora_r=training.lora_r or 0,
               lora_dropout=training.lora_dropout, attention=training.attention, seq_length=work.seq_length)
     ckpt = "on" if training.gradient_checkpointing else "off"
     rows = [
         Row(f"gradients ({_count(trainable)} params)", grad_bytes, "update", sharded=True),
-        Row(f"activations: {work.micro_batch} x {work.seq_length} tokens, checkpointing {ckpt}",
+        Row(f"activations: {sequences} x {work.seq_length} tokens, checkpointing {ckpt}",
             activation_bytes(shape, num, tokens, checkpointing=training.gradient_checkpointing, **kw), "update",
             f"{gib(layer_activation_bytes(shape, num, **kw))} per token per layer"),
     ]
-    scored = work.micro_batch * work.scored_tokens
+    scored = sequences * work.scored_tokens
     if work.stage == "sft":
         rows.append(Row(f"logits + their gradient: {work.micro_batch} x {work.scored_tokens} x {shape.vocab} vocab",
                         lm_loss_logits_bytes(scored, shape.vocab, num.compute), "update"))
     elif scored:
-        rows.append(Row(f"logits: {work.micro_batch} x {work.scored_tokens} scored tokens x {shape.vocab} vocab "
-                        "(+ fp32 copy for log-softmax)", sampled_logprob_bytes(scored, shape.vocab, num.compute),
-                        "update"))
+        label = (f"logits: {sequences} x {work.scored_tokens} scored tokens x {shape.vocab} vocab "
+                 "(+ fp32 log-softmax)" if work.stage == "dpo" else
+                 f"logits of one chunk of the LM head: up to {max(1, LOGPROB_CHUNK_ELEMENTS // shape.vocab)} tokens x "
+                 f"{shape.vocab} vocab, recomputed in the backward")
+        size = (scored * shape.vocab * (4 + num.compute) if work.stage == "dpo"
+                else sampled_logprob_bytes(scored, shape.vocab, num.compute))
+        rows.append(Row(label, size, "update"))
     # Autocast's casts of fp32 weights: LoRA adapters (trainable: cached for the forward), every
     # layer's linears when the base is fp32 (only the recomputed layer's under checkpointing).
     lora = 0 if training.full else lora_params(shape, training.lora_targets, training.lora_r)
@@ -774,17 +810,17 @@ def _rollout_rows(policy: ModelMemory, work: Workload, num: Numerics) -> list[Ro
         return []
     rows, length = work.rollout_rows, work.prompt_length + work.new_tokens
     passes = "old log-probs + values, reference" if work.value_head else "old log-probs, reference"
-    # The scoring pass keeps the 16-bit logits of every response token; one row at a time goes
-    # through float32 (its upcast and exp).
-    logits = rows * work.new_tokens * shape.vocab * num.compute + 2 * work.new_tokens * shape.vocab * 4
+    # Each no-grad pass runs in pieces of the pass budget; its LM head a chunk at a time.
+    piece = work.forward_tokens(rows)
     return [
         Row(f"KV cache: {rows} x {length} tokens, keys {_dtype(num.key)}, values {_dtype(num.value)}",
             kv_cache_bytes(shape, rows, length, num.key, num.value), "generate"),
         Row(f"prefill ({work.prompts} x {work.prompt_length} tokens) and sampling temporaries",
-            inference_layer_bytes(shape, num, work.prompts * work.prompt_length) + sampling_bytes(rows, shape.vocab)
-            + head_copy + dequant, "generate"),
-        Row(f"scoring passes ({passes}): {rows} x {length} tokens (no grad)",
-            inference_layer_bytes(shape, num, rows * length) + logits + head_copy + dequant, "score"),
+            inference_layer_bytes(shape, num, work.prompts * work.prompt_length)
+            + sampling_bytes(rows, shape.vocab, num.compute) + head_copy + dequant, "generate"),
+        Row(f"scoring passes ({passes}): {rows} x {length} tokens (no grad), {piece} tokens per forward",
+            inference_layer_bytes(shape, num, piece) + piece * shape.hidden * num.stream
+            + scoring_logprob_bytes(piece, shape.vocab, num.compute) + head_copy + dequant, "score"),
     ]
 
 
@@ -832,6 +868,7 @@ __all__ = [
     "ArchShape", "Estimate", "LinearShape", "ModelMemory", "Numerics", "RewardMemory", "Row", "Training",
     "Workload", "activation_bytes", "estimate_memory", "gib", "inference_layer_bytes", "kv_cache_bytes",
     "layer_activation_bytes", "linear_role", "llama_shape", "lm_loss_logits_bytes", "lora_params",
+    "scoring_logprob_bytes",
     "lora_target_linears", "numerics", "optimizer_state_bytes", "quantized_weight_bytes", "sampled_logprob_bytes",
     "sampling_bytes", "weight_bytes", "with_assumptions",
 ]

@@ -217,13 +217,11 @@ def generate(
         num_generations: G independent responses per prompt (a group), rows ``b * G .. b * G
             + G - 1`` for prompt b. Each prompt is prefilled once and its KV cache repeated.
         rows: where this rank's B * G rows sit in the global batch (see :class:`Rows`).
-        all_done: ``(B * G,) done -> bool``: every row of every rank done (ranks stop at the
-            same step); default: this rank's rows.
+        all_done: ``(B * G,) done -> bool``: every row of every rank done (ranks stop at the same step).
         stop: ``tokens so far (a list of (B * G,)) -> (B * G,) bool``: rows that stop after
             their last token (e.g. :class:`StopStrings`, a tool call's closing tag).
-        decoder: ``dynamic`` (a growing cache, done rows leave the batch), ``static`` or
-            ``compiled`` (a preallocated cache; the decode step under ``torch.compile``).
-            On CPU the linears run on oneDNN (:mod:`lit_rlhf.models.linears`).
+        decoder: ``dynamic`` (a growing cache, done rows leave the batch), ``static`` or ``compiled``
+            (a preallocated cache; the decode step under ``torch.compile``); see :data:`DECODERS`.
     """
     device, max_new_tokens = query_ids.device, max_new_tokens.to(query_ids.device)
     next_logits, cache, query_ids, query_mask, positions = _prefill(policy, query_ids, query_mask, num_generations)

@@ -7,8 +7,7 @@ Shapes: ``B`` sequences, ``T`` positions, ``V`` the vocabulary, ``N`` tokens, ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint

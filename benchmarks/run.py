@@ -462,11 +462,12 @@ def bench_ppo(w: dict, precision: str, tmp: Path) -> dict:
     trainer = _trainer(precision, [timer], tmp, limit_train_batches=steps)
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     step = statistics.median(timer.times[w["warmup"]:])
-    # Tokens sampled per second of sampling, each timed step's own (its mean length over its time).
-    rates = [cfg["batch_size"] * n / s for n, s in zip(lengths[w["warmup"]:], sample_s[w["warmup"]:])]
-    out = {"ppo_episodes_per_s": cfg["batch_size"] / step, "ppo_generate_tokens_per_s": statistics.median(rates)}
-    if varlen:
-        out["ppo_mean_response_length"] = statistics.mean(lengths[w["warmup"]:])
+    out = {"ppo_episodes_per_s": cfg["batch_size"] / step,
+           "ppo_generate_tokens_per_s": cfg["batch_size"] * cfg["new_tokens"] / statistics.median(sample_s[w["warmup"]:])}
+    if varlen:  # the tokens sampled per second of sampling: the median of the timed steps' own rates
+        rates = [cfg["batch_size"] * n / s for n, s in zip(lengths[w["warmup"]:], sample_s[w["warmup"]:])]
+        out.update(ppo_generate_tokens_per_s=statistics.median(rates),
+                   ppo_mean_response_length=statistics.mean(lengths[w["warmup"]:]))
     return out
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/trl_baseline.py --workload tiny-cpu --out trl.json
     python benchmarks/trl_baseline.py --workload tiny-cpu --out smoke.json --steps-override 1,2
+    python benchmarks/trl_baseline.py --workload small-cpu --out trl-small.json   # the realistic shape
 
 The workload (model, batch shapes, warm-up and timed steps, threads) is read from
 ``benchmarks/run.py``'s WORKLOADS, so both scripts measure the same thing, and the output
@@ -22,7 +23,12 @@ with PPO (``trl.experimental.ppo``), which the parent installs aside on first us
   batch padded to its longest sequence.
 * PPO: ``trl.experimental.ppo.PPOTrainer``: separate policy, reference (TRL's own copy of the
   policy), value model and reward model (both sequence classifiers, 1 label), exactly
-  ``new_tokens`` sampled tokens (``stop_token=None``), one mini-batch per rollout batch.
+  ``new_tokens`` sampled tokens (``stop_token=None``), one mini-batch per rollout batch. With the
+  workload's ``ppo.eos_bias`` (``small-cpu``), responses end at EOS instead, as in run.py: the EOS
+  logit of the policy and of TRL's reference raised by that bias in every forward,
+  ``stop_token="eos"`` (generation stops once every row has sampled EOS, at ``new_tokens`` at the
+  latest; TRL then masks each response after its first EOS), and ``ppo_mean_response_length``
+  reports the tokens up to and with the first EOS.
 * DPO: ``DPOTrainer``, full fine-tuning, ``loss_type=["sigmoid"]``, the workload's ``beta``, no
   precomputed reference log-probs, ``max_length`` = ``prompt_max + response_max`` (nothing is
   truncated; checked: the batches hold every token of every pair). Reference: TRL's own, from
@@ -305,6 +311,7 @@ def bench_ppo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
 
     cfg = w["ppo"]
+    varlen = "eos_bias" in cfg  # responses end at EOS, as run.py's
     steps = w["warmup"] + w["timed"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, w["arch"]["vocab_size"], (steps * cfg["batch_size"], cfg["prompt_len"]), generator=g)
@@ -319,7 +326,7 @@ def bench_ppo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
         num_ppo_epochs=cfg["ppo_epochs"],
         num_mini_batches=1,
         response_length=cfg["new_tokens"],
-        stop_token=None,  # no EOS stop: exactly `new_tokens` tokens
+        stop_token="eos" if varlen else None,  # None: no EOS stop, exactly `new_tokens` tokens
         temperature=1.0,  # lit_rlhf's default (TRL's is 0.7); cost is the same
         num_sample_generations=0,  # no debugging generations (they need an eval set anyway)
     )
@@ -328,18 +335,27 @@ def bench_ppo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
                          reward_model=reward_model, value_model=value_model, train_dataset=dataset,
                          callbacks=[timer])
 
+    if varlen:  # the same biased model as run.py's, in every forward of the policy and the reference
+        _raise_eos([trainer.policy_model, trainer.ref_model], tokenizer.eos_token_id, cfg["eos_bias"])
+
     # Time the sampling alone (run.py's `ppo_generate_tokens_per_s`: KV-cached sampling), and
     # check the response length.
     generate_s: list[float] = []
+    lengths: list[float] = []
     batch_generation = ppo_trainer.batch_generation
 
     def timed_batch_generation(model, queries, *rest, **kwargs):
         start = time.perf_counter()
         query_responses, logits = batch_generation(model, queries, *rest, **kwargs)
         generate_s.append(time.perf_counter() - start)
-        if query_responses.shape[1] != queries.shape[1] + cfg["new_tokens"]:
-            raise RuntimeError(f"generated {query_responses.shape[1] - queries.shape[1]} tokens, "
-                               f"expected {cfg['new_tokens']}")
+        width = query_responses.shape[1] - queries.shape[1]
+        if width > cfg["new_tokens"] or (width != cfg["new_tokens"] and not varlen):
+            raise RuntimeError(f"generated {width} tokens, expected {cfg['new_tokens']}")
+        responses = query_responses[:, queries.shape[1]:]
+        # Each row's tokens up to and with its first EOS (all of them if none): what was sampled.
+        ends = [row.index(tokenizer.eos_token_id) + 1 if varlen and tokenizer.eos_token_id in row else width
+                for row in responses.tolist()]
+        lengths.append(sum(ends) / len(ends))
         return query_responses, logits
 
     ppo_trainer.batch_generation = timed_batch_generation
@@ -348,8 +364,25 @@ def bench_ppo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
     _check_precision(trainer, precision)
     step = _median_after_warmup(timer.times, w, "ppo")
     sample = statistics.median(generate_s[w["warmup"]:])
-    return {"ppo_episodes_per_s": cfg["batch_size"] / step,
-            "ppo_generate_tokens_per_s": cfg["batch_size"] * cfg["new_tokens"] / sample}
+    out = {"ppo_episodes_per_s": cfg["batch_size"] / step,
+           "ppo_generate_tokens_per_s": cfg["batch_size"] * cfg["new_tokens"] / sample}
+    if varlen:  # as run.py: the median of the timed steps' own sampling rates, and the mean length
+        rates = [cfg["batch_size"] * n / s for n, s in zip(lengths[w["warmup"]:], generate_s[w["warmup"]:])]
+        out.update(ppo_generate_tokens_per_s=statistics.median(rates),
+                   ppo_mean_response_length=statistics.mean(lengths[w["warmup"]:]))
+    return out
+
+
+def _raise_eos(models, eos: int, bias: float) -> None:
+    """Add ``bias`` to the EOS logit in every forward of each of ``models`` (causal LMs), as
+    run.py's ``_raise_eos`` does to lit_rlhf's policy and reference."""
+    import torch
+
+    for model in models:
+        model.get_output_embeddings().register_forward_hook(
+            lambda mod, args, out: out.index_add(-1, torch.tensor([eos], device=out.device),
+                                                 torch.full((*out.shape[:-1], 1), bias, dtype=out.dtype,
+                                                            device=out.device)))
 
 
 class _PhaseMarks:
@@ -576,7 +609,6 @@ def bench_dpo(w: dict, precision: str, tokenizer, out_dir: str) -> dict:
 def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str, varlen: bool = False) -> dict:
     """``varlen``: completions end at EOS (the model's EOS logit raised by ``grpo_varlen.eos_bias``,
     as in run.py), up to ``grpo_varlen.new_tokens``; keys ``grpo_varlen_*``."""
-    import torch
     from datasets import Dataset
     from pairs import low_id_fraction, random_prompts
     from trl import GRPOConfig, GRPOTrainer
@@ -617,12 +649,7 @@ def bench_grpo(w: dict, precision: str, tokenizer, out_dir: str, varlen: bool = 
     if trainer.ref_model is None:
         raise RuntimeError("GRPOTrainer built no reference model")
     if varlen:  # the same biased model as run.py's, in every forward of the policy and the reference
-        eos, bias = tokenizer.eos_token_id, w["grpo_varlen"]["eos_bias"]
-        for model in (trainer.model, trainer.ref_model):
-            model.get_output_embeddings().register_forward_hook(
-                lambda mod, args, out: out.index_add(-1, torch.tensor([eos], device=out.device),
-                                                     torch.full((*out.shape[:-1], 1), bias, dtype=out.dtype,
-                                                                device=out.device)))
+        _raise_eos([trainer.model, trainer.ref_model], tokenizer.eos_token_id, w["grpo_varlen"]["eos_bias"])
     lengths: list[float] = []
 
     # Time the sampling alone (HF generate, KV cache) and check the prompt and completion lengths.

@@ -145,3 +145,24 @@ def test_a_profiled_step_shows_the_online_phases(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["grpo_varlen_completions_per_s"] > 0
     text = out.read_text()
     assert "phase:sample" in text and "phase:scoring_passes" in text and "aten::mm" in text
+
+
+def test_cpu_paths_measures_each_path_on_and_off(monkeypatch):
+    # benchmarks/cpu_paths.py's two measurements at smoke size, in this process (the switch is
+    # an environment variable: monkeypatch puts it back).
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cpu_paths import _arms, measure_rm, measure_sampling
+    from run import WORKLOADS
+
+    from lit_rlhf.models.cpu_paths import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, "1")
+    assert list(_arms(2)) == [(-1, True), (-1, False), (0, True), (0, False), (1, False), (1, True)]  # ABBA
+    w = WORKLOADS["small-cpu-smoke"]
+    results = {**measure_rm(w, repeats=1), **measure_sampling(w, repeats=1)}
+    assert set(results) == {"rm_step", "ppo_generate", "grpo_varlen_generate"}
+    for figures in results.values():
+        assert figures["on_s"] > 0 and figures["off_s"] > 0 and len(figures["on_each_s"]) == 1
+    # The same seed in both arms: the same responses, cut short by EOS.
+    grpo = results["grpo_varlen_generate"]
+    assert grpo["mean_length_on"] == grpo["mean_length_off"] < grpo["cap"]

@@ -151,12 +151,17 @@ WORKLOADS["tiny-cpu-smoke"]["jobs"] = [job for job in WORKLOADS["tiny-cpu"]["job
 #   PPO   8 x (32 + <=256) tokens padded, 2 epochs; passes 4.4 TFLOP at tiny's 107 GFLOP/s -> 41 s,
 #         sampling 256 steps x 54 ms -> 14 s: ~55 s; TRL (value model trained too, 6.7 TFLOP) ~90 s
 #   GRPO  4 x 4 completions of 128 tokens: sampling ~11 s + passes 2.4 TFLOP ~20 s: ~30 s; TRL ~41 s
-#   GRPO-varlen 4 x 4 up to 256 (mean ~113): sampling ~13-22 s + packed passes ~15-19 s: ~35 s;
+#   GRPO-varlen 4 x 4 up to 256 (mean ~105): sampling ~13-22 s + packed passes ~15-19 s: ~35 s;
 #         TRL pads the passes to the longest (4.0 TFLOP) and samples every row to the end: ~75 s
 # With 1 warm-up + 4 timed steps: ~36 min of steps + ~9 min of process start, model building
 # and checkpoint saving (12 jobs) = ~45 min, half the budget (the machine's speed varies by up to
 # 20% between runs, and the decode rate is the least certain figure). PPO runs 2 epochs (tiny-cpu:
-# 4) to stay in it: at 4 its step would be ~95 s ours, ~180 s TRL's.
+# 4) to stay in it: at 4 its step would be ~95 s ours, ~180 s TRL's. Checked here (2026-12-07, AMD
+# EPYC, other jobs running): a forward + backward of 2 x 512 tokens took 4.7 s (155 GFLOP/s, as
+# assumed); single-threaded, a decode step's 2048 x 768 linear took 0.44 ms at 8 rows and the LM
+# head 17 ms (a ~40 ms step at 8 rows, under the 54 ms taken). On a busy machine the estimate does
+# not hold: with both cores taken, each 2-thread linear waits on its threads (2048 x 768 at 8 rows:
+# 5-11 ms instead of 0.44) and a decode step took 1-1.7 s. Run it on an otherwise idle machine.
 WORKLOADS["small-cpu"] = dict(
     arch=dict(model_type="llama", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
               num_key_value_heads=12, intermediate_size=2048, vocab_size=32000, max_position_embeddings=1024,
@@ -171,8 +176,8 @@ WORKLOADS["small-cpu"] = dict(
     dpo=dict(batch_size=4, prompt_min=16, prompt_max=128, response_min=32, response_max=384, beta=0.1),
     grpo=dict(prompts=4, prompt_len=32, generations=4, new_tokens=128, kl_loss_coef=0.04),
     grpo_long=dict(prompt_len=256),
-    # EOS raised by e^5.5 = 245 over 32,000 ids (a random-init model's logits are close to uniform):
-    # EOS at about 1 step in 130, so lengths spread over 1..256, mean ~113, ~14% at the cap.
+    # EOS raised by e^5.5 = 245 over 32,000 ids: the random-init model's mean EOS probability was
+    # 1/118 over one forward, so lengths spread over 1..256, mean ~105, ~11% at the cap.
     grpo_varlen=dict(new_tokens=256, eos_bias=5.5),
     warmup=1,
     timed=4,

@@ -159,7 +159,12 @@ def test_cpu_paths_measures_each_path_on_and_off(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "1")
     assert list(_arms(2)) == [(-1, True), (-1, False), (0, True), (0, False), (1, False), (1, True)]  # ABBA
     w = WORKLOADS["small-cpu-smoke"]
-    results = {**measure_rm(w, repeats=1), **measure_sampling(w, repeats=1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(w["threads"])  # as the script does
+    try:
+        results = {**measure_rm(w, repeats=1), **measure_sampling(w, repeats=1)}
+    finally:
+        torch.set_num_threads(threads)
     assert set(results) == {"rm_step", "ppo_generate", "grpo_varlen_generate"}
     for figures in results.values():
         assert figures["on_s"] > 0 and figures["off_s"] > 0 and len(figures["on_each_s"]) == 1

@@ -91,6 +91,23 @@ def test_memory_workload_writes_every_figure(tmp_path, monkeypatch):
     assert json.loads((adapter / "lit_rlhf.json").read_text())["base"]["name_or_path"].startswith(str(tmp_path))
 
 
+@pytest.mark.slow
+def test_memory_real_workload_measures_a_whole_fit_beside_its_estimate(tmp_path, monkeypatch):
+    # The memory-real workload's code (a word-level tokenizer with as many ids as the model's
+    # vocabulary, `train.py fit` in its own process, `train.py estimate` on the same config) on
+    # a 2-layer model with 4,096 ids.
+    monkeypatch.setenv("LIT_RLHF_BENCH_CACHE", str(tmp_path / "cache"))
+    results = _run(tmp_path, "--workload", "memory-real-smoke")
+    assert results["grpo_fit_exported"] == 1  # the run went to its end, model/ written
+    assert results["grpo_fit_peak_rss_mb"] > 100 and results["grpo_fit_estimated_mb"] > 0
+    assert results["grpo_fit_estimate_ratio"] == pytest.approx(
+        results["grpo_fit_estimated_mb"] / results["grpo_fit_peak_rss_mb"], rel=0.01)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(next((tmp_path / "cache").glob("real-*")) / "tokenizer")
+    assert len(tokenizer) == 4096 and tokenizer.decode(tokenizer("t4095 t2").input_ids) == "t4095 t2"
+
+
 def test_flops_per_token_counts_matmul_parameters():
     from transformers import LlamaConfig, LlamaForCausalLM
 

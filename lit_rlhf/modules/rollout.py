@@ -443,11 +443,12 @@ def evaluate_actions(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs, values and entropies of the rollout's response tokens under ``policy``.
 
-    One forward pass over query + response. Used for the old log-probs and values right
-    after sampling, for the reference (adapters disabled), and inside every update minibatch,
-    always with the same masks and positions, so at step 0 the ratio is exactly 1. Three
-    layouts give the same values (tested to 1e-5 in fp32); the one that runs the fewest tokens
-    through the trunk is taken (:func:`pass_layout`):
+    One trunk pass over query + response, then the LM head on the response tokens' last hidden
+    states a chunk at a time (``policy.token_logprobs``: the (tokens x vocabulary) logits never
+    exist whole). Used for the old log-probs and values right after sampling, for the reference
+    (adapters disabled), and inside every update minibatch, always with the same masks and
+    positions, so at step 0 the ratio is exactly 1. Four layouts give the same values (tested to
+    1e-5 in fp32); the one that runs the fewest tokens through the trunk is taken (:func:`pass_layout`):
 
     * padded: (B, Tq + Tr) rows, prompts left- and responses right-padded;
     * shared prompts (``share_prompts``; a GRPO group): the distinct prompts are prefilled once,

@@ -83,7 +83,7 @@ def strategy_problem(strategy: Any, quantization: str | None = None, precision: 
     return None
 
 
-RECIPES = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = Path(__file__).resolve().parent / "configs"  # lit_rlhf/configs, inside the wheel too
 """The recipes shipped in the package: ``<method>/<recipe>.yaml``."""
 
 

@@ -514,14 +514,16 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         when needed (``old_logprobs``: force the first on or off)."""
         self.policy.eval()
         try:
-            pieces = self.pieces_by_tokens(rollout)  # each forward within the pass token budget
+            # Each forward within the pass token budget; one piece (the usual case) is the rollout itself.
+            pieces = self.pieces_by_tokens(rollout)
+            parts = [rollout] if len(pieces) == 1 else [rollout[idx] for idx in pieces]
             if self.needs_old_logprobs(len(rollout)) if old_logprobs is None else old_logprobs:
                 # Same weights, masks and positions as every later update forward: ratio 1 at start.
-                out = [self.evaluate(self.policy, rollout[idx], with_values=self.uses_value_head) for idx in pieces]
+                out = [self.evaluate(self.policy, part, with_values=self.uses_value_head) for part in parts]
                 rollout.logprobs = torch.cat([o[0] for o in out])
                 rollout.values = torch.cat([o[1] for o in out]) if self.uses_value_head else None
             if self.needs_reference():
-                rollout.ref_logprobs = torch.cat([self.reference_logprobs(rollout[idx]) for idx in pieces])
+                rollout.ref_logprobs = torch.cat([self.reference_logprobs(part) for part in parts])
         finally:
             self.policy.train()
 

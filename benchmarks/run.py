@@ -535,19 +535,20 @@ def bench_grpo(w: dict, precision: str, tmp: Path, varlen: bool = False, packed:
     step = statistics.median(timer.times[w["warmup"]:])
     # The first rollout's sampling beyond a timed one's: the compile of the decode step.
     compile_s = {"compile_s": sample_s[0] - statistics.median(sample_s[w["warmup"]:])} if decoder == "compiled" else {}
-    if varlen:  # and the step's breakdown (medians, s): sampling, the no-grad passes, scoring, update
-        timed = slice(w["warmup"], None)
-        sample = statistics.median(sample_s[timed])
+    # The step's breakdown (medians, s): sampling, the no-grad passes, scoring, update.
+    timed = slice(w["warmup"], None)
+    sample = statistics.median(sample_s[timed])
+    breakdown = {"step_s": step, "sample_s": sample,
+                 "scoring_passes_s": statistics.median(phases["generate"][timed]) - sample,
+                 "reward_s": statistics.median(phases["score"][timed]),
+                 "update_s": statistics.median(phases["learn"][timed]), **compile_s}
+    if varlen:
         return {"grpo_varlen_completions_per_s": completions / step,
                 "grpo_varlen_mean_response_length": statistics.mean(lengths[timed]),
-                "grpo_varlen_step_s": step, "grpo_varlen_sample_s": sample,
-                "grpo_varlen_scoring_passes_s": statistics.median(phases["generate"][timed]) - sample,
-                "grpo_varlen_reward_s": statistics.median(phases["score"][timed]),
-                "grpo_varlen_update_s": statistics.median(phases["learn"][timed]),
-                **{f"grpo_varlen_{k}": v for k, v in compile_s.items()}}
+                **{f"grpo_varlen_{k}": v for k, v in breakdown.items()}}
     return {"grpo_completions_per_s": completions / step,
-            "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / statistics.median(sample_s[w["warmup"]:]),
-            **{f"grpo_{k}": v for k, v in compile_s.items()}}
+            "grpo_generate_tokens_per_s": completions * cfg["new_tokens"] / sample,
+            **{f"grpo_{k}": v for k, v in breakdown.items()}}
 
 
 def bench_grpo_long(w: dict, precision: str, tmp: Path) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_rlhf.models.compat import output_cache
 from lit_rlhf.cli import main
 from lit_rlhf.estimate import RewardSpec, arch_shape, estimate_stage, parse_memory
 from lit_rlhf.estimate import memory as M
@@ -258,13 +259,13 @@ def test_kv_cache_bytes_equal_the_dynamic_cache(dtype, quantization, autocast, t
     with torch.no_grad(), context:
         out = policy(ids, mask, torch.arange(prompt).expand(rows, -1), use_cache=True, with_values=False,
                      logits_slice=slice(-1, None))
-        cache = out.cache
+        cache = output_cache(out)
         for step in range(new):  # the tokens a rollout feeds back one at a time
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(token)], 1)
             out = policy(token, mask, torch.full((rows, 1), prompt + step), cache=cache, use_cache=True,
                          with_values=False)
-            cache = out.cache
+            cache = output_cache(out)
     actual = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     if dtype == "bfloat16":  # also on a k-bit base: no float32 residual stream, no float32 cache
         assert {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}

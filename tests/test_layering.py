@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("parts", ["lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.optim", "lit_rlhf.metrics", "lit_rlhf.callbacks",
                "lit_rlhf.strategies", "lit_rlhf.recipes"]),
     ("services", ["lit_rlhf.rewards", "lit_rlhf.export", "lit_rlhf.envs"]),
-    ("methods", ["lit_rlhf.modules"]),
+    ("methods", ["lit_rlhf.modules", "lit_rlhf.engines"]),  # an engine returns a modules.rollout.Rollout
     # Entry points and plug-ins: the CLI, the pipeline, the estimator, `python -m` mains, and the
     # demo, which registers its names (models, datasets) with the layers below.
     ("application", ["lit_rlhf.cli", "lit_rlhf.pipeline", "lit_rlhf.estimate", "lit_rlhf.demo",

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lit_rlhf.models.compat import cache_kwargs, output_cache
 from lit_rlhf.models.cpu_paths import cpu_path_enabled
 from lit_rlhf.objectives.logprobs import EntropyMode, head_logprobs
 
@@ -178,22 +179,23 @@ class PolicyWithValueHead(nn.Module):
         if with_values and self.value_head is None:
             raise ValueError("this policy has no value head: call it with with_values=False")
         base = self.base_model
-        out = base.get_decoder()(
+        decoder = base.get_decoder()
+        out = decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
+            **cache_kwargs(decoder, cache),
             **attention_kwargs,
         )
         hidden = out.last_hidden_state
         values = full_precision_head(self.value_head, hidden).squeeze(-1) if with_values else None
         if hidden_only:
-            return PolicyOutput(None, values, out.cache if use_cache else None, hidden[:, logits_slice])
+            return PolicyOutput(None, values, output_cache(out) if use_cache else None, hidden[:, logits_slice])
         # Contiguous: on a strided slice, torch's matmul picks its kernel by whether the weights
         # require grad, so a frozen copy of the policy would round differently from the policy.
         logits = base.get_output_embeddings()(hidden[:, logits_slice].contiguous())
-        return PolicyOutput(logits, values, out.cache if use_cache else None)
+        return PolicyOutput(logits, values, output_cache(out) if use_cache else None)
 
     def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                        entropy: EntropyMode = "skip") -> tuple[torch.Tensor, torch.Tensor | None]:

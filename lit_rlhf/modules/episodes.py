@@ -70,7 +70,8 @@ class Sampler:
     """Tokens per policy turn, at most."""
     generate_kwargs: dict
     """The end-of-turn ids (``eos_token_id``), padding, temperature, top-k/p, the generator and
-    ``all_done``, as ``generate`` takes them."""
+    ``all_done``, as ``generate`` takes them; ``generate``: another function called alike (a
+    rollout engine's, :mod:`lit_rlhf.engines`) instead of the built-in sampler."""
     rows: Rows = Rows()
     """Where this rank's episodes sit in the global batch (their random draws)."""
     any_rank_active: Callable[[int], bool] = bool
@@ -113,6 +114,8 @@ def _prompt_tokens(batch: dict) -> list[list[int]]:
 def run_episodes(policy, episodes: list[Episode], sampler: Sampler, config: EpisodeConfig) -> Rollout:
     """Play every episode to its end, a turn of all unfinished ones at a time (see the module docstring)."""
     stop = sampler.stop or StopStrings(sampler.tokenizer, episodes[0].env.stop_strings())
+    kwargs = dict(sampler.generate_kwargs)
+    sample = kwargs.pop("generate", generate)
     device = sampler.device
     while sampler.any_rank_active(sum(not e.done for e in episodes)):
         active = [i for i, e in enumerate(episodes) if not e.done]
@@ -123,8 +126,8 @@ def run_episodes(policy, episodes: list[Episode], sampler: Sampler, config: Epis
         ids, mask = left_pad(contexts, sampler.tokenizer.pad_token_id)
         limits = torch.tensor([min(sampler.max_new_tokens, config.max_tokens - len(episodes[i].tokens)) if active
                                else 1 for i in rows])
-        turn = generate(policy, ids.to(device), mask.to(device), limits, stop=stop,
-                        rows=sampler.rows.subset(torch.tensor(rows), len(episodes)), **sampler.generate_kwargs)
+        turn = sample(policy, ids.to(device), mask.to(device), limits, stop=stop,
+                      rows=sampler.rows.subset(torch.tensor(rows), len(episodes)), **kwargs)
         # One copy to the host per turn, not per episode.
         lengths, ids, logprobs = (t.tolist() for t in (turn.response_mask.sum(-1), turn.response_ids,
                                                        turn.sample_logprobs))

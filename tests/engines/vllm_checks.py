@@ -1,10 +1,12 @@
-"""The vLLM engine's checks, one engine per process (``python -m tests.engines.vllm_checks CASE``):
+"""The vLLM engine's checks in their own process (``python -m tests.engines.vllm_checks``):
 vLLM's in-process worker sets up process-wide state (a torch.distributed group among it) that
 must not leak into the test session. Prints one JSON line of results for tests/engines/test_vllm.py.
 
-Cases: ``full`` and ``lora`` (a GRPO fit of three rollouts sampled by the engine, then greedy
-output of the engine against the trained policy's own greedy decoding), ``broken`` (the sync
-skipped after the first: the sync check must stop the run).
+Cases, one after the other on one engine (vLLM's start-up is most of a case's time; each fit
+starts with a whole sync, so a case never sees the previous one's weights): ``full`` and ``lora``
+(a GRPO fit of three rollouts sampled by the engine, then greedy output of the engine against
+the trained policy's own greedy decoding), ``broken`` (the sync skipped after the first: the
+sync check must stop the run).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def engine_greedy(module, ids, mask, n) -> list[list[int]]:
     return rollout.response_ids.tolist()
 
 
-def main(case: str) -> None:
+def run_case(case: str, engine) -> tuple[dict, object]:
+    """One case's results and the engine (built by the first case, handed to the next)."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     module = GRPOModule(ModelConfig(arch=ARCH, tokenizer="demo", lora=LORA if case == "lora" else None), LetterReward(),
@@ -68,18 +71,18 @@ def main(case: str) -> None:
         return value, s
 
     module._log_step, module.loss = record, recording_loss
+    if engine is not None:
+        engine.syncs = 0
+        module.engine = engine
+    real_sync = type(engine).sync if engine is not None else None
     if case == "broken":  # the engine keeps the first weights: every later "sync" does nothing
-        from lit_rlhf.engines.vllm_engine import VLLMEngine
-
-        real_sync = VLLMEngine.sync
-
-        def stale_after_first(self, lm):
-            if self.syncs == 0:
-                return real_sync(self, lm)
-            self.syncs += 1
+        def stale_after_first(lm):
+            if module.engine.syncs == 0:
+                return real_sync(module.engine, lm)
+            module.engine.syncs += 1
             return 0.0
 
-        VLLMEngine.sync = stale_after_first
+        module.engine.sync = stale_after_first
     trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
     result = {"case": case}
@@ -96,8 +99,15 @@ def main(case: str) -> None:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         result["hf_greedy"] = hf_greedy(unwrap_peft(module.policy.lm) if case == "full" else module.policy.lm, ids, mask, 6)
         result["engine_greedy"] = engine_greedy(module, ids, mask, 6)
-    print("RESULT " + json.dumps(result), flush=True)
+    return result, module.engine
+
+
+def main(cases: list[str]) -> None:
+    results, engine = {}, None
+    for case in cases:
+        results[case], engine = run_case(case, engine)
+    print("RESULT " + json.dumps(results), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:] or ["full", "lora", "broken"])

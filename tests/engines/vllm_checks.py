@@ -12,7 +12,9 @@ sync check must stop the run).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 
 import lightning as L
 import torch
@@ -83,13 +85,17 @@ def run_case(case: str, engine) -> tuple[dict, object]:
             return 0.0
 
         module.engine.sync = stale_after_first
+    # The run's export (model/, adapter/) goes to a folder of its own, never the working directory.
     trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, accelerator="cpu", logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=(root := tempfile.mkdtemp(prefix="lit_rlhf_vllm_checks_")))
     result = {"case": case}
     try:
         trainer.fit(module, make_data(module, 4))
     except RuntimeError as err:
         result["error"] = str(err).splitlines()[0]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     result.update(stats=stats, first_loss=first_loss, threads=[threads, torch.get_num_threads()])
     if case != "broken":
         dm = make_data(module, 4)

@@ -84,6 +84,7 @@ class VLLMEngine:
         self.max_model_len: int | None = None
         self.folder: tempfile.TemporaryDirectory | None = None
         self.syncs = 0
+        self.asleep = False
 
     @property
     def started(self) -> bool:
@@ -129,8 +130,7 @@ class VLLMEngine:
     def sync(self, lm) -> float:
         """Send ``lm``'s weights (merged, dequantized, in the engine's dtype) to the engine; the seconds it took."""
         start = time.perf_counter()
-        if self.config.sleep:
-            self.llm.wake_up()
+        self._wake()
         weights = list(merged_weights(lm, self.dtype))
         with _process_state_kept():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
@@ -140,9 +140,16 @@ class VLLMEngine:
         return time.perf_counter() - start
 
     def sleep(self) -> None:
-        """Release the engine's memory until the next sync (``sampling.vllm.sleep``)."""
-        if self.config.sleep:
+        """Release the engine's memory until it is next used (``sampling.vllm.sleep``)."""
+        if self.config.sleep and not self.asleep:
             self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        """Back from :meth:`sleep` (level 1 keeps the weights): a rollout may need no sync first."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(
         self,
@@ -195,6 +202,7 @@ class VLLMEngine:
             include_stop_str_in_output=True, detokenize=bool(strings),
         ) for limit, seed in zip(limits, seeds.tolist())]
         requests = [TokensPrompt(prompt_token_ids=prompts[i // g]) for i in range(n)]
+        self._wake()
         with _process_state_kept():
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         tokens = [list(out.outputs[0].token_ids) for out in outputs]

@@ -28,3 +28,12 @@ def output_cache(output):
     """The KV cache a model output returned (``output.cache`` or ``output.past_key_values``)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def activation_checkpointing(model) -> bool:
+    """Whether a transformers model has activation (gradient) checkpointing on: the property is
+    ``is_gradient_checkpointing`` in 5.16-5.19 and ``is_activation_checkpointing`` later (the old
+    name deprecated there, so the new one is read where the class has it)."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))

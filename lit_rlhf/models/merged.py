@@ -20,9 +20,12 @@ from lit_rlhf.models.heads import unwrap_peft
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     """A parameter's full value: a bitsandbytes 4-/8-bit weight dequantized."""
     if type(tensor).__name__ in ("Params4bit", "Int8Params"):
+        from types import SimpleNamespace
+
         from peft.utils.integrations import dequantize_bnb_weight
 
-        return dequantize_bnb_weight(tensor, getattr(tensor, "quant_state", None))
+        # 4-bit: the weight carries its quant_state; 8-bit: its per-row scales (SCB).
+        return dequantize_bnb_weight(tensor, SimpleNamespace(SCB=getattr(tensor, "SCB", None)))
     return tensor.detach()
 
 

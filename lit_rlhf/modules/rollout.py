@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from lit_rlhf.models.compat import activation_checkpointing
 from lit_rlhf.models.linears import with_onednn_linears
 from lit_rlhf.objectives.logprobs import EntropyMode
 
@@ -627,8 +628,7 @@ def select_cache_rows(cache, index: torch.Tensor) -> None:
 def _checkpointing(policy) -> bool:
     """True when this forward will be checkpointed: the layers then drop any cache."""
     base = getattr(policy, "base_model", None)
-    return torch.is_grad_enabled() and bool(getattr(base, "training", False)) and \
-        bool(getattr(base, "is_activation_checkpointing", False))
+    return torch.is_grad_enabled() and bool(getattr(base, "training", False)) and activation_checkpointing(base)
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ParallelStrategy
 
+from lit_rlhf.models.compat import activation_checkpointing
 from lit_rlhf.models.sharding import clip_grad_norm
 
 
@@ -178,7 +179,7 @@ class MinibatchUpdates:
             return self.update_config.mini_batch_tokens
         if getattr(self, "_auto_pass_tokens", None) is None:
             base = self.policy.base_model
-            checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
+            checkpointing = activation_checkpointing(base)
             self._auto_pass_tokens = auto_pass_tokens(base.config, activation_bytes(self.compute_dtype),
                                                       device_memory(self.device), checkpointing)
         return self._auto_pass_tokens

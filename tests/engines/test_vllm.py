@@ -121,3 +121,25 @@ def test_several_processes_are_refused_before_weights_load(monkeypatch):
     with pytest.raises(ValueError, match="sampling.engine: vllm runs on one device for now, not 2 processes"):
         module.configure_model()
     assert module.policy is None
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit-nf4"])
+def test_merged_weights_of_a_quantized_base_compute_what_the_lora_layers_compute(quantization):
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora import LoraLayer
+
+    lm = load_model(ModelConfig(arch=TINY_LLAMA, tokenizer="demo", quantization=quantization,
+                                lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")),
+                    load_tokenizer("demo"), task="causal_lm").eval()
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged = dict(merged_weights(lm, torch.float32))
+    base = lm.get_base_model()
+    x = torch.randn(3, TINY_LLAMA["hidden_size"])
+    layers = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer) and m.in_features == x.size(-1)]
+    assert layers
+    for name, layer in layers:
+        with torch.no_grad():  # the quantized layer's forward: dequantized base + B A, the same sum
+            torch.testing.assert_close(x @ merged[f"{name}.weight"].T, layer(x).float(), rtol=0, atol=5e-3, msg=name)
